@@ -1,0 +1,213 @@
+"""`ppcr` command line: synth, prepare, train, evaluate, segment, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=100 (YAML value)",
+    )
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE; got {pair!r}")
+        key, value = pair.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .data.synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(
+        num_images=a.images,
+        seed=a.seed,
+        min_objects=a.min_objects,
+        max_objects=a.max_objects,
+        relations=not a.no_relations,
+    )
+    summary = synthesize(a.out, cfg)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from .data.shards import prepare_shards
+
+    report = prepare_shards(
+        a.refer_root,
+        a.images,
+        a.dataset,
+        a.split_by,
+        a.out,
+        splits=a.splits,
+        rows_per_file=a.rows_per_file,
+        skip_bad=a.skip_bad,
+    )
+    print(
+        json.dumps(
+            {"written": report.written, "files": len(report.files), "errors": len(report.errors)}, indent=2
+        )
+    )
+    for err in report.errors[:20]:
+        print(f"skipped: {err}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(a.config, overrides=_overrides(a.set))
+    result = train(cfg, out_dir=a.out, time_budget_s=a.time_budget)
+    print(f"trained {result.steps} steps in {result.seconds:.0f}s; checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data.shards import shard_dir
+    from .evaluate import evaluate_split
+    from .report import write_report
+
+    overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else None
+    model = load_checkpoint(a.checkpoint, overrides=overrides)
+    results: dict = {}
+    row = "PPCR (oracle box)" if a.oracle_box else "PPCR"
+    for split in a.splits:
+        key = (a.dataset, a.split_by, split)
+        results.setdefault(row, {})[key] = evaluate_split(
+            model,
+            shard_dir(a.shards, a.dataset, a.split_by, split),
+            batch_size=a.batch_size,
+            oracle_box=a.oracle_box,
+        )
+    js, md = write_report(a.out, results, meta={"checkpoint": str(a.checkpoint)})
+    print(md.read_text())
+    return 0
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from .geometry import decode_image
+    from .predictor import Segmenter
+    from .visualize import save_overlay
+
+    path = Path(a.image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    image = decode_image(path.read_bytes(), str(path))
+    seg = Segmenter.from_checkpoint(a.checkpoint) if a.checkpoint else Segmenter.from_preset("tiny")
+    mask, box, score = seg.segment(image, a.expression)
+    print(
+        json.dumps(
+            {
+                "box": [round(float(v), 2) for v in box],
+                "score": round(score, 4),
+                "mask_pixels": int(mask.sum()),
+            }
+        )
+    )
+    if a.out:
+        save_overlay(a.out, image=image, mask=mask, box=box, expression=a.expression, score=score)
+        print(f"overlay: {a.out}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(a.out, quick=a.quick, train_minutes=a.train_minutes)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppcr", description="PPCR referring image segmentation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic RefCOCO-style data set in the REFER layout")
+    s.add_argument("--out", required=True)
+    s.add_argument("--images", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--min-objects", type=int, default=2)
+    s.add_argument("--max-objects", type=int, default=4)
+    s.add_argument("--no-relations", action="store_true", help="attribute expressions only (easier)")
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("prepare", help="convert a REFER data set into Parquet shards")
+    s.add_argument("--refer-root", required=True)
+    s.add_argument("--images", required=True, help="folder with the COCO_train2014_*.jpg files")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--split-by", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--splits", nargs="*", default=None)
+    s.add_argument("--rows-per-file", type=int, default=256)
+    s.add_argument("--skip-bad", action="store_true", help="report bad records to errors.jsonl and continue")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("train", help="train on shards (single process)")
+    s.add_argument("--config", default="tiny", help="YAML path or preset name")
+    s.add_argument("--out", default=None)
+    s.add_argument(
+        "--time-budget", type=float, default=None, help="stop after this many seconds (still saves)"
+    )
+    _add_overrides(s)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("evaluate", help="evaluate a checkpoint on shard splits (oIoU, mIoU, Prec@k, BoxAcc)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--shards", required=True)
+    s.add_argument("--dataset", default="refcoco")
+    s.add_argument("--split-by", default="unc")
+    s.add_argument("--splits", nargs="+", default=["val", "testA", "testB"])
+    s.add_argument("--oracle-box", action="store_true", help="give SAM the ground-truth box (Table 3 oracle)")
+    s.add_argument("--spatial-prompt", default=None)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--out", default="eval_out")
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("segment", help="segment one image in-process")
+    s.add_argument("image")
+    s.add_argument("expression")
+    s.add_argument("--checkpoint", default=None, help="inference checkpoint (default: untrained tiny preset)")
+    s.add_argument("--out", default=None, help="write an overlay PNG")
+    s.set_defaults(fn=cmd_segment)
+
+    s = sub.add_parser("demo", help="synthesise data, train the tiny preset, evaluate, draw overlays")
+    s.add_argument("--out", default="demo_out")
+    s.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    s.add_argument("--train-minutes", type=float, default=None)
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"ppcr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

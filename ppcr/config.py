@@ -1,0 +1,338 @@
+"""Typed configuration: plain dataclasses loaded from YAML and validated at load time.
+
+Every config in ppcr is one of the dataclasses below. `load_config(path)` reads a YAML file, fills a
+dataclass tree, and raises `ConfigError` naming the offending key ("model.box_head must be one of
+mlp, attention; got 'mpl'"). Presets (`tiny`, `llava-1.5-7b`) are YAML files shipped in
+`ppcr/configs/`; any key of a preset can be overridden from a user's YAML through `base: <preset>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+SpatialPrompt = Literal["semantic", "expression+semantic", "expression", "none"]
+BoxHead = Literal["mlp", "attention"]
+SamSize = Literal["tiny", "vit_b", "vit_l", "vit_h"]
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key."""
+
+
+@dataclass
+class VisionConfig:
+    """CLIP vision tower (LLaVA-1.5 uses ViT-L/14 at 336 px, 24 layers)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    feature_layer: int = -2  # LLaVA-1.5 reads the penultimate layer
+
+
+@dataclass
+class LanguageConfig:
+    """Llama-architecture language model (Vicuna-7B: 4096 hidden, 32 layers)."""
+
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    max_position_embeddings: int = 4096
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class SamConfig:
+    """SAM: `size` picks a builder of segment_anything's registry, or `tiny` (built from its modeling classes)."""
+
+    size: SamSize = "vit_h"
+    image_size: int = 1024  # the resized-and-padded square frame SAM works in
+    checkpoint: str | None = None  # official SAM .pth, loaded with weights_only=True
+    # Only for size == "tiny":
+    encoder_embed_dim: int = 64
+    encoder_depth: int = 2
+    encoder_num_heads: int = 2
+    encoder_window_size: int = 4
+    decoder_mlp_dim: int = 512
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "llava-1.5-7b"
+    # Local paths (production). None -> build with random init from the sizes below (tiny preset).
+    mllm_path: str | None = None  # a transformers LLaVA folder (config.json + safetensors)
+    tokenizer_path: str | None = None  # a tokenizer folder; None -> build the offline BPE tokenizer
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+    prompt_dim: int = 256  # SAM's prompt embedding width
+    spatial_prompt: SpatialPrompt = "semantic"
+    box_head: BoxHead = "mlp"
+    attention_head_layers: int = 2
+    # LLaVA-1.5 puts the image before the question; "after" lets image tokens see the text (causal LM).
+    image_position: Literal["before", "after"] = "before"
+    system_prompt: str = (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    )
+    # What receives gradients besides LoRA, new token rows, projection/box heads and the SAM mask decoder.
+    # A random-init tiny model has nothing worth preserving, so it trains its whole base.
+    train_base: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Loss = bce·BCE + dice·Dice (masks) + l1·L1 (normalized box) + ce·CE (answer tokens) [+ aux]."""
+
+    bce: float = 2.0
+    dice: float = 0.5
+    l1: float = 2.0
+    ce: float = 0.5
+    giou: float = 0.0  # optional extra box term (not in the paper; 0 keeps the paper's loss)
+    box_heatmap: float = 0.0  # attention head only: BCE of its heatmap against the ground-truth box
+
+
+@dataclass
+class DataConfig:
+    shards_root: str = "data/shards"
+    dataset: str = "refcoco"
+    split_by: str = "unc"
+    train_split: str = "train"
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB"])
+    max_expressions_per_image: int | None = None  # training only; evaluation uses every expression
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2500
+    batch_size: int = 8
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    head_lr_mult: float = 1.0  # LR multiplier for the heads (projection, box head, SAM mask decoder)
+    # Curriculum: SAM sees the ground-truth box for the first N steps (linearly annealed to 0),
+    # so the mask decoder learns to use a box before the box head can give a good one.
+    gt_box_warmup_steps: int = 0
+    seed: int = 0
+    log_every: int = 25
+    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    out_dir: str = "runs/train"
+
+
+@dataclass
+class RunConfig:
+    """Top-level config of a training/evaluation run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value against a dataclass field type; raise ConfigError naming `key`."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {type(value).__name__}")
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key} must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list; got {type(value).__name__} {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} must have {len(args)} items; got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number; got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} (valid keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate(obj, prefix)
+    return obj
+
+
+def validate(obj: Any, prefix: str = "") -> None:
+    """Cross-field checks that types alone cannot express."""
+    p = f"{prefix}." if prefix else ""
+    if isinstance(obj, VisionConfig):
+        if obj.image_size % obj.patch_size:
+            raise ConfigError(
+                f"{p}image_size ({obj.image_size}) must be a multiple of patch_size ({obj.patch_size})"
+            )
+        if obj.hidden_size % obj.num_heads:
+            raise ConfigError(f"{p}hidden_size must be divisible by num_heads")
+    if isinstance(obj, LanguageConfig) and obj.hidden_size % obj.num_heads:
+        raise ConfigError(f"{p}hidden_size must be divisible by num_heads")
+    if isinstance(obj, SamConfig):
+        if obj.image_size % 16:
+            raise ConfigError(
+                f"{p}image_size must be a multiple of 16 (SAM's patch size); got {obj.image_size}"
+            )
+        if obj.size != "tiny" and obj.image_size != 1024:
+            raise ConfigError(f"{p}image_size must be 1024 for the official SAM size {obj.size!r}")
+    if isinstance(obj, ModelConfig):
+        if obj.sam.size != "tiny" and obj.prompt_dim != 256:
+            raise ConfigError(f"{p}prompt_dim must be 256 for SAM {obj.sam.size}")
+    if isinstance(obj, LossConfig):
+        for f in dataclasses.fields(obj):
+            if getattr(obj, f.name) < 0:
+                raise ConfigError(f"{p}{f.name} must be >= 0")
+    if isinstance(obj, TrainConfig):
+        if obj.steps < 1 or obj.batch_size < 1:
+            raise ConfigError(f"{p}steps and {p}batch_size must be >= 1")
+        if obj.lr <= 0:
+            raise ConfigError(f"{p}lr must be > 0")
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build dataclass `cls` from a plain dict, validating every key."""
+    return _from_dict(cls, data, "")
+
+
+def to_dict(obj: Any) -> dict:
+    """Dataclass tree -> plain dict (tuples become lists), the inverse of `from_dict`."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(obj))
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve_base(data: dict, source: str) -> dict:
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if base not in preset_names():
+        raise ConfigError(f"{source}: base must be one of {', '.join(preset_names())}; got {base!r}")
+    return _deep_merge(_resolve_base(read_yaml(PRESET_DIR / f"{base}.yaml"), base), data)
+
+
+def load_config(path_or_preset: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Load a RunConfig from a YAML path or a preset name (`tiny`, `llava-1.5-7b`)."""
+    name = str(path_or_preset)
+    if name in preset_names():
+        data, source = {"base": name}, name
+    else:
+        data, source = read_yaml(name), name
+    data = _resolve_base(data, source)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None

@@ -1,0 +1,295 @@
+"""Loader for the official REFER layout (RefCOCO / RefCOCO+ / RefCOCOg and our synthetic ``synthref``).
+
+Layout::
+
+    <refer_root>/<dataset>/refs(<split_by>).p   pickle: list of ref dicts
+    <refer_root>/<dataset>/instances.json       COCO instances (images, annotations, categories)
+
+Images live elsewhere (COCO ``train2014/``) and are named ``COCO_train2014_%012d.jpg % image_id``.
+Note that a ref's own ``file_name`` carries an extra ``_<ann_id>`` suffix and is *not* an image file name.
+
+All RLE work goes through :mod:`pycocotools.mask`; masks are ``bool`` arrays of shape ``(H, W)``.
+Boxes are XYXY in continuous pixel coordinates (the image spans ``[0, W] x [0, H]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+__all__ = [
+    "DATASET_SPLITS",
+    "ReferDataError",
+    "ReferDataset",
+    "ReferRef",
+    "Sentence",
+    "coco_image_filename",
+    "decode_rle",
+    "encode_mask",
+    "valid_splits",
+]
+
+#: Known (dataset, split_by) combinations and their split names, in canonical order.
+DATASET_SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
+    ("refcocog", "umd"): ("train", "val", "test"),
+    ("refcocog", "google"): ("train", "val"),
+    ("synthref", "unc"): ("train", "val", "testA", "testB"),
+}
+
+
+class ReferDataError(ValueError):
+    """A record in a REFER file (or an image it points to) is unusable.
+
+    The message always names the offending file and the record (``ref_id`` / ``ann_id`` /
+    ``image_id``); the pieces are also kept as attributes for structured error reports.
+    """
+
+    def __init__(self, path: str | Path, reason: str, **record: Any) -> None:
+        self.path = str(path)
+        self.reason = reason
+        self.record = {k: v for k, v in record.items() if v is not None}
+        rec = ", ".join(f"{k}={v}" for k, v in self.record.items())
+        super().__init__(f"{self.path}: {reason}" + (f" ({rec})" if rec else ""))
+
+
+def valid_splits(dataset: str, split_by: str) -> tuple[str, ...]:
+    """Split names of a known ``(dataset, split_by)``; ValueError listing the valid combinations otherwise."""
+    try:
+        return DATASET_SPLITS[(dataset, split_by)]
+    except KeyError:
+        choices = ", ".join(f"{d}/{s}" for d, s in DATASET_SPLITS)
+        raise ValueError(
+            f"unknown dataset/split_by {dataset!r}/{split_by!r}; valid choices: {choices}"
+        ) from None
+
+
+def coco_image_filename(image_id: int) -> str:
+    """COCO train2014 image file name of ``image_id``, e.g. ``COCO_train2014_000000581857.jpg``."""
+    return f"COCO_train2014_{int(image_id):012d}.jpg"
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One referring expression (the normalised ``sent`` field of the REFER pickle)."""
+
+    sent_id: int
+    text: str
+
+
+@dataclass
+class ReferRef:
+    """One referred object: an annotation plus the sentences that refer to it."""
+
+    ref_id: int
+    ann_id: int
+    image_id: int
+    split: str
+    category_id: int
+    sentences: list[Sentence] = field(default_factory=list)
+
+
+def _counts_bytes(counts: str | bytes) -> bytes:
+    return counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """Decode a COCO RLE ``{"size": [h, w], "counts": str | bytes | list[int]}`` to a bool ``(h, w)`` mask."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed RLE -> compressed first
+        compressed = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    else:
+        compressed = {"size": [h, w], "counts": _counts_bytes(counts)}
+    return mask_utils.decode(compressed).astype(bool)
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """Encode a bool ``(h, w)`` mask as COCO compressed RLE ``{"size": [h, w], "counts": str}``."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"encode_mask expects a 2-D (H, W) mask, got shape {mask.shape}")
+    # pycocotools reads column-major memory; a C-ordered array would silently encode the transpose.
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def _load_pickle(path: Path) -> Any:
+    # The official pickles were written by Python 2; plain loading works for them, latin1 is the
+    # documented fallback for py2 str payloads. Only load pickles from a trusted source.
+    with path.open("rb") as f:
+        data = f.read()
+    try:
+        return pickle.loads(data)
+    except UnicodeDecodeError:
+        return pickle.loads(data, encoding="latin1")
+
+
+class ReferDataset:
+    """The refs and COCO instances of one REFER dataset (e.g. ``refcoco``/``unc``).
+
+    Attributes:
+        dataset, split_by: as given; ``splits``: the valid split names (tuple).
+        images: ``image_id -> COCO image dict`` (``id, file_name, height, width``).
+        annotations: ``ann_id -> COCO annotation dict``; categories: ``category_id -> dict``.
+        refs_path, instances_path: the two files that were loaded.
+    """
+
+    def __init__(self, refer_root: str | Path, dataset: str, split_by: str) -> None:
+        self.splits: tuple[str, ...] = valid_splits(dataset, split_by)
+        self.dataset = dataset
+        self.split_by = split_by
+        self.refer_root = Path(refer_root)
+        self.refs_path = self.refer_root / dataset / f"refs({split_by}).p"
+        self.instances_path = self.refer_root / dataset / "instances.json"
+        for p in (self.refs_path, self.instances_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"REFER file not found: {p}")
+
+        with self.instances_path.open("r", encoding="utf-8") as f:
+            inst = json.load(f)
+        try:
+            self.images: dict[int, dict] = {int(im["id"]): im for im in inst["images"]}
+            self.annotations: dict[int, dict] = {int(a["id"]): a for a in inst["annotations"]}
+            self.categories: dict[int, dict] = {int(c["id"]): c for c in inst["categories"]}
+        except (KeyError, TypeError) as e:
+            raise ReferDataError(self.instances_path, f"not a COCO instances file ({e!r})") from None
+
+        raw_refs = _load_pickle(self.refs_path)
+        if not isinstance(raw_refs, list):
+            raise ReferDataError(self.refs_path, f"expected a list of refs, got {type(raw_refs).__name__}")
+        self._refs = [self._parse_ref(i, r) for i, r in enumerate(raw_refs)]
+
+    def _parse_ref(self, index: int, r: Any) -> ReferRef:
+        ref_id = r.get("ref_id") if isinstance(r, dict) else None
+        try:
+            sentences = [
+                Sentence(int(s["sent_id"]), str(s.get("sent", s.get("raw", "")))) for s in r["sentences"]
+            ]
+            ref = ReferRef(
+                ref_id=int(r["ref_id"]),
+                ann_id=int(r["ann_id"]),
+                image_id=int(r["image_id"]),
+                split=str(r["split"]),
+                category_id=int(r["category_id"]),
+                sentences=sentences,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ReferDataError(self.refs_path, f"malformed ref #{index}: {e!r}", ref_id=ref_id) from None
+        if ref.split not in self.splits:
+            raise ReferDataError(
+                self.refs_path,
+                f"split {ref.split!r} is not one of {self.splits} for {self.dataset}/{self.split_by}",
+                ref_id=ref.ref_id,
+            )
+        return ref
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(
+                f"unknown split {split!r} for {self.dataset}/{self.split_by}; valid splits: {', '.join(self.splits)}"
+            )
+
+    def refs(self, split: str | None = None) -> list[ReferRef]:
+        """All refs (file order), or those of one split; unknown split -> ValueError naming the valid ones."""
+        if split is None:
+            return list(self._refs)
+        self._check_split(split)
+        return [r for r in self._refs if r.split == split]
+
+    def image_ids(self, split: str) -> list[int]:
+        """Sorted unique image ids that have at least one ref in ``split``."""
+        return sorted({r.image_id for r in self.refs(split)})
+
+    def image_filename(self, image_id: int) -> str:
+        """Image file name from instances.json (falls back to the COCO naming scheme)."""
+        im = self.images.get(int(image_id))
+        if im is None:
+            raise ReferDataError(self.instances_path, "image id not in instances.json", image_id=image_id)
+        return str(im.get("file_name") or coco_image_filename(image_id))
+
+    def _ann(self, ann_id: int) -> dict:
+        ann = self.annotations.get(int(ann_id))
+        if ann is None:
+            raise ReferDataError(self.instances_path, "annotation id not in instances.json", ann_id=ann_id)
+        return ann
+
+    def ann_rle(self, ann_id: int) -> dict:
+        """Mask of annotation ``ann_id`` as COCO compressed RLE ``{"size": [h, w], "counts": str}``.
+
+        Polygons are rasterised at the image's size and merged (union); RLE is passed through
+        (uncompressed counts are compressed). Malformed data -> ReferDataError naming instances.json
+        and the ann id.
+        """
+        ann = self._ann(ann_id)
+        image_id = ann.get("image_id")
+        im = self.images.get(int(image_id)) if image_id is not None else None
+        if im is None:
+            raise ReferDataError(
+                self.instances_path, "annotation's image not in instances.json", ann_id=ann_id
+            )
+        h, w = int(im["height"]), int(im["width"])
+        seg = ann.get("segmentation")
+
+        def bad(reason: str) -> ReferDataError:
+            return ReferDataError(self.instances_path, reason, ann_id=ann_id, image_id=image_id)
+
+        if isinstance(seg, list):
+            if not seg:
+                raise bad("empty polygon list")
+            polys = []
+            for k, poly in enumerate(seg):
+                if not isinstance(poly, (list, tuple)):
+                    raise bad(f"polygon {k} is not a list of numbers")
+                try:
+                    coords = [float(v) for v in poly]
+                except (TypeError, ValueError):
+                    raise bad(f"polygon {k} has non-numeric coordinates") from None
+                if len(coords) < 6 or len(coords) % 2:
+                    raise bad(f"malformed polygon {k}: {len(coords)} numbers (need an even count >= 6)")
+                if not all(math.isfinite(v) for v in coords):
+                    raise bad(f"malformed polygon {k}: non-finite coordinate")
+                polys.append(coords)
+            rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+            size = [int(v) for v in seg["size"]]
+            if size != [h, w]:
+                raise bad(f"RLE size {size} != image size [{h}, {w}]")
+            counts = seg["counts"]
+            if isinstance(counts, list):
+                rle = mask_utils.frPyObjects({"size": size, "counts": counts}, h, w)
+            elif isinstance(counts, (str, bytes)):
+                rle = {"size": size, "counts": _counts_bytes(counts)}
+            else:
+                raise bad(f"RLE counts of unsupported type {type(counts).__name__}")
+        else:
+            raise bad(f"unsupported segmentation of type {type(seg).__name__}")
+        counts_out = rle["counts"]
+        if isinstance(counts_out, bytes):
+            counts_out = counts_out.decode("ascii")
+        return {"size": [h, w], "counts": counts_out}
+
+    def ann_bbox_xyxy(self, ann_id: int) -> list[float]:
+        """COCO XYWH bbox of ``ann_id`` as ``[x1, y1, x2, y2]`` in continuous pixel coords."""
+        ann = self._ann(ann_id)
+        try:
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            raise ReferDataError(self.instances_path, "missing or malformed bbox", ann_id=ann_id) from None
+        if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw < 0 or bh < 0:
+            raise ReferDataError(self.instances_path, f"invalid bbox {[x, y, bw, bh]}", ann_id=ann_id)
+        return [x, y, x + bw, y + bh]
+
+    def __repr__(self) -> str:
+        return (
+            f"ReferDataset({self.dataset}/{self.split_by}: {len(self._refs)} refs, "
+            f"{len(self.images)} images, {len(self.annotations)} annotations)"
+        )

@@ -1,0 +1,111 @@
+"""Evaluation over shard splits: every expression, deterministic templates, RISMetrics; plus the
+trivial baselines the tiny demo is judged against (mean training box; mask of all objects)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .batching import collate
+from .data.refer import decode_rle
+from .data.shards import ExpressionSample, iter_expressions, read_image_rows
+from .geometry import denormalize_box, mask_to_box
+from .metrics import RISMetrics
+from .model import PPCRModel
+from .train import ImageCache, to_item
+
+
+def _chunks(samples: Iterable[ExpressionSample], size: int) -> Iterator[list[ExpressionSample]]:
+    chunk: list[ExpressionSample] = []
+    for s in samples:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: PPCRModel,
+    split_dir: str | Path,
+    batch_size: int = 16,
+    oracle_box: bool = False,
+    limit_images: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Metrics of `model` on every expression of one shard split (RISMetrics.compute() keys).
+
+    Expressions are batched in shard order, so the expressions of one image share its encodings.
+    """
+    model.eval()
+    metrics = RISMetrics()
+    cache = ImageCache(capacity=256)
+    samples = iter_expressions(split_dir, limit_images=limit_images)
+    bar = tqdm(desc=f"eval {Path(split_dir).name}", unit="expr", disable=not progress, dynamic_ncols=True)
+    for chunk in _chunks(samples, batch_size):
+        items = [to_item(s, cache) for s in chunk]
+        batch = collate(items, model.clip_size, model.sam_size).to(model.device)
+        out = model(batch, oracle_box=oracle_box)
+        box = out.sam_box if out.sam_box is not None else None
+        for i, item in enumerate(items):
+            h, w = item.image.shape[:2]
+            pred_mask = (out.mask_logits[i] > 0).cpu().numpy()
+            pred_box = (
+                denormalize_box(box[i].float().cpu().numpy(), (h, w))
+                if box is not None
+                else mask_to_box(pred_mask)
+            )
+            metrics.update(pred_mask, item.gt_mask, pred_box, item.gt_box)
+        bar.update(len(items))
+    bar.close()
+    return metrics.compute()
+
+
+def mean_training_box(train_dir: str | Path) -> np.ndarray:
+    """Mean normalized XYXY ground-truth box over every expression of the training split."""
+    total, n = np.zeros(4), 0
+    for row in read_image_rows(train_dir):
+        scale = np.array([row["width"], row["height"]] * 2, dtype=np.float64)
+        for ref in row["refs"]:
+            k = len(ref["sentences"])
+            total += k * np.asarray(ref["bbox"]) / scale
+            n += k
+    if n == 0:
+        raise ValueError(f"no training boxes in {train_dir}")
+    return total / n
+
+
+def evaluate_baselines(
+    train_dir: str | Path, split_dir: str | Path, limit_images: int | None = None
+) -> dict[str, dict]:
+    """Trivial baselines on one split.
+
+    - `mean box`: every expression predicts the mean training box (its mask = the filled box).
+    - `all objects`: the union of every annotated object's mask in the image (box = its extent).
+    A model that grounds language must beat both.
+    """
+    mean_box = mean_training_box(train_dir)
+    mb, allobj = RISMetrics(), RISMetrics()
+    for n, row in enumerate(read_image_rows(split_dir)):
+        if limit_images is not None and n >= limit_images:
+            break
+        h, w = row["height"], row["width"]
+        masks = [decode_rle(ref["mask"]) for ref in row["refs"]]
+        union = np.logical_or.reduce(masks)
+        union_box = mask_to_box(union)
+        box = denormalize_box(mean_box, (h, w))
+        box_mask = np.zeros((h, w), dtype=bool)
+        x1, y1, x2, y2 = np.round(box).astype(int)
+        box_mask[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = True
+        for ref, gt in zip(row["refs"], masks):
+            gt_box = np.asarray(ref["bbox"])
+            for _ in ref["sentences"]:
+                mb.update(box_mask, gt, box, gt_box)
+                allobj.update(union, gt, union_box, gt_box)
+    return {"baseline: mean box": mb.compute(), "baseline: all objects": allobj.compute()}

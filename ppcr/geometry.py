@@ -1,0 +1,167 @@
+"""Every image-frame and box-frame conversion in ppcr, used by train, eval, serve and batch alike.
+
+Frames:
+- *original*: pixel coordinates of the input image, H×W; boxes XYXY continuous (no +1).
+- *normalized*: box / (W, H, W, H), in [0, 1] — what the box head predicts (paper Eq. 4–5).
+- *SAM frame*: the image resized so its long side is `sam_size` (ResizeLongestSide), then padded
+  right/bottom to a `sam_size` square. Boxes given to SAM's prompt encoder are in this frame.
+- *CLIP frame*: the image padded to a square with the CLIP mean colour, then resized to
+  `clip_size` (LLaVA-1.5's "pad" aspect mode: nothing is cropped away, so every object stays visible).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from segment_anything.utils.transforms import ResizeLongestSide
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+
+# Decompression-bomb guard: RefCOCO images are ≤ 640 px; 64 MP is far beyond any real input.
+MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a decodable image (or it is empty / too large)."""
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """Encoded bytes -> H×W×3 uint8 RGB (EXIF orientation applied; gray/RGBA/CMYK/16-bit converted)."""
+    if not data:
+        raise ImageDecodeError(f"{name}: empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageDecodeError(f"{name}: {im.width}x{im.height} exceeds {MAX_PIXELS} pixels")
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                im = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
+            rgb = np.asarray(im.convert("RGB"))
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageDecodeError(f"{name}: zero-size image")
+    return np.ascontiguousarray(rgb)
+
+
+def as_rgb_array(image: np.ndarray | Image.Image | bytes, name: str = "image") -> np.ndarray:
+    """Accept bytes, a PIL image or an H×W×3 uint8 array; return H×W×3 uint8."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image), name)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"{name}: expected an H×W×3 uint8 array; got shape {arr.shape} dtype {arr.dtype}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name}: zero-size image")
+    return arr
+
+
+def sam_input_size(original_hw: tuple[int, int], sam_size: int) -> tuple[int, int]:
+    """(h, w) of the image inside the SAM frame before padding."""
+    return ResizeLongestSide.get_preprocess_shape(original_hw[0], original_hw[1], sam_size)
+
+
+def sam_preprocess(image: np.ndarray, sam_size: int) -> torch.Tensor:
+    """H×W×3 uint8 -> (3, sam_size, sam_size) float, resized-longest-side, normalised, zero-padded."""
+    resized = ResizeLongestSide(sam_size).apply_image(image)
+    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    x = (x - torch.tensor(SAM_MEAN).view(3, 1, 1)) / torch.tensor(SAM_STD).view(3, 1, 1)
+    h, w = x.shape[1:]
+    return torch.nn.functional.pad(x, (0, sam_size - w, 0, sam_size - h))
+
+
+def clip_preprocess(image: np.ndarray, clip_size: int) -> torch.Tensor:
+    """H×W×3 uint8 -> (3, clip_size, clip_size) float: pad to square with the mean colour, resize, normalise."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    fill = tuple(int(round(m * 255)) for m in CLIP_MEAN)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(Image.fromarray(image), ((side - w) // 2, (side - h) // 2))
+    canvas = canvas.resize((clip_size, clip_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def normalize_box(box_xyxy: np.ndarray | torch.Tensor, hw: tuple[int, int]):
+    """Pixel XYXY in the original frame -> normalized XYXY in [0, 1]."""
+    h, w = hw
+    scale = [w, h, w, h]
+    if isinstance(box_xyxy, torch.Tensor):
+        return box_xyxy / torch.tensor(scale, dtype=box_xyxy.dtype, device=box_xyxy.device)
+    return np.asarray(box_xyxy, dtype=np.float64) / np.asarray(scale, dtype=np.float64)
+
+
+def denormalize_box(box01: np.ndarray | torch.Tensor, hw: tuple[int, int]):
+    """Normalized XYXY -> pixel XYXY in the original frame (paper Eq. 5)."""
+    h, w = hw
+    scale = [w, h, w, h]
+    if isinstance(box01, torch.Tensor):
+        return box01 * torch.tensor(scale, dtype=box01.dtype, device=box01.device)
+    return np.asarray(box01, dtype=np.float64) * np.asarray(scale, dtype=np.float64)
+
+
+def order_box(box: torch.Tensor) -> torch.Tensor:
+    """(..., 4) XYXY with corners possibly swapped -> proper (min, min, max, max) XYXY."""
+    x1, y1, x2, y2 = box.unbind(-1)
+    return torch.stack(
+        [torch.minimum(x1, x2), torch.minimum(y1, y2), torch.maximum(x1, x2), torch.maximum(y1, y2)], -1
+    )
+
+
+def normalized_to_sam_frame(box01: torch.Tensor, original_hw: tuple[int, int], sam_size: int) -> torch.Tensor:
+    """(..., 4) normalized XYXY -> XYXY in the SAM frame (normalized × resized (w, h); padding is right/bottom)."""
+    h, w = sam_input_size(original_hw, sam_size)
+    return box01 * torch.tensor([w, h, w, h], dtype=box01.dtype, device=box01.device)
+
+
+def mask_to_box(mask: np.ndarray) -> np.ndarray:
+    """bool H×W -> tight pixel XYXY (continuous: the box covers whole pixels); zeros for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return np.zeros(4)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
+def _square_offsets(hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hw: (B, 2) original (h, w) -> (side, pad_x, pad_y) of the CLIP pad-to-square frame, each (B,)."""
+    h, w = hw[:, 0].float(), hw[:, 1].float()
+    side = torch.maximum(h, w)
+    return side, (side - w) / 2, (side - h) / 2
+
+
+def clip_square_to_normalized(box_sq: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    """(B, 4) XYXY in [0,1] of the CLIP square frame -> normalized XYXY of the original image."""
+    side, px, py = _square_offsets(hw)
+    h, w = hw[:, 0].float(), hw[:, 1].float()
+    x1, y1, x2, y2 = box_sq.unbind(-1)
+    return torch.stack(
+        [(x1 * side - px) / w, (y1 * side - py) / h, (x2 * side - px) / w, (y2 * side - py) / h], -1
+    )
+
+
+def normalized_to_clip_square(box01: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    """Inverse of `clip_square_to_normalized`."""
+    side, px, py = _square_offsets(hw)
+    h, w = hw[:, 0].float(), hw[:, 1].float()
+    x1, y1, x2, y2 = box01.unbind(-1)
+    return torch.stack(
+        [(x1 * w + px) / side, (y1 * h + py) / side, (x2 * w + px) / side, (y2 * h + py) / side], -1
+    )
+
+
+def grid_centers(grid: int) -> torch.Tensor:
+    """(grid*grid, 2) (x, y) centres of a raster-ordered patch grid, in [0, 1] of the square frame."""
+    c = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], -1)

@@ -1,0 +1,61 @@
+"""PPCR's joint objective (paper Eq. 7): bce·BCE + dice·Dice + l1·L1(box) + ce·CE, each term reported."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from torchvision.ops import generalized_box_iou_loss
+
+from .config import LossConfig
+from .geometry import normalized_to_clip_square
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Soft Dice on sigmoid(logits) vs a {0,1} target of the same (H, W) shape."""
+    p = logits.sigmoid().flatten()
+    t = target.flatten().float()
+    return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+def heatmap_targets(gt_boxes: torch.Tensor, hw: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1 where a patch centre (square frame) lies inside the ground-truth box, else 0."""
+    sq = normalized_to_clip_square(gt_boxes, hw)
+    x, y = centers[:, 0][None], centers[:, 1][None]
+    inside = (x >= sq[:, 0:1]) & (x <= sq[:, 2:3]) & (y >= sq[:, 1:2]) & (y <= sq[:, 3:4])
+    return inside.float()
+
+
+def ppcr_loss(
+    out, batch, weights: LossConfig, centers: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Total loss and a dict of every term (floats) for logging.
+
+    Mask terms are computed at the original resolution (mean over pixels, then over expressions).
+    """
+    terms: dict[str, torch.Tensor] = {}
+    extra: dict[str, float] = {}
+    bce, dice = [], []
+    for logits, gt in zip(out.mask_logits, batch.gt_masks):
+        bce.append(F.binary_cross_entropy_with_logits(logits.float(), gt.float()))
+        dice.append(dice_loss(logits.float(), gt))
+    terms["bce"] = torch.stack(bce).mean()
+    terms["dice"] = torch.stack(dice).mean()
+    terms["ce"] = out.ce
+    if out.box is not None:
+        terms["l1"] = F.l1_loss(out.box.float(), batch.gt_boxes)
+        if weights.giou > 0:
+            terms["giou"] = generalized_box_iou_loss(out.box.float(), batch.gt_boxes, reduction="mean")
+        if out.heatmap is not None and weights.box_heatmap > 0 and centers is not None:
+            hw = batch.original_hw[batch.image_index]
+            target = heatmap_targets(batch.gt_boxes, hw, centers.to(batch.gt_boxes.device))
+            terms["box_heatmap"] = F.binary_cross_entropy_with_logits(out.heatmap.float(), target)
+            # Diagnostic, not a loss: the heatmap's softmax mass inside the referent's box. ≈ 1/#objects
+            # when it lights every object, → 1 when language selects the referent.
+            extra["heat_on_target"] = float(
+                (out.heatmap.detach().float().softmax(-1) * target).sum(-1).mean()
+            )
+    total = sum(getattr(weights, k) * v for k, v in terms.items())
+    logs = {k: float(v.detach()) for k, v in terms.items()}
+    logs["loss"] = float(total.detach())
+    logs.update(extra)
+    return total, logs

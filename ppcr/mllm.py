@@ -1,0 +1,295 @@
+"""The multimodal LLM shared by the semantic and spatial stages: LLaVA-1.5 with two LoRA branches.
+
+One `transformers.LlavaForConditionalGeneration` carries two `peft` LoRA adapters on the language
+model's attention projections: `semantic` (branch A) and `spatial` (branch B). A PPCR step runs the
+language model twice (once per adapter) over vision features computed once per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from .config import ModelConfig
+from .prompts import (
+    BOX_TOKEN,
+    IMAGE_TOKEN,
+    SEG_TOKEN,
+    SEM_TOKEN,
+    SEMANTIC_TEMPLATES,
+    SPATIAL_TEMPLATE_EXPRESSION,
+    SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC,
+    SPATIAL_TEMPLATES,
+)
+
+ADAPTERS = ("semantic", "spatial")
+SPECIAL_TOKENS_TO_ADD = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
+IGNORE_INDEX = -100
+
+# Words the offline tokenizer learns merges for; anything else still encodes (byte-level BPE).
+_TINY_CORPUS_WORDS = (
+    "the a an of in on at to left right above below top bottom middle center leftmost rightmost topmost "
+    "bottommost small big large tiny huge red green blue yellow purple orange black white gray circle "
+    "square triangle star one object thing shape man woman person guy girl boy dog cat car bottle water "
+    "short shirt yellow near next behind front between closest farthest second first last other"
+)
+
+
+def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Tokenizer with our special tokens, each a single id (asserted).
+
+    Production: loaded from `tokenizer_path` (or `mllm_path`) on local disk. Tiny: a byte-level BPE
+    trained in code on the templates, so nothing is downloaded.
+    """
+    path = cfg.tokenizer_path or cfg.mllm_path
+    if path is not None:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"tokenizer folder not found: {path} (model.tokenizer_path / model.mllm_path)"
+            )
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+        tok.add_tokens(list(SPECIAL_TOKENS_TO_ADD), special_tokens=True)
+        if tok.pad_token is None:
+            tok.pad_token = tok.unk_token
+    else:
+        tok = _build_offline_bpe()
+    for token in (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN):
+        ids = tok(f"x {token}.", add_special_tokens=False).input_ids
+        tid = tok.convert_tokens_to_ids(token)
+        if tid is None or tid == tok.unk_token_id or ids.count(tid) != 1:
+            raise ValueError(f"special token {token!r} does not encode to a single id (got {ids})")
+    return tok
+
+
+def _build_offline_bpe(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = list(SEMANTIC_TEMPLATES) + list(SPATIAL_TEMPLATES)
+    corpus += [SPATIAL_TEMPLATE_EXPRESSION, SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC, "USER: ASSISTANT: It is."]
+    corpus += [_TINY_CORPUS_WORDS] * 4
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tok.add_tokens(list(SPECIAL_TOKENS_TO_ADD), special_tokens=True)
+    return tok
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 from `mllm_path` (official transformers format, local only) or random init from sizes."""
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if cfg.mllm_path is not None:
+        if not (Path(cfg.mllm_path) / "config.json").is_file():
+            raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in model.mllm_path={cfg.mllm_path}")
+        model = LlavaForConditionalGeneration.from_pretrained(
+            cfg.mllm_path, torch_dtype=_torch_dtype(cfg.dtype), local_files_only=True
+        )
+        model.config.image_token_id = image_token_id
+    else:
+        v, lang = cfg.vision, cfg.language
+        vision = CLIPVisionConfig(
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+        )
+        text = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=lang.hidden_size,
+            intermediate_size=lang.intermediate_size,
+            num_hidden_layers=lang.num_layers,
+            num_attention_heads=lang.num_heads,
+            num_key_value_heads=lang.num_heads,
+            max_position_embeddings=lang.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=image_token_id,
+            vision_feature_layer=v.feature_layer,
+            vision_feature_select_strategy="default",
+            image_seq_length=(v.image_size // v.patch_size) ** 2,
+        )
+        model = LlavaForConditionalGeneration(config).to(_torch_dtype(cfg.dtype))
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return model
+
+
+@dataclass
+class TokenizedPrompts:
+    """A right-padded batch. `labels` are IGNORE_INDEX except on the answer tokens."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L) long
+
+
+class MLLM(nn.Module):
+    """LLaVA + two LoRA adapters; the stages call `image_features` once and `language` per adapter."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg)
+        llava = build_llava(cfg, self.tokenizer)
+        lora = PeftLoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            # Only the language model's projections (LISA/GLaMM): the vision tower's q/v stay untouched.
+            target_modules=rf".*language_model.*\.({'|'.join(cfg.lora.target_modules)})",
+        )
+        peft_model = get_peft_model(llava, lora, adapter_name=ADAPTERS[0])
+        peft_model.add_adapter(ADAPTERS[1], lora)
+        self.peft: PeftModel = peft_model
+        self.ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS_TO_ADD}
+        self.num_image_tokens = self._count_image_tokens()
+        self._set_trainable()
+        if cfg.gradient_checkpointing:
+            self.llava.gradient_checkpointing_enable()
+
+    def _count_image_tokens(self) -> int:
+        vc = self.llava.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n if self.llava.config.vision_feature_select_strategy == "default" else n + 1
+
+    def _set_trainable(self) -> None:
+        for p in self.llava.parameters():
+            p.requires_grad_(self.cfg.train_base)
+        # New token rows live in these matrices; the paper's recipe trains them whole (LISA/GLaMM too).
+        self.llava.get_input_embeddings().weight.requires_grad_(True)
+        self.llava.get_output_embeddings().weight.requires_grad_(True)
+        self.peft.set_requires_grad(list(ADAPTERS), requires_grad=True)
+
+    @property
+    def llava(self) -> LlavaForConditionalGeneration:
+        """The LLaVA model inside the peft wrapper (a property, so its weights have one name only)."""
+        return self.peft.base_model.model
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llava.config.text_config.hidden_size
+
+    @contextlib.contextmanager
+    def adapter(self, name: str) -> Iterator[None]:
+        """Route the language model through LoRA branch `name`.
+
+        peft's `set_adapter` freezes every other adapter; both branches must learn in the same PPCR
+        step (and an evaluation pass must not leave one frozen), so both are made trainable again
+        right after the switch (see tests/test_mllm.py).
+        """
+        if name not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}; got {name!r}")
+        self.peft.set_adapter(name)
+        self.peft.set_requires_grad(list(ADAPTERS), requires_grad=True)
+        yield
+
+    def image_features(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) CLIP-normalised pixels -> (N, num_image_tokens, hidden) projected features."""
+        out = self.llava.model.get_image_features(
+            pixel_values=clip_pixels.to(self.llava.dtype),
+            vision_feature_layer=self.llava.config.vision_feature_layer,
+            vision_feature_select_strategy=self.llava.config.vision_feature_select_strategy,
+            return_dict=True,
+        )
+        return torch.stack(list(out.pooler_output), dim=0)
+
+    def tokenize(self, prompts: Sequence[str], answers: Sequence[str]) -> TokenizedPrompts:
+        """Tokenize prompt+answer pairs (right padded); labels cover the answer and the EOS token."""
+        tok = self.tokenizer
+        rows, labels = [], []
+        for prompt, answer in zip(prompts, answers):
+            p = tok(prompt, add_special_tokens=False).input_ids
+            a = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            rows.append(bos + p + a)
+            labels.append([IGNORE_INDEX] * (len(bos) + len(p)) + a)
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (r, lb) in enumerate(zip(rows, labels)):
+            ids[i, : len(r)] = torch.tensor(r)
+            lab[i, : len(lb)] = torch.tensor(lb)
+            mask[i, : len(r)] = 1
+        return TokenizedPrompts(ids, mask, lab)
+
+    def positions(self, input_ids: torch.Tensor, token: str) -> torch.Tensor:
+        """(B,) index of the single occurrence of `token` in each row; error if absent or repeated."""
+        hits = input_ids == self.ids[token]
+        counts = hits.sum(dim=1)
+        if not bool((counts == 1).all()):
+            raise ValueError(f"expected exactly one {token} per sequence; counts {counts.tolist()}")
+        return hits.float().argmax(dim=1)
+
+    def language(
+        self,
+        batch: TokenizedPrompts,
+        image_features: torch.Tensor,
+        inserted: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the language model under the active adapter.
+
+        image_features: (B, num_image_tokens, hidden), one row per sequence, scattered onto the
+        `<image>` positions; inserted: optional (B, hidden) written at the `<sem>` position.
+        Returns (last-layer hidden states (B, L, hidden), CE loss over the answer tokens).
+        """
+        ids = batch.input_ids.to(image_features.device)
+        embeds = self.llava.get_input_embeddings()(ids)
+        image_mask = (ids == self.ids[IMAGE_TOKEN]).unsqueeze(-1)
+        if int(image_mask.sum()) != image_features.shape[0] * image_features.shape[1]:
+            raise ValueError(
+                f"{int(image_mask.sum())} <image> tokens for {tuple(image_features.shape[:2])} image features"
+            )
+        embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
+        if inserted is not None:
+            pos = self.positions(ids, SEM_TOKEN)
+            sem_mask = torch.zeros_like(ids, dtype=torch.bool)
+            sem_mask[torch.arange(ids.shape[0]), pos] = True
+            embeds = torch.where(sem_mask.unsqueeze(-1), inserted.to(embeds.dtype).unsqueeze(1), embeds)
+        out = self.llava.model.language_model(
+            inputs_embeds=embeds, attention_mask=batch.attention_mask.to(ids.device)
+        )
+        hidden = out.last_hidden_state
+        # Teacher forcing: only the answer positions need logits (the vocab projection dominates otherwise).
+        targets = batch.labels.to(ids.device)[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.llava.lm_head(hidden[:, :-1][keep])
+        ce = nn.functional.cross_entropy(logits.float(), targets[keep])
+        return hidden, ce

@@ -1,0 +1,133 @@
+"""PPCR: Semantic Understanding -> Spatial Grounding -> Instance Segmentation, one code path for
+training, evaluation, serving and batch jobs.
+
+    semantic_stage.py     LoRA A + [SEG] -> Semantic Segmentation Prompt
+    spatial_stage.py      LoRA B + <sem> -> [BOX] -> normalized box
+    segmentation_stage.py SAM(prompt = semantic embedding + box) -> mask
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .batching import Batch
+from .config import ModelConfig
+from .geometry import normalized_to_sam_frame
+from .mllm import MLLM
+from .segmentation_stage import SegmentationStage
+from .semantic_stage import SemanticStage
+from .spatial_stage import AttentionBoxHead, SpatialStage
+
+
+@dataclass
+class PPCROutput:
+    semantic_prompt: torch.Tensor  # (B, prompt_dim)
+    box: torch.Tensor | None  # (B, 4) predicted normalized XYXY (None when spatial_prompt == "none")
+    sam_box: torch.Tensor | None  # (B, 4) normalized XYXY actually given to SAM (predicted, GT or None)
+    low_res_masks: torch.Tensor  # (B, 4h, 4w) SAM low-res logits
+    mask_logits: list[torch.Tensor]  # B × (H, W) logits at the original image size
+    iou_pred: torch.Tensor  # (B,) SAM's predicted IoU of each mask (the inference `score`)
+    ce: torch.Tensor  # scalar: mean answer CE of the stages that ran
+    heatmap: torch.Tensor | None  # (B, T) attention-head logits over image tokens
+
+
+class PPCRModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mllm = MLLM(cfg)
+        self.semantic = SemanticStage(self.mllm, cfg.prompt_dim)
+        self.spatial = (
+            SpatialStage(self.mllm, cfg.spatial_prompt, cfg.box_head, cfg.attention_head_layers)
+            if cfg.spatial_prompt != "none"
+            else None
+        )
+        self.segmentation = SegmentationStage(cfg.sam, cfg.prompt_dim)
+
+    @property
+    def clip_size(self) -> int:
+        return self.mllm.llava.config.vision_config.image_size
+
+    @property
+    def sam_size(self) -> int:
+        return self.segmentation.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.semantic.parameters()).device
+
+    def patch_centers(self) -> torch.Tensor | None:
+        """(T, 2) patch centres used by the attention box head's heatmap target; None for other heads."""
+        head = self.spatial.head if self.spatial is not None else None
+        return head.centers if isinstance(head, AttentionBoxHead) else None
+
+    def forward(
+        self,
+        batch: Batch,
+        rng: random.Random | None = None,
+        gt_box_prob: float = 0.0,
+        oracle_box: bool = False,
+        image_embeddings: torch.Tensor | None = None,
+    ) -> PPCROutput:
+        """Run the three stages on a batch (teacher-forced answers: one pass per stage).
+
+        rng: template sampling (training) or None (fixed templates, evaluation). gt_box_prob: chance
+        per expression that SAM gets the ground-truth box instead of the predicted one (training
+        curriculum). oracle_box: always give SAM the ground-truth box (paper Table 3 oracle).
+        image_embeddings: precomputed SAM embeddings (N, C, h, w) to reuse across calls.
+        """
+        # Vision tower + projector once per image, gathered per expression for both stages.
+        feats = self.mllm.image_features(batch.clip_pixels)[batch.image_index]
+        sem = self.semantic(self.mllm, feats, batch.expressions, rng)
+        ce = sem.ce
+        box = heat = None
+        if self.spatial is not None:
+            spa = self.spatial(
+                self.mllm, feats, batch.expressions, sem.hidden, batch.original_hw[batch.image_index], rng
+            )
+            box, heat = spa.box, spa.heatmap
+            ce = (sem.ce + spa.ce) / 2
+        sam_box = box
+        if oracle_box or (gt_box_prob > 0 and box is not None):
+            if batch.gt_boxes is None:
+                raise ValueError("oracle_box / gt_box_prob need ground-truth boxes in the batch")
+            gt = batch.gt_boxes.to(feats.device, feats.dtype)
+            if oracle_box:
+                sam_box = gt
+            else:
+                use_gt = torch.rand(len(batch), device=gt.device) < gt_box_prob
+                sam_box = torch.where(use_gt.unsqueeze(1), gt, box)
+        if image_embeddings is None:
+            image_embeddings = self.segmentation.encode(batch.sam_pixels)
+        sam_box_frame = None
+        if sam_box is not None:
+            hw = batch.original_hw[batch.image_index]
+            sam_box_frame = torch.stack(
+                [
+                    normalized_to_sam_frame(sam_box[i], tuple(hw[i].tolist()), self.sam_size)
+                    for i in range(len(batch))
+                ]
+            )
+        low, iou = self.segmentation.decode(image_embeddings, batch.image_index, sem.prompt, sam_box_frame)
+        masks = []
+        for i in range(len(batch)):
+            img = int(batch.image_index[i])
+            masks.append(
+                self.segmentation.upscale(
+                    low[i], tuple(batch.sam_input_hw[img].tolist()), tuple(batch.original_hw[img].tolist())
+                )
+            )
+        return PPCROutput(
+            semantic_prompt=sem.prompt,
+            box=box,
+            sam_box=sam_box,
+            low_res_masks=low,
+            mask_logits=masks,
+            iou_pred=iou,
+            ce=ce,
+            heatmap=heat,
+        )

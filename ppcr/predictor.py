@@ -1,0 +1,112 @@
+"""Inference API in the spirit of SamPredictor: `Segmenter.segment(image, expression)`.
+
+    seg = Segmenter.from_checkpoint("demo_out/checkpoint")
+    mask, box, score = seg.segment(image, "the small red circle")
+
+`mask` is bool H×W at the original size, `box` pixel XYXY of the original image, `score` the mask
+decoder's predicted IoU. Inference is teacher-forced (one pass per stage), as LISA/GLaMM evaluate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .batching import Item, collate
+from .checkpoint import load_checkpoint
+from .config import RunConfig, load_config
+from .geometry import as_rgb_array, denormalize_box, mask_to_box
+from .model import PPCRModel
+from .prompts import clean_expression
+
+ImageLike = np.ndarray | bytes  # H×W×3 uint8, PIL image or encoded bytes
+
+
+class Segmentation(NamedTuple):
+    mask: np.ndarray  # bool (H, W), original size
+    box: np.ndarray  # (4,) float64 pixel XYXY, original frame
+    score: float  # SAM's predicted IoU of `mask`
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of a decoded image: equal pixels share SAM/CLIP encodings within a call."""
+    return hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).hexdigest()
+
+
+class Segmenter:
+    def __init__(self, model: PPCRModel, batch_size: int = 16):
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self._image: np.ndarray | None = None
+        self._embedding: torch.Tensor | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **overrides) -> Segmenter:
+        return cls(load_checkpoint(path, overrides=overrides, device=device))
+
+    @classmethod
+    def from_preset(cls, preset: str | RunConfig = "tiny", device: str = "cpu") -> Segmenter:
+        """An untrained model (random init for tiny): for plumbing, never for results."""
+        cfg = preset if isinstance(preset, RunConfig) else load_config(preset)
+        warnings.warn(
+            "Segmenter.from_preset: randomly initialised weights — masks are meaningless", stacklevel=2
+        )
+        return cls(PPCRModel(cfg.model).to(device))
+
+    @torch.no_grad()
+    def segment_batch(self, images: Sequence, expressions: Sequence[str]) -> list[Segmentation]:
+        """One result per (image, expression) pair; identical images are encoded once."""
+        if len(images) != len(expressions):
+            raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
+        arrays = [as_rgb_array(im, f"image {i}") for i, im in enumerate(images)]
+        texts = [clean_expression(e) for e in expressions]
+        keys = [image_key(a) for a in arrays]
+        results: list[Segmentation] = []
+        for start in range(0, len(arrays), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            items = [Item(k, a, t) for k, a, t in zip(keys[sl], arrays[sl], texts[sl])]
+            results += self._run(items)
+        return results
+
+    def segment(self, image, expression: str) -> Segmentation:
+        return self.segment_batch([image], [expression])[0]
+
+    # SamPredictor-style: encode once, ask many times.
+    @torch.no_grad()
+    def set_image(self, image) -> None:
+        """Decode and SAM-encode `image` once for subsequent `predict` calls."""
+        arr = as_rgb_array(image)
+        batch = collate([Item(0, arr, "x")], self.model.clip_size, self.model.sam_size).to(self.model.device)
+        self._image = arr
+        self._embedding = self.model.segmentation.encode(batch.sam_pixels)
+
+    @torch.no_grad()
+    def predict(self, expression: str | Sequence[str]) -> Segmentation | list[Segmentation]:
+        """Segment one or several expressions on the image given to `set_image`."""
+        if self._image is None:
+            raise RuntimeError("call set_image(image) before predict(expression)")
+        many = not isinstance(expression, str)
+        texts = [clean_expression(e) for e in (expression if many else [expression])]
+        out = self._run([Item(0, self._image, t) for t in texts], self._embedding)
+        return out if many else out[0]
+
+    def _run(self, items: list[Item], image_embeddings: torch.Tensor | None = None) -> list[Segmentation]:
+        batch = collate(items, self.model.clip_size, self.model.sam_size).to(self.model.device)
+        out = self.model(batch, image_embeddings=image_embeddings)
+        results = []
+        for i, it in enumerate(items):
+            h, w = it.image.shape[:2]
+            mask = (out.mask_logits[i] > 0).cpu().numpy()
+            box = (
+                denormalize_box(out.box[i].float().cpu().numpy(), (h, w))
+                if out.box is not None
+                else mask_to_box(mask)
+            )
+            results.append(Segmentation(mask=mask, box=box, score=float(out.iou_pred[i])))
+        return results

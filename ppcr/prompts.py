@@ -1,0 +1,99 @@
+"""Prompt templates (paper Figs. 4 and 5) and the LLaVA-1.5 conversation format.
+
+The semantic stage asks one of 16 templates and is answered, teacher-forced, with "It is [SEG].";
+the spatial stage asks one of 4 templates in which `<sem>` is a placeholder whose input embedding
+is replaced by the semantic prompt, and is answered with "[BOX].". Special tokens are single ids
+(checked in `ppcr.mllm.build_tokenizer`), and positions are always found by id.
+"""
+
+from __future__ import annotations
+
+import random
+
+IMAGE_TOKEN = "<image>"
+SEG_TOKEN = "[SEG]"
+BOX_TOKEN = "[BOX]"
+SEM_TOKEN = "<sem>"  # placeholder replaced by the Semantic Segmentation Prompt embedding
+SPECIAL_TOKENS = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
+
+# Paper Fig. 4 (16 variants, collected from LISA/GLaMM and extended). Duplicates are as printed.
+SEMANTIC_TEMPLATES: tuple[str, ...] = (
+    "Can you segment the {expr} in this image?",
+    "Please segment {expr} in this image.",
+    "What is {expr} in this image? Please respond with segmentation mask.",
+    "What is {expr} in this image? Please output segmentation mask.",
+    "Can you segment the {expr} in this image.",
+    "Please segment {expr} in this image.",
+    "What is {expr} in this image? Please respond with segmentation mask.",
+    "What is {expr} in this image? Please output segmentation mask.",
+    "Could you provide a segmentation mask for the {expr} in this image.",
+    "Please identify and segment the {expr} in this image.",
+    "Where is the {expr} in this picture? Please respond with a segmentation mask.",
+    "Can you highlight the {expr} in this image with a segmentation mask?",
+    "Could you provide a segmentation mask for the {expr} in this image.",
+    "Please identify and segment the {expr} in this image.",
+    "Where is the {expr} in this picture? Please respond with a segmentation mask.",
+    "Can you highlight the {expr} in this image with a segmentation mask.",
+)
+
+# Paper Fig. 5: PPCR's spatial templates, conditioned on the semantic prompt only.
+SPATIAL_TEMPLATES: tuple[str, ...] = (
+    "Given the token {sem} for the segmented region of the object, provide its bounding box.",
+    "Using {sem} to refer to the segmented object, output the bounding box coordinates.",
+    "For the object marked by {sem}, return its bounding box.",
+    "Identify the object in the image marked as {sem}, please predict a bounding box that encloses it.",
+)
+# Ablation variants (paper §4.4, Table 2).
+SPATIAL_TEMPLATE_EXPRESSION = "Where is the target described by {expr}? Please respond with a bounding box."
+SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC = (
+    "Take the region marked by {sem} for {expr}, and provide its bounding box."
+)
+
+SEMANTIC_ANSWER = f"It is {SEG_TOKEN}."
+SPATIAL_ANSWER = f"{BOX_TOKEN}."
+
+
+def clean_expression(expression: str) -> str:
+    """Strip and validate a referring expression; raise ValueError on an empty one."""
+    if not isinstance(expression, str):
+        raise TypeError(f"expression must be a string; got {type(expression).__name__}")
+    text = " ".join(expression.split())
+    if not text:
+        raise ValueError("expression is empty")
+    for tok in SPECIAL_TOKENS:
+        if tok in text:
+            raise ValueError(f"expression must not contain the reserved token {tok!r}")
+    return text
+
+
+def semantic_question(expression: str, rng: random.Random | None = None) -> str:
+    """Fill a semantic template: random in training (rng given), the first one in evaluation."""
+    template = rng.choice(SEMANTIC_TEMPLATES) if rng is not None else SEMANTIC_TEMPLATES[0]
+    return template.format(expr=clean_expression(expression))
+
+
+def spatial_question(expression: str, mode: str, rng: random.Random | None = None) -> str:
+    """The spatial stage's question for `mode` (ModelConfig.spatial_prompt, not 'none')."""
+    if mode == "semantic":
+        template = rng.choice(SPATIAL_TEMPLATES) if rng is not None else SPATIAL_TEMPLATES[0]
+        return template.format(sem=SEM_TOKEN)
+    if mode == "expression+semantic":
+        return SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC.format(sem=SEM_TOKEN, expr=clean_expression(expression))
+    if mode == "expression":
+        return SPATIAL_TEMPLATE_EXPRESSION.format(expr=clean_expression(expression))
+    raise ValueError(f"spatial prompt mode {mode!r} has no spatial question")
+
+
+def conversation(
+    question: str, answer: str, system_prompt: str, num_image_tokens: int, image_first: bool = True
+) -> tuple[str, str]:
+    """LLaVA-1.5 (vicuna_v1) format; returns (prompt, answer) so the answer's tokens can be labelled.
+
+    The `<image>` token is repeated `num_image_tokens` times, as transformers' LLaVA processor does.
+    `image_first=False` puts the question before the image: in a causal LM the image tokens can then
+    attend to the expression / semantic prompt (see docs/learning.md).
+    """
+    head = f"{system_prompt} " if system_prompt else ""
+    image = IMAGE_TOKEN * num_image_tokens
+    body = f"{image}\n{question}" if image_first else f"{question}\n{image}"
+    return f"{head}USER: {body} ASSISTANT:", f" {answer}"

@@ -1,0 +1,215 @@
+"""Evaluation report: JSON plus Markdown tables laid out like the PPCR paper's Table 1.
+
+``results`` throughout maps a row name (model / variant, e.g. ``"PPCR (trained)"``) to a dict from a
+column key ``(dataset, split_by, split)`` (e.g. ``("refcoco", "unc", "val")``) to a metrics dict as
+returned by :meth:`ppcr.metrics.RISMetrics.compute` (fractions in [0, 1]; shown x100 in the tables).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ColumnKey = tuple[str, str, str]
+Results = Mapping[str, Mapping[ColumnKey, Mapping[str, Any]]]
+
+PAPER_COLUMNS: list[ColumnKey] = [
+    ("refcoco", "unc", "val"),
+    ("refcoco", "unc", "testA"),
+    ("refcoco", "unc", "testB"),
+    ("refcoco+", "unc", "val"),
+    ("refcoco+", "unc", "testA"),
+    ("refcoco+", "unc", "testB"),
+    ("refcocog", "umd", "val"),
+    ("refcocog", "umd", "test"),
+]
+
+MISSING = "–"  # en dash, as in the paper
+REPORT_VERSION = 1
+
+_DATASET_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg"}
+_SPLIT_NAMES = {"val": "Val", "test": "Test", "testA": "TestA", "testB": "TestB", "train": "Train"}
+# The paper tags RefCOCOg splits with the partition: (U) = umd, (G) = google.
+_PARTITION_TAGS = {("refcocog", "umd"): "(U)", ("refcocog", "google"): "(G)"}
+_DETAIL_METRICS = ("Prec@0.5", "Prec@0.7", "Prec@0.9")
+
+
+def columns(results: Results) -> list[ColumnKey]:
+    """Column keys in display order: paper columns present (paper order), then others in first-seen order."""
+    seen: list[ColumnKey] = []
+    for per_col in results.values():
+        for key in per_col:
+            key = tuple(key)
+            if key not in seen:
+                seen.append(key)
+    paper = [c for c in PAPER_COLUMNS if c in seen]
+    return paper + [c for c in seen if c not in PAPER_COLUMNS]
+
+
+def column_label(key: ColumnKey) -> str:
+    """Human label for a column, e.g. ``("refcocog", "umd", "val") -> "RefCOCOg Val(U)"``."""
+    dataset, split_by, split = key
+    name = _DATASET_NAMES.get(dataset, dataset)
+    split_name = _SPLIT_NAMES.get(split, split)
+    tag = _PARTITION_TAGS.get((dataset, split_by))
+    if tag is None and dataset in ("refcoco", "refcoco+") and split_by != "unc":
+        tag = f"({split_by})"  # non-default partition (e.g. google RefCOCO) must stay distinguishable
+    return f"{name} {split_name}{tag or ''}"
+
+
+def _labels(cols: list[ColumnKey]) -> list[str]:
+    labels = [column_label(c) for c in cols]
+    # Unknown datasets with several partitions would otherwise collide: add the partition name.
+    return [f"{lab} [{c[1]}]" if labels.count(lab) > 1 else lab for lab, c in zip(labels, cols, strict=True)]
+
+
+def _pct(value: Any) -> str:
+    if value is None:
+        return MISSING
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return MISSING
+    return MISSING if math.isnan(v) else f"{v * 100:.2f}"
+
+
+def _cell(results: Results, row: str, col: ColumnKey, metric: str) -> str:
+    return _pct(results[row].get(col, {}).get(metric))
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    # Row names are free text: a literal pipe would split the cell.
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _norm(results: Results) -> dict[str, dict[ColumnKey, Mapping[str, Any]]]:
+    return {row: {tuple(k): v for k, v in per_col.items()} for row, per_col in results.items()}
+
+
+def main_table(results: Results) -> str:
+    """Table 1 layout: ``Method`` then an oIoU block and an mIoU block, each over the columns (x100)."""
+    results = _norm(results)
+    cols = columns(results)
+    labels = _labels(cols)
+    header = ["Method"] + [f"oIoU {lab}" for lab in labels] + [f"mIoU {lab}" for lab in labels]
+    rows = [
+        [row]
+        + [_cell(results, row, c, "oIoU") for c in cols]
+        + [_cell(results, row, c, "mIoU") for c in cols]
+        for row in results
+    ]
+    return _table(header, rows, [":---"] + ["---:"] * (2 * len(cols)))
+
+
+def detail_table(results: Results) -> str:
+    """One line per (row, column) present: Prec@0.5/0.7/0.9 (x100), BoxAcc@0.5 if any, and count."""
+    results = _norm(results)
+    cols = columns(results)
+    labels = dict(zip(cols, _labels(cols), strict=True))
+    has_box = any("BoxAcc@0.5" in m for per_col in results.values() for m in per_col.values())
+    metrics = list(_DETAIL_METRICS) + (["BoxAcc@0.5"] if has_box else [])
+    header = ["Method", "Split", *metrics, "count"]
+    rows = []
+    for row, per_col in results.items():
+        for c in cols:
+            if c not in per_col:
+                continue
+            m = per_col[c]
+            count = m.get("count")
+            rows.append(
+                [row, labels[c]]
+                + [_pct(m.get(k)) for k in metrics]
+                + [MISSING if count is None else str(int(count))]
+            )
+    return _table(header, rows, [":---", ":---"] + ["---:"] * (len(metrics) + 1))
+
+
+def markdown_table(results: Results, details: bool = True) -> str:
+    """Main Table-1 style table, followed (if ``details``) by a blank line and :func:`detail_table`."""
+    out = main_table(results)
+    if details:
+        out += "\n\n" + detail_table(results)
+    return out
+
+
+def _key_str(key: ColumnKey) -> str:
+    key = tuple(key)
+    if len(key) != 3 or any("/" in str(p) for p in key):
+        raise ValueError(f"column key must be (dataset, split_by, split) without '/', got {key!r}")
+    return "/".join(str(p) for p in key)
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars / arrays and Paths can sneak into metrics or meta; keep the JSON plain.
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_report(out_dir: str | Path, results: Results, meta: dict | None = None) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir`` (created); returns (json_path, md_path)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    payload = {
+        "version": REPORT_VERSION,
+        "meta": meta,
+        "results": {
+            row: {_key_str(k): dict(m) for k, m in per_col.items()} for row, per_col in results.items()
+        },
+    }
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+    lines = ["# PPCR evaluation report", ""]
+    if meta:
+        lines += [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
+    lines += [
+        "## Segmentation (layout of the PPCR paper, Table 1)",
+        "",
+        "oIoU = sum of intersections / sum of unions; mIoU = mean per-expression IoU. Values x100; "
+        f"{MISSING} = not evaluated.",
+        "",
+        main_table(results),
+        "",
+        "## Precision and box accuracy",
+        "",
+        "Prec@t = % of expressions with mask IoU >= t; BoxAcc@0.5 = % with box IoU >= 0.5.",
+        "",
+        detail_table(results),
+        "",
+    ]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(lines), encoding="utf-8")
+    return json_path, md_path
+
+
+def load_report(path: str | Path) -> tuple[dict[str, dict[ColumnKey, dict]], dict]:
+    """Read a ``report.json`` (or a directory holding one); returns (results with tuple keys, meta)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    payload = json.loads(p.read_text(encoding="utf-8"))
+    results: dict[str, dict[ColumnKey, dict]] = {}
+    for row, per_col in payload.get("results", {}).items():
+        parsed: dict[ColumnKey, dict] = {}
+        for key, m in per_col.items():
+            parts = key.split("/")
+            if len(parts) != 3:
+                raise ValueError(f"{p}: bad column key {key!r}, expected 'dataset/split_by/split'")
+            parsed[(parts[0], parts[1], parts[2])] = m
+        results[row] = parsed
+    return results, payload.get("meta", {})

@@ -1,0 +1,145 @@
+"""Stage 3 — Instance Segmentation: SAM takes the semantic embedding and the box as prompts (paper §3.4).
+
+SAM comes from the `segment-anything` package: `vit_b/l/h` from its `sam_model_registry`, and a
+`tiny` size assembled from the same `modeling` classes. The image encoder is frozen; the prompt
+encoder embeds the box (in the SAM frame) and the Semantic Segmentation Prompt is appended to the
+sparse prompt embeddings, as LISA/GLaMM do; the mask decoder predicts one mask and its IoU.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+
+from .config import SamConfig
+from .geometry import SAM_MEAN, SAM_STD
+
+
+def build_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
+    """A SAM of size `cfg.size` (random init unless `cfg.checkpoint` names an official .pth)."""
+    if cfg.size == "tiny":
+        emb = cfg.image_size // 16
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=cfg.image_size,
+                patch_size=16,
+                embed_dim=cfg.encoder_embed_dim,
+                depth=cfg.encoder_depth,
+                num_heads=cfg.encoder_num_heads,
+                mlp_ratio=4,
+                out_chans=prompt_dim,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True,
+                window_size=cfg.encoder_window_size,
+                global_attn_indexes=[cfg.encoder_depth - 1],
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=prompt_dim,
+                image_embedding_size=(emb, emb),
+                input_image_size=(cfg.image_size,) * 2,
+                mask_in_chans=16,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(
+                    depth=2, embedding_dim=prompt_dim, mlp_dim=cfg.decoder_mlp_dim, num_heads=8
+                ),
+                transformer_dim=prompt_dim,
+                iou_head_depth=3,
+                iou_head_hidden_dim=prompt_dim,
+            ),
+            pixel_mean=list(SAM_MEAN),
+            pixel_std=list(SAM_STD),
+        )
+    else:
+        sam = sam_model_registry[cfg.size](checkpoint=None)
+    if cfg.checkpoint is not None:
+        path = Path(cfg.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"SAM checkpoint not found: {path} (model.sam.checkpoint)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = sam.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: not a SAM {cfg.size} checkpoint (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+    return sam
+
+
+class SegmentationStage(nn.Module):
+    def __init__(self, cfg: SamConfig, prompt_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.sam = build_sam(cfg, prompt_dim)
+        self.sam.image_encoder.requires_grad_(False)  # paper §3.4: frozen image encoder
+        self.sam.prompt_encoder.requires_grad_(False)
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    @torch.no_grad()
+    def encode(self, sam_pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised, padded pixels in the SAM frame -> (N, C, S/16, S/16) image embeddings."""
+        enc = self.sam.image_encoder
+        was_training = enc.training
+        enc.eval()
+        out = enc(sam_pixels.to(next(enc.parameters()).dtype))
+        enc.train(was_training)
+        return out
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        semantic_prompt: torch.Tensor | None,
+        box_sam: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one mask per prompt.
+
+        image_embeddings: (N, C, h, w); image_index: (B,) row of image_embeddings for each prompt;
+        semantic_prompt: (B, C) or None; box_sam: (B, 4) XYXY in the SAM frame or None.
+        Returns low-res mask logits (B, 4h, 4w) and predicted IoU (B,).
+        SAM's decoder repeats one image's embedding per prompt, so prompts are decoded image by image.
+        """
+        pe = self.sam.prompt_encoder
+        n = image_index.shape[0]
+        masks = [None] * n
+        ious = [None] * n
+        for img in torch.unique(image_index).tolist():
+            rows = (image_index == img).nonzero().flatten()
+            k = rows.numel()
+            if box_sam is not None:
+                sparse, dense = pe(points=None, boxes=box_sam[rows].to(image_embeddings.dtype), masks=None)
+            else:
+                sparse = torch.empty(
+                    (k, 0, pe.embed_dim), dtype=image_embeddings.dtype, device=image_embeddings.device
+                )
+                dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(k, -1, *pe.image_embedding_size)
+            if semantic_prompt is not None:
+                sparse = torch.cat([sparse, semantic_prompt[rows].unsqueeze(1).to(sparse.dtype)], dim=1)
+            if sparse.shape[1] == 0:
+                raise ValueError("SAM needs at least one prompt (semantic embedding or box)")
+            low, iou = self.sam.mask_decoder(
+                image_embeddings=image_embeddings[img : img + 1],
+                image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            for j, r in enumerate(rows.tolist()):
+                masks[r] = low[j, 0]
+                ious[r] = iou[j, 0]
+        return torch.stack(masks), torch.stack(ious)
+
+    def upscale(
+        self, low_res: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]
+    ) -> torch.Tensor:
+        """(4h, 4w) low-res logits -> (H, W) logits at the original size (SAM's postprocess_masks)."""
+        return self.sam.postprocess_masks(low_res[None, None], tuple(input_hw), tuple(original_hw))[0, 0]

@@ -1,0 +1,55 @@
+"""Stage 1 — Semantic Understanding (paper §3.2): LoRA branch A answers the semantic template with
+[SEG]; that token's last-layer hidden state, projected, is the Semantic Segmentation Prompt."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .mllm import MLLM
+from .prompts import SEG_TOKEN, SEMANTIC_ANSWER, conversation, semantic_question
+
+
+@dataclass
+class SemanticOutput:
+    hidden: torch.Tensor  # (B, hidden) last-layer state at [SEG]
+    prompt: torch.Tensor  # (B, prompt_dim) the Semantic Segmentation Prompt (SAM sparse prompt)
+    ce: torch.Tensor  # scalar CE over the answer tokens
+
+
+class SemanticStage(nn.Module):
+    def __init__(self, mllm: MLLM, prompt_dim: int):
+        super().__init__()
+        h = mllm.hidden_size
+        # LISA's "text_hidden_fcs": Linear(h, h) -> ReLU -> Linear(h, prompt_dim).
+        self.projection = nn.Sequential(nn.Linear(h, h), nn.ReLU(inplace=True), nn.Linear(h, prompt_dim))
+
+    def forward(
+        self,
+        mllm: MLLM,
+        image_features: torch.Tensor,
+        expressions: Sequence[str],
+        rng: random.Random | None = None,
+    ) -> SemanticOutput:
+        """image_features: (B, T, hidden), one row per expression; rng picks templates (None: fixed, for eval)."""
+        prompts, answers = [], []
+        for expr in expressions:
+            p, a = conversation(
+                semantic_question(expr, rng),
+                SEMANTIC_ANSWER,
+                mllm.cfg.system_prompt,
+                mllm.num_image_tokens,
+                mllm.cfg.image_position == "before",
+            )
+            prompts.append(p)
+            answers.append(a)
+        batch = mllm.tokenize(prompts, answers)
+        with mllm.adapter("semantic"):
+            hidden, ce = mllm.language(batch, image_features)
+        pos = mllm.positions(batch.input_ids, SEG_TOKEN).to(hidden.device)
+        seg_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+        return SemanticOutput(hidden=seg_hidden, prompt=self.projection(seg_hidden), ce=ce)

@@ -1,0 +1,137 @@
+"""Stage 2 — Spatial Grounding (paper §3.3–3.4): LoRA branch B answers a spatial template in which the
+Semantic Segmentation Prompt is inserted as an input embedding; the [BOX] token's hidden state (the
+Spatial Segmentation Prompt) is mapped to a normalized box (x1, y1, x2, y2) in [0, 1].
+
+Box heads: `mlp` (the paper's lightweight mapping, Eq. 4) and `attention` (Table 3's variant: the box
+token queries the image-token states through self/cross-attention layers).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .geometry import clip_square_to_normalized, grid_centers, order_box
+from .mllm import MLLM
+from .prompts import BOX_TOKEN, IMAGE_TOKEN, SPATIAL_ANSWER, conversation, spatial_question
+
+
+@dataclass
+class SpatialOutput:
+    hidden: torch.Tensor  # (B, hidden) the Spatial Segmentation Prompt ([BOX] last-layer state)
+    box: torch.Tensor  # (B, 4) normalized XYXY of the original image, in [0, 1]
+    ce: torch.Tensor  # scalar CE over the answer tokens
+    heatmap: torch.Tensor | None  # (B, T) logits over image tokens (attention head only)
+
+
+class MLPBoxHead(nn.Module):
+    """Paper Eq. 4: a lightweight MLP + sigmoid."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4))
+
+    def forward(self, query: torch.Tensor, image_states: torch.Tensor, hw: torch.Tensor):
+        return order_box(torch.sigmoid(self.net(query))), None
+
+
+def _sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2-D sine-cosine positions (half the channels for x, half for y)."""
+    centers = grid_centers(grid)
+    quarter = dim // 4
+    freqs = torch.exp(torch.arange(quarter, dtype=torch.float32) * (-math.log(100.0) / max(quarter - 1, 1)))
+    parts = []
+    for axis in range(2):
+        ang = centers[:, axis : axis + 1] * 2 * math.pi * freqs
+        parts += [ang.sin(), ang.cos()]
+    out = torch.cat(parts, dim=-1)
+    return nn.functional.pad(out, (0, dim - out.shape[1]))
+
+
+class AttentionBoxHead(nn.Module):
+    """Table 3's attention-based box prediction: the box token queries the image-token states.
+
+    A heatmap over image tokens gives the centre (soft-argmax); an MLP on the query and the attended
+    feature gives width/height. All in the CLIP square frame, then mapped to the original image.
+    """
+
+    def __init__(self, hidden: int, grid: int, layers: int, dim: int = 256):
+        super().__init__()
+        d = min(dim, hidden)
+        self.grid = grid
+        self.kv = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, d))
+        self.q = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, d))
+        self.register_buffer("pos", _sincos_2d(grid, d), persistent=False)
+        self.register_buffer("centers", grid_centers(grid), persistent=False)
+        layer = nn.TransformerDecoderLayer(
+            d, nhead=4, dim_feedforward=2 * d, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.decoder = nn.TransformerDecoder(layer, num_layers=layers)
+        self.heat_q = nn.Linear(d, d)
+        self.size = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(inplace=True), nn.Linear(d, 2))
+
+    def forward(self, query: torch.Tensor, image_states: torch.Tensor, hw: torch.Tensor):
+        kv = self.kv(image_states) + self.pos.to(image_states.dtype)
+        q = self.decoder(self.q(query).unsqueeze(1), kv).squeeze(1)
+        logits = torch.einsum("bd,btd->bt", self.heat_q(q), kv) / math.sqrt(kv.shape[-1])
+        p = logits.softmax(dim=-1)
+        center = p @ self.centers.to(p.dtype)
+        attended = torch.einsum("bt,btd->bd", p, kv)
+        wh = torch.sigmoid(self.size(torch.cat([q, attended], dim=-1)))
+        box_sq = torch.cat([center - wh / 2, center + wh / 2], dim=-1)
+        return clip_square_to_normalized(box_sq, hw).clamp(0.0, 1.0), logits
+
+
+class SpatialStage(nn.Module):
+    def __init__(self, mllm: MLLM, mode: str, box_head: str, attention_layers: int = 2):
+        super().__init__()
+        h = mllm.hidden_size
+        self.mode = mode
+        # Maps the semantic [SEG] state into the input-embedding space at the <sem> placeholder.
+        self.semantic_in = nn.Linear(h, h) if "semantic" in mode else None
+        grid = int(math.isqrt(mllm.num_image_tokens))
+        if box_head == "mlp":
+            self.head: nn.Module = MLPBoxHead(h)
+        else:
+            if grid * grid != mllm.num_image_tokens:
+                raise ValueError(
+                    f"attention box head needs a square token grid; got {mllm.num_image_tokens} tokens"
+                )
+            self.head = AttentionBoxHead(h, grid, attention_layers)
+
+    def forward(
+        self,
+        mllm: MLLM,
+        image_features: torch.Tensor,
+        expressions: Sequence[str],
+        semantic_hidden: torch.Tensor | None,
+        original_hw: torch.Tensor,
+        rng: random.Random | None = None,
+    ) -> SpatialOutput:
+        """image_features: (B, T, hidden); semantic_hidden: (B, hidden) [SEG] states; original_hw: (B, 2)."""
+        prompts, answers = [], []
+        for expr in expressions:
+            p, a = conversation(
+                spatial_question(expr, self.mode, rng),
+                SPATIAL_ANSWER,
+                mllm.cfg.system_prompt,
+                mllm.num_image_tokens,
+                mllm.cfg.image_position == "before",
+            )
+            prompts.append(p)
+            answers.append(a)
+        batch = mllm.tokenize(prompts, answers)
+        inserted = self.semantic_in(semantic_hidden) if self.semantic_in is not None else None
+        with mllm.adapter("spatial"):
+            hidden, ce = mllm.language(batch, image_features, inserted=inserted)
+        ids = batch.input_ids.to(hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        box_hidden = hidden[rows, mllm.positions(ids, BOX_TOKEN).to(hidden.device)]
+        image_states = hidden[ids == mllm.ids[IMAGE_TOKEN]].view(hidden.shape[0], -1, hidden.shape[-1])
+        box, heat = self.head(box_hidden, image_states, original_hw.to(hidden.device))
+        return SpatialOutput(hidden=box_hidden, box=box, ce=ce, heatmap=heat)

@@ -1,0 +1,223 @@
+"""Single-process training over the Parquet shards (the Ray Train job wraps `train_step` and friends)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .batching import Batch, Item, collate
+from .checkpoint import save_checkpoint
+from .config import RunConfig, TrainConfig, to_dict
+from .data.shards import ExpressionSample, iter_expressions, shard_dir
+from .geometry import decode_image
+from .losses import ppcr_loss
+from .model import PPCRModel
+
+HEAD_PREFIXES = ("semantic.", "spatial.", "segmentation.")
+
+
+def warmup_decay(step: int, warmup: int, total: int) -> float:
+    """LR factor of DeepSpeed's WarmupDecayLR (linear warm-up to 1, then linear decay to 0 at `total`)."""
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    return max(0.0, (total - step) / max(total - warmup, 1))
+
+
+def build_optimizer(
+    model: PPCRModel, tcfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over trainable parameters; the heads (projection, box head, SAM decoder) may get a larger LR."""
+    heads, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (heads if name.startswith(HEAD_PREFIXES) else rest).append(p)
+    groups = [{"params": rest, "lr": tcfg.lr}, {"params": heads, "lr": tcfg.lr * tcfg.head_lr_mult}]
+    opt = torch.optim.AdamW(groups, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, tcfg.warmup_steps, tcfg.steps))
+    return opt, sched
+
+
+def gt_box_probability(step: int, tcfg: TrainConfig) -> float:
+    """Curriculum: SAM sees the ground-truth box with probability 1 → 0 over `gt_box_warmup_steps`."""
+    if tcfg.gt_box_warmup_steps <= 0:
+        return 0.0
+    return max(0.0, 1.0 - step / tcfg.gt_box_warmup_steps)
+
+
+class ImageCache:
+    """Decoded images by id, bounded (FIFO), so each training image is decoded about once."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._data: dict[int, np.ndarray] = {}
+
+    def get(self, sample: ExpressionSample) -> np.ndarray:
+        img = self._data.get(sample.image_id)
+        if img is None:
+            img = decode_image(sample.image_bytes, f"image {sample.image_id} ({sample.file_name})")
+            if img.shape[:2] != (sample.height, sample.width):
+                raise ValueError(
+                    f"image {sample.image_id} ({sample.file_name}) decodes to {img.shape[:2]}, shard says "
+                    f"{(sample.height, sample.width)}"
+                )
+            if len(self._data) >= self.capacity:
+                self._data.pop(next(iter(self._data)))
+            self._data[sample.image_id] = img
+        return img
+
+
+def to_item(sample: ExpressionSample, cache: ImageCache) -> Item:
+    """A shard expression as a model input with ground truth (mask bool H×W, box pixel XYXY)."""
+    return Item(
+        key=sample.image_id,
+        image=cache.get(sample),
+        expression=sample.text,
+        gt_mask=sample.mask(),
+        gt_box=sample.bbox_xyxy,
+        meta={"image_id": sample.image_id, "ref_id": sample.ref_id, "sent_id": sample.sent_id},
+    )
+
+
+def load_training_samples(split_dir: Path, max_per_image: int | None = None) -> list[ExpressionSample]:
+    samples = list(iter_expressions(split_dir))
+    if max_per_image is not None:
+        per: dict[int, int] = defaultdict(int)
+        kept = []
+        for s in samples:
+            if per[s.image_id] < max_per_image:
+                per[s.image_id] += 1
+                kept.append(s)
+        samples = kept
+    if not samples:
+        raise ValueError(f"no training expressions in {split_dir}")
+    return samples
+
+
+def batches_forever(
+    samples: Sequence[ExpressionSample], batch_size: int, seed: int
+) -> Iterator[list[ExpressionSample]]:
+    """Shuffled epochs of samples, cut into batches (the last partial batch of an epoch is dropped)."""
+    rng = random.Random(seed)
+    order = list(range(len(samples)))
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [samples[j] for j in order[i : i + batch_size]]
+        if len(order) < batch_size:
+            yield [samples[j] for j in order]
+
+
+def train_step(
+    model: PPCRModel,
+    batch: Batch,
+    cfg: RunConfig,
+    optimizer: torch.optim.Optimizer,
+    rng: random.Random,
+    step: int,
+) -> dict:
+    """One optimisation step: forward all three stages, joint loss, clip, step. Returns the loss terms."""
+    model.train()
+    out = model(batch, rng=rng, gt_box_prob=gt_box_probability(step, cfg.train))
+    loss, logs = ppcr_loss(out, batch, cfg.loss, model.patch_centers())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip > 0:
+        logs["grad_norm"] = float(
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip
+            )
+        )
+    optimizer.step()
+    return logs
+
+
+@dataclass
+class TrainResult:
+    model: PPCRModel
+    checkpoint: Path | None
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path | None = None,
+    model: PPCRModel | None = None,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+) -> TrainResult:
+    """Train on `cfg.data`'s train split for `cfg.train.steps` steps; save an inference checkpoint.
+
+    Writes `<out_dir>/train_log.jsonl` (one line per logged step) and `<out_dir>/checkpoint/`.
+    `time_budget_s` stops early (still saving) if wall time runs out.
+    """
+    tcfg = cfg.train
+    out = Path(out_dir or tcfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    torch.manual_seed(tcfg.seed)
+    split = shard_dir(cfg.data.shards_root, cfg.data.dataset, cfg.data.split_by, cfg.data.train_split)
+    samples = load_training_samples(split, cfg.data.max_expressions_per_image)
+    model = model or PPCRModel(cfg.model)
+    optimizer, scheduler = build_optimizer(model, tcfg)
+    rng = random.Random(tcfg.seed)
+    cache = ImageCache()
+    history: list[dict] = []
+    running: dict[str, float] = defaultdict(float)
+    n_running = 0
+    t0 = time.perf_counter()
+    step = 0
+    bar = tqdm(total=tcfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
+    with (out / "train_log.jsonl").open("w") as log_file:
+        for step, chunk in enumerate(batches_forever(samples, tcfg.batch_size, tcfg.seed)):
+            if step >= tcfg.steps or (time_budget_s is not None and time.perf_counter() - t0 > time_budget_s):
+                break
+            batch = collate([to_item(s, cache) for s in chunk], model.clip_size, model.sam_size)
+            logs = train_step(model, batch, cfg, optimizer, rng, step)
+            scheduler.step()
+            for k, v in logs.items():
+                running[k] += v
+            n_running += 1
+            bar.update(1)
+            if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+                avg = {k: v / n_running for k, v in running.items()}
+                elapsed = time.perf_counter() - t0
+                record = {
+                    "step": step + 1,
+                    "lr": scheduler.get_last_lr()[0],
+                    "elapsed_s": elapsed,
+                    "samples_per_s": (step + 1) * tcfg.batch_size / elapsed,
+                    **avg,
+                }
+                history.append(record)
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix({k: f"{avg[k]:.3f}" for k in ("loss", "l1", "dice") if k in avg})
+                running.clear()
+                n_running = 0
+        else:
+            step = tcfg.steps
+    bar.close()
+    steps_done = min(step, tcfg.steps)
+    seconds = time.perf_counter() - t0
+    model.eval()
+    ckpt = save_checkpoint(
+        model, out / "checkpoint", extra={"steps": steps_done, "seconds": seconds, "run_config": to_dict(cfg)}
+    )
+    if not all(math.isfinite(v) for r in history[-1:] for v in r.values() if isinstance(v, float)):
+        raise FloatingPointError("training ended with non-finite metrics")
+    return TrainResult(model=model, checkpoint=ckpt, steps=steps_done, seconds=seconds, history=history)

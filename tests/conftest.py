@@ -1,0 +1,33 @@
+"""Shared fixtures: a small synthetic data set in the REFER layout, converted to shards once per session."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from ppcr.data.shards import prepare_shards, shard_dir
+from ppcr.data.synth import SynthConfig, synthesize
+
+# pycocotools calls a NumPy API that NumPy 2 deprecates; not ours to fix.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """(refer_root, images_dir, shards_root) of a 40-image synthetic data set."""
+    root = tmp_path_factory.mktemp("synth")
+    summary = synthesize(root / "refer", SynthConfig(num_images=40, seed=1, min_objects=2, max_objects=3))
+    shards = root / "shards"
+    prepare_shards(summary["refer_root"], summary["images_dir"], "synthref", "unc", shards, progress=False)
+    return summary["refer_root"], summary["images_dir"], shards
+
+
+@pytest.fixture(scope="session")
+def val_dir(synth_data):
+    return shard_dir(synth_data[2], "synthref", "unc", "val")
+
+
+@pytest.fixture(scope="session")
+def train_dir(synth_data):
+    return shard_dir(synth_data[2], "synthref", "unc", "train")

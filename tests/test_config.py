@@ -1,0 +1,230 @@
+"""Typed configs: every shipped YAML loads, presets resolve, `base:` merges, errors name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ppcr.config import (
+    PRESET_DIR,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    from_dict,
+    load_config,
+    preset_names,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def _yaml_files() -> list[Path]:
+    files = sorted(PRESET_DIR.glob("*.yaml")) + sorted(PRESET_DIR.glob("*.yml"))
+    for folder in ("configs", "serve_configs"):
+        d = REPO / folder
+        if d.is_dir():
+            files += sorted(d.rglob("*.yaml")) + sorted(d.rglob("*.yml"))
+    return files
+
+
+YAML_FILES = _yaml_files()
+
+
+def _write(tmp_path: Path, data, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_presets_are_shipped():
+    assert {"tiny", "llava-1.5-7b"} <= set(preset_names())
+    assert len(YAML_FILES) >= 2
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_loads(path: Path):
+    data = yaml.safe_load(path.read_text()) or {}
+    is_run_config = isinstance(data, dict) and (
+        "base" in data or bool(RUN_KEYS & set(data)) or path.parent == PRESET_DIR
+    )
+    if not is_run_config:
+        pytest.skip(f"{path.name} has no model/train/data/loss/base key: not a RunConfig")
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # Loading by path and re-validating the dumped dict gives the same tree.
+    assert from_dict(RunConfig, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_names_resolve(name: str):
+    by_name = load_config(name)
+    by_path = load_config(PRESET_DIR / f"{name}.yaml")
+    assert by_name == by_path
+    assert by_name.model.preset == name
+
+
+def test_tiny_preset_values():
+    cfg = load_config("tiny")
+    assert cfg.model.sam.size == "tiny"
+    assert cfg.model.box_head == "attention"
+    assert cfg.model.vision.image_size % cfg.model.vision.patch_size == 0
+    assert cfg.train.betas == (0.9, 0.95) and isinstance(cfg.train.betas, tuple)
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_base_plus_override_merges(tmp_path):
+    path = _write(
+        tmp_path,
+        {"base": "tiny", "model": {"box_head": "mlp", "vision": {"num_layers": 1}}, "train": {"steps": 7}},
+    )
+    cfg = load_config(path)
+    tiny = load_config("tiny")
+    assert cfg.model.box_head == "mlp"
+    assert cfg.model.vision.num_layers == 1
+    # Sibling keys of an overridden mapping come from the preset (deep merge, not replace).
+    assert cfg.model.vision.hidden_size == tiny.model.vision.hidden_size
+    assert cfg.model.vision.image_size == tiny.model.vision.image_size
+    assert cfg.model.sam == tiny.model.sam
+    assert cfg.train.steps == 7
+    assert cfg.train.lr == tiny.train.lr
+    assert cfg.loss == tiny.loss and cfg.data == tiny.data
+
+
+def test_overrides_argument_merges():
+    cfg = load_config("tiny", overrides={"model": {"spatial_prompt": "expression"}, "train": {"seed": 3}})
+    assert cfg.model.spatial_prompt == "expression"
+    assert cfg.train.seed == 3
+    assert cfg.model.box_head == load_config("tiny").model.box_head
+
+
+def test_without_base_uses_dataclass_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, {"train": {"steps": 3}}))
+    assert cfg.train.steps == 3
+    assert cfg.model == ModelConfig()
+
+
+def test_unknown_base_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"base must be one of .*got 'tinyy'"):
+        load_config(_write(tmp_path, {"base": "tinyy"}))
+
+
+def test_unknown_key_names_key(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, {"base": "tiny", "model": {"box_hed": "mlp"}}))
+    assert "model.box_hed" in str(exc.value)
+    assert "box_head" in str(exc.value)  # the valid keys are listed
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key modle"):
+        load_config(_write(tmp_path, {"modle": {}}))
+
+
+def test_bad_literal_message(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, {"base": "tiny", "model": {"box_head": "mpl"}}))
+    assert "model.box_head must be one of mlp, attention; got 'mpl'" in str(exc.value)
+
+
+def test_bad_nested_literal(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.sam\.size must be one of"):
+        load_config(_write(tmp_path, {"base": "tiny", "model": {"sam": {"size": "vit_x"}}}))
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        ({"train": {"steps": "ten"}}, "train.steps", "must be an integer"),
+        ({"train": {"steps": 1.5}}, "train.steps", "must be an integer"),
+        ({"train": {"steps": True}}, "train.steps", "must be an integer"),
+        ({"train": {"lr": "fast"}}, "train.lr", "must be a number"),
+        ({"model": {"train_base": "yes"}}, "model.train_base", "must be true or false"),
+        ({"model": {"vision": 3}}, "model.vision", "must be a mapping"),
+        ({"model": {"lora": {"target_modules": "q_proj"}}}, "model.lora.target_modules", "must be a list"),
+        ({"model": {"lora": {"target_modules": ["q_proj", 3]}}}, "model.lora.target_modules[1]", "string"),
+        ({"train": {"betas": [0.9]}}, "train.betas", "must have 2 items"),
+        ({"model": {"prompt_dim": None}}, "model.prompt_dim", "must be an integer; got None"),
+        ({"model": {"mllm_path": 5}}, "model.mllm_path", "must be a string"),
+    ],
+)
+def test_wrong_type_names_key(tmp_path, override, key, fragment):
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, {"base": "tiny", **override}))
+    assert key in str(exc.value)
+    assert fragment in str(exc.value)
+
+
+def test_vision_image_size_not_multiple_of_patch(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, {"base": "tiny", "model": {"vision": {"image_size": 100}}}))
+    msg = str(exc.value)
+    assert "model.vision.image_size" in msg and "patch_size" in msg and "100" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"model": {"sam": {"image_size": 100}}}, "model.sam.image_size"),
+        ({"model": {"sam": {"size": "vit_b"}}}, "model.sam.image_size"),  # official SAM needs 1024
+        ({"loss": {"dice": -1.0}}, "loss.dice"),
+        ({"train": {"steps": 0}}, "train.steps"),
+        ({"train": {"lr": 0.0}}, "train.lr"),
+        ({"model": {"language": {"num_heads": 3}}}, "model.language.hidden_size"),
+    ],
+)
+def test_cross_field_validation_names_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(_write(tmp_path, {"base": "tiny", **override}))
+
+
+def test_missing_file_names_path(tmp_path):
+    missing = tmp_path / "nope" / "run.yaml"
+    with pytest.raises(ConfigError) as exc:
+        load_config(missing)
+    assert str(missing) in str(exc.value)
+
+
+def test_invalid_yaml_names_path(tmp_path):
+    path = _write(tmp_path, "model: {box_head: [mlp\ntrain: : :\n", name="broken.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(path) in str(exc.value)
+    assert "not valid YAML" in str(exc.value)
+
+
+def test_top_level_not_mapping(tmp_path):
+    path = _write(tmp_path, "- a\n- b\n", name="list.yaml")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path)
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_to_dict_from_dict_round_trip(name: str, tmp_path):
+    cfg = load_config(name)
+    d = to_dict(cfg)
+    # Plain YAML-safe types only (tuples become lists).
+    assert d["train"]["betas"] == list(cfg.train.betas)
+    text = yaml.safe_dump(d)
+    assert from_dict(RunConfig, d) == cfg
+    assert from_dict(RunConfig, yaml.safe_load(text)) == cfg
+    # And through a file on disk.
+    assert load_config(_write(tmp_path, text, name="dumped.yaml")) == cfg
+
+
+def test_model_config_round_trip():
+    cfg = load_config("tiny").model
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+
+
+def test_scientific_notation_lr(tmp_path):
+    cfg = load_config(_write(tmp_path, "base: tiny\ntrain: {lr: 3e-4}\n"))
+    assert cfg.train.lr == pytest.approx(3e-4)

@@ -1,0 +1,51 @@
+"""Evaluation covers every expression of a split; baselines behave as defined."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ppcr.config import load_config
+from ppcr.data.shards import iter_expressions, read_image_rows
+from ppcr.evaluate import evaluate_baselines, evaluate_split, mean_training_box
+from ppcr.model import PPCRModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return PPCRModel(load_config("tiny").model).eval()
+
+
+def test_every_expression_is_evaluated(model, val_dir):
+    n = sum(1 for _ in iter_expressions(val_dir))
+    m = evaluate_split(model, val_dir, batch_size=5, progress=False)
+    assert m["count"] == n
+    assert 0 <= m["mIoU"] <= 1 and 0 <= m["oIoU"] <= 1 and "BoxAcc@0.5" in m
+
+
+def test_evaluation_is_deterministic_and_batch_size_free(model, val_dir):
+    a = evaluate_split(model, val_dir, batch_size=3, progress=False)
+    b = evaluate_split(model, val_dir, batch_size=16, progress=False)
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+
+
+def test_oracle_box_gives_perfect_box_accuracy(model, val_dir):
+    m = evaluate_split(model, val_dir, oracle_box=True, progress=False)
+    assert m["BoxAcc@0.5"] == 1.0
+
+
+def test_baselines(train_dir, val_dir):
+    mean_box = mean_training_box(train_dir)
+    assert mean_box.shape == (4,) and np.all((mean_box >= 0) & (mean_box <= 1))
+    assert mean_box[0] < mean_box[2] and mean_box[1] < mean_box[3]
+    b = evaluate_baselines(train_dir, val_dir)
+    allobj = b["baseline: all objects"]
+    n = sum(1 for _ in iter_expressions(val_dir))
+    assert allobj["count"] == n == b["baseline: mean box"]["count"]
+    # The union of all objects contains every referent, so its IoU is the referent's share of the union:
+    # above 0, below 1 whenever an image has more than one object.
+    multi = any(len(r["refs"]) > 1 for r in read_image_rows(val_dir))
+    assert 0 < allobj["mIoU"] < 1 if multi else allobj["mIoU"] == 1
