@@ -89,6 +89,9 @@ class ModelConfig:
     spatial_prompt: SpatialPrompt = "semantic"
     box_head: BoxHead = "mlp"
     attention_head_layers: int = 2
+    # Auxiliary grounding of the semantic stage: the attention box head also reads the [SEG] state
+    # against the semantic pass's image states (loss.semantic_grounding weighs it). See docs/learning.md.
+    semantic_grounding: bool = False
     # LLaVA-1.5 puts the image before the question; "after" lets image tokens see the text (causal LM).
     image_position: Literal["before", "after"] = "before"
     system_prompt: str = (
@@ -110,8 +113,10 @@ class LossConfig:
     dice: float = 0.5
     l1: float = 2.0
     ce: float = 0.5
+    iou: float = 0.0  # MSE of SAM's predicted IoU (the inference score) to the mask's actual IoU
     giou: float = 0.0  # optional extra box term (not in the paper; 0 keeps the paper's loss)
     box_heatmap: float = 0.0  # attention head only: BCE of its heatmap against the ground-truth box
+    semantic_grounding: float = 0.0  # model.semantic_grounding only: heatmap BCE + L1 of the [SEG] query
 
 
 @dataclass
@@ -137,6 +142,11 @@ class TrainConfig:
     # Curriculum: SAM sees the ground-truth box for the first N steps (linearly annealed to 0),
     # so the mask decoder learns to use a box before the box head can give a good one.
     gt_box_warmup_steps: int = 0
+    # ...and keeps seeing it (jittered) with this probability afterwards, so it learns to *use* a box
+    # prompt instead of learning to ignore the early, poor predicted boxes.
+    gt_box_min_prob: float = 0.0
+    gt_box_jitter: float = 0.0  # std of the GT-box corner noise, as a fraction of the box's width/height
+    group_by_image: bool = False  # batches hold all expressions of their images (see train.batches_forever)
     seed: int = 0
     log_every: int = 25
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
@@ -256,6 +266,8 @@ def validate(obj: Any, prefix: str = "") -> None:
         if obj.size != "tiny" and obj.image_size != 1024:
             raise ConfigError(f"{p}image_size must be 1024 for the official SAM size {obj.size!r}")
     if isinstance(obj, ModelConfig):
+        if obj.semantic_grounding and (obj.box_head != "attention" or obj.spatial_prompt == "none"):
+            raise ConfigError(f"{p}semantic_grounding needs box_head: attention and a spatial stage")
         if obj.sam.size != "tiny" and obj.prompt_dim != 256:
             raise ConfigError(f"{p}prompt_dim must be 256 for SAM {obj.sam.size}")
     if isinstance(obj, LossConfig):

@@ -25,6 +25,16 @@ def heatmap_targets(gt_boxes: torch.Tensor, hw: torch.Tensor, centers: torch.Ten
     return inside.float()
 
 
+def _mask_iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    pred = logits > 0
+    union = (pred | gt).sum()
+    return (pred & gt).sum() / union if union > 0 else torch.ones((), device=logits.device)
+
+
+def _mass_on_target(heatmap: torch.Tensor, target: torch.Tensor) -> float:
+    return float((heatmap.detach().float().softmax(-1) * target).sum(-1).mean())
+
+
 def ppcr_loss(
     out, batch, weights: LossConfig, centers: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict]:
@@ -39,21 +49,33 @@ def ppcr_loss(
         bce.append(F.binary_cross_entropy_with_logits(logits.float(), gt.float()))
         dice.append(dice_loss(logits.float(), gt))
     terms["bce"] = torch.stack(bce).mean()
+    if weights.iou > 0:
+        # SAM's IoU head is the inference `score`; train it as SAM does (MSE to the actual mask IoU).
+        with torch.no_grad():
+            actual = torch.stack([_mask_iou(m, g) for m, g in zip(out.mask_logits, batch.gt_masks)])
+        terms["iou"] = F.mse_loss(out.iou_pred.float(), actual)
     terms["dice"] = torch.stack(dice).mean()
     terms["ce"] = out.ce
+    target = None
+    if centers is not None and (out.heatmap is not None or out.semantic_heatmap is not None):
+        target = heatmap_targets(
+            batch.gt_boxes, batch.original_hw[batch.image_index], centers.to(batch.gt_boxes.device)
+        )
     if out.box is not None:
         terms["l1"] = F.l1_loss(out.box.float(), batch.gt_boxes)
         if weights.giou > 0:
             terms["giou"] = generalized_box_iou_loss(out.box.float(), batch.gt_boxes, reduction="mean")
-        if out.heatmap is not None and weights.box_heatmap > 0 and centers is not None:
-            hw = batch.original_hw[batch.image_index]
-            target = heatmap_targets(batch.gt_boxes, hw, centers.to(batch.gt_boxes.device))
-            terms["box_heatmap"] = F.binary_cross_entropy_with_logits(out.heatmap.float(), target)
+        if out.heatmap is not None and target is not None:
+            if weights.box_heatmap > 0:
+                terms["box_heatmap"] = F.binary_cross_entropy_with_logits(out.heatmap.float(), target)
             # Diagnostic, not a loss: the heatmap's softmax mass inside the referent's box. ≈ 1/#objects
             # when it lights every object, → 1 when language selects the referent.
-            extra["heat_on_target"] = float(
-                (out.heatmap.detach().float().softmax(-1) * target).sum(-1).mean()
-            )
+            extra["heat_on_target"] = _mass_on_target(out.heatmap, target)
+    if out.semantic_heatmap is not None and target is not None and weights.semantic_grounding > 0:
+        terms["semantic_grounding"] = F.binary_cross_entropy_with_logits(
+            out.semantic_heatmap.float(), target
+        ) + F.l1_loss(out.semantic_box.float(), batch.gt_boxes)
+        extra["sem_heat_on_target"] = _mass_on_target(out.semantic_heatmap, target)
     total = sum(getattr(weights, k) * v for k, v in terms.items())
     logs = {k: float(v.detach()) for k, v in terms.items()}
     logs["loss"] = float(total.detach())

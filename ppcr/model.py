@@ -16,7 +16,7 @@ from torch import nn
 
 from .batching import Batch
 from .config import ModelConfig
-from .geometry import normalized_to_sam_frame
+from .geometry import normalized_to_sam_frame, order_box
 from .mllm import MLLM
 from .segmentation_stage import SegmentationStage
 from .semantic_stage import SemanticStage
@@ -33,6 +33,8 @@ class PPCROutput:
     iou_pred: torch.Tensor  # (B,) SAM's predicted IoU of each mask (the inference `score`)
     ce: torch.Tensor  # scalar: mean answer CE of the stages that ran
     heatmap: torch.Tensor | None  # (B, T) attention-head logits over image tokens
+    semantic_box: torch.Tensor | None = None  # (B, 4) auxiliary box read from the [SEG] query
+    semantic_heatmap: torch.Tensor | None = None  # (B, T) its heatmap over the semantic pass's image states
 
 
 class PPCRModel(nn.Module):
@@ -70,6 +72,7 @@ class PPCRModel(nn.Module):
         batch: Batch,
         rng: random.Random | None = None,
         gt_box_prob: float = 0.0,
+        gt_box_jitter: float = 0.0,
         oracle_box: bool = False,
         image_embeddings: torch.Tensor | None = None,
     ) -> PPCROutput:
@@ -77,7 +80,8 @@ class PPCRModel(nn.Module):
 
         rng: template sampling (training) or None (fixed templates, evaluation). gt_box_prob: chance
         per expression that SAM gets the ground-truth box instead of the predicted one (training
-        curriculum). oracle_box: always give SAM the ground-truth box (paper Table 3 oracle).
+        curriculum), with corners jittered by `gt_box_jitter` × box size. oracle_box: always give SAM
+        the ground-truth box, unjittered (paper Table 3 oracle).
         image_embeddings: precomputed SAM embeddings (N, C, h, w) to reuse across calls.
         """
         # Vision tower + projector once per image, gathered per expression for both stages.
@@ -91,6 +95,11 @@ class PPCRModel(nn.Module):
             )
             box, heat = spa.box, spa.heatmap
             ce = (sem.ce + spa.ce) / 2
+        sem_box = sem_heat = None
+        if self.cfg.semantic_grounding and self.spatial is not None:
+            sem_box, sem_heat = self.spatial.head(
+                sem.hidden, sem.image_states, batch.original_hw[batch.image_index]
+            )
         sam_box = box
         if oracle_box or (gt_box_prob > 0 and box is not None):
             if batch.gt_boxes is None:
@@ -99,6 +108,9 @@ class PPCRModel(nn.Module):
             if oracle_box:
                 sam_box = gt
             else:
+                if gt_box_jitter > 0:
+                    wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
+                    gt = order_box((gt + torch.randn_like(gt) * gt_box_jitter * wh).clamp(0, 1))
                 use_gt = torch.rand(len(batch), device=gt.device) < gt_box_prob
                 sam_box = torch.where(use_gt.unsqueeze(1), gt, box)
         if image_embeddings is None:
@@ -130,4 +142,6 @@ class PPCRModel(nn.Module):
             iou_pred=iou,
             ce=ce,
             heatmap=heat,
+            semantic_box=sem_box,
+            semantic_heatmap=sem_heat,
         )

@@ -101,45 +101,65 @@ class SegmentationStage(nn.Module):
         semantic_prompt: torch.Tensor | None,
         box_sam: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode one mask per prompt.
+        """Decode one mask per prompt, all prompts of all images in one decoder pass.
 
         image_embeddings: (N, C, h, w); image_index: (B,) row of image_embeddings for each prompt;
         semantic_prompt: (B, C) or None; box_sam: (B, 4) XYXY in the SAM frame or None.
         Returns low-res mask logits (B, 4h, 4w) and predicted IoU (B,).
-        SAM's decoder repeats one image's embedding per prompt, so prompts are decoded image by image.
         """
         pe = self.sam.prompt_encoder
         n = image_index.shape[0]
-        masks = [None] * n
-        ious = [None] * n
-        for img in torch.unique(image_index).tolist():
-            rows = (image_index == img).nonzero().flatten()
-            k = rows.numel()
-            if box_sam is not None:
-                sparse, dense = pe(points=None, boxes=box_sam[rows].to(image_embeddings.dtype), masks=None)
-            else:
-                sparse = torch.empty(
-                    (k, 0, pe.embed_dim), dtype=image_embeddings.dtype, device=image_embeddings.device
-                )
-                dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(k, -1, *pe.image_embedding_size)
-            if semantic_prompt is not None:
-                sparse = torch.cat([sparse, semantic_prompt[rows].unsqueeze(1).to(sparse.dtype)], dim=1)
-            if sparse.shape[1] == 0:
-                raise ValueError("SAM needs at least one prompt (semantic embedding or box)")
-            low, iou = self.sam.mask_decoder(
-                image_embeddings=image_embeddings[img : img + 1],
-                image_pe=pe.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
+        if box_sam is not None:
+            sparse, dense = pe(points=None, boxes=box_sam.to(image_embeddings.dtype), masks=None)
+        else:
+            sparse = torch.empty(
+                (n, 0, pe.embed_dim), dtype=image_embeddings.dtype, device=image_embeddings.device
             )
-            for j, r in enumerate(rows.tolist()):
-                masks[r] = low[j, 0]
-                ious[r] = iou[j, 0]
-        return torch.stack(masks), torch.stack(ious)
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *pe.image_embedding_size)
+        if semantic_prompt is not None:
+            sparse = torch.cat([sparse, semantic_prompt.unsqueeze(1).to(sparse.dtype)], dim=1)
+        if sparse.shape[1] == 0:
+            raise ValueError("SAM needs at least one prompt (semantic embedding or box)")
+        low, iou = _predict_masks_per_prompt(
+            self.sam.mask_decoder, image_embeddings[image_index], pe.get_dense_pe(), sparse, dense
+        )
+        # multimask_output=False: SAM's first mask token is the single-mask output.
+        return low[:, 0], iou[:, 0]
 
     def upscale(
         self, low_res: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]
     ) -> torch.Tensor:
         """(4h, 4w) low-res logits -> (H, W) logits at the original size (SAM's postprocess_masks)."""
         return self.sam.postprocess_masks(low_res[None, None], tuple(input_hw), tuple(original_hw))[0, 0]
+
+
+def _predict_masks_per_prompt(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`MaskDecoder.predict_masks` for prompts that each carry their own image embedding.
+
+    SAM's `predict_masks` repeats ONE image's embedding once per prompt, so a batch of B images with
+    one prompt each would cost B² decoder rows (or B separate calls). This runs the same modules in
+    the same order on (B, C, h, w) per-prompt embeddings; tests/test_segmentation_stage.py checks it
+    against SAM's own per-image call.
+    """
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse), dim=1)
+    src = image_embeddings + dense
+    pos_src = image_pe.expand(src.shape[0], -1, -1, -1)
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(iou_token_out)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .mllm import MLLM
-from .prompts import SEG_TOKEN, SEMANTIC_ANSWER, conversation, semantic_question
+from .prompts import IMAGE_TOKEN, SEG_TOKEN, SEMANTIC_ANSWER, conversation, semantic_question
 
 
 @dataclass
@@ -19,6 +19,7 @@ class SemanticOutput:
     hidden: torch.Tensor  # (B, hidden) last-layer state at [SEG]
     prompt: torch.Tensor  # (B, prompt_dim) the Semantic Segmentation Prompt (SAM sparse prompt)
     ce: torch.Tensor  # scalar CE over the answer tokens
+    image_states: torch.Tensor  # (B, T, hidden) last-layer states at the <image> positions
 
 
 class SemanticStage(nn.Module):
@@ -50,6 +51,11 @@ class SemanticStage(nn.Module):
         batch = mllm.tokenize(prompts, answers)
         with mllm.adapter("semantic"):
             hidden, ce = mllm.language(batch, image_features)
-        pos = mllm.positions(batch.input_ids, SEG_TOKEN).to(hidden.device)
-        seg_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
-        return SemanticOutput(hidden=seg_hidden, prompt=self.projection(seg_hidden), ce=ce)
+        ids = batch.input_ids.to(hidden.device)
+        seg_hidden = hidden[
+            torch.arange(hidden.shape[0], device=hidden.device), mllm.positions(ids, SEG_TOKEN)
+        ]
+        image_states = hidden[ids == mllm.ids[IMAGE_TOKEN]].view(hidden.shape[0], -1, hidden.shape[-1])
+        return SemanticOutput(
+            hidden=seg_hidden, prompt=self.projection(seg_hidden), ce=ce, image_states=image_states
+        )

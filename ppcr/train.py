@@ -50,8 +50,8 @@ def build_optimizer(
 def gt_box_probability(step: int, tcfg: TrainConfig) -> float:
     """Curriculum: SAM sees the ground-truth box with probability 1 → 0 over `gt_box_warmup_steps`."""
     if tcfg.gt_box_warmup_steps <= 0:
-        return 0.0
-    return max(0.0, 1.0 - step / tcfg.gt_box_warmup_steps)
+        return tcfg.gt_box_min_prob
+    return max(tcfg.gt_box_min_prob, 1.0 - step / tcfg.gt_box_warmup_steps)
 
 
 class ImageCache:
@@ -104,13 +104,22 @@ def load_training_samples(split_dir: Path, max_per_image: int | None = None) -> 
 
 
 def batches_forever(
-    samples: Sequence[ExpressionSample], batch_size: int, seed: int
+    samples: Sequence[ExpressionSample], batch_size: int, seed: int, group_by_image: bool = False
 ) -> Iterator[list[ExpressionSample]]:
-    """Shuffled epochs of samples, cut into batches (the last partial batch of an epoch is dropped)."""
+    """Shuffled epochs of samples, cut into batches (the last partial batch of an epoch is dropped).
+
+    group_by_image: shuffle images instead of expressions and keep each image's expressions together,
+    so a batch shows the same scene with different referents — the contrast that teaches *which*
+    object an expression names (docs/learning.md) — and encodes fewer distinct images.
+    """
     rng = random.Random(seed)
-    order = list(range(len(samples)))
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[s.image_id if group_by_image else i].append(i)
+    keys = list(groups)
     while True:
-        rng.shuffle(order)
+        rng.shuffle(keys)
+        order = [j for k in keys for j in groups[k]]
         for i in range(0, len(order) - batch_size + 1, batch_size):
             yield [samples[j] for j in order[i : i + batch_size]]
         if len(order) < batch_size:
@@ -127,7 +136,9 @@ def train_step(
 ) -> dict:
     """One optimisation step: forward all three stages, joint loss, clip, step. Returns the loss terms."""
     model.train()
-    out = model(batch, rng=rng, gt_box_prob=gt_box_probability(step, cfg.train))
+    out = model(
+        batch, rng=rng, gt_box_prob=gt_box_probability(step, cfg.train), gt_box_jitter=cfg.train.gt_box_jitter
+    )
     loss, logs = ppcr_loss(out, batch, cfg.loss, model.patch_centers())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
@@ -183,7 +194,9 @@ def train(
     step = 0
     bar = tqdm(total=tcfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
     with (out / "train_log.jsonl").open("w") as log_file:
-        for step, chunk in enumerate(batches_forever(samples, tcfg.batch_size, tcfg.seed)):
+        for step, chunk in enumerate(
+            batches_forever(samples, tcfg.batch_size, tcfg.seed, tcfg.group_by_image)
+        ):
             if step >= tcfg.steps or (time_budget_s is not None and time.perf_counter() - t0 > time_budget_s):
                 break
             batch = collate([to_item(s, cache) for s in chunk], model.clip_size, model.sam_size)
