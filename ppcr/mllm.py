@@ -36,6 +36,7 @@ from .prompts import (
     SPATIAL_TEMPLATE_EXPRESSION,
     SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC,
     SPATIAL_TEMPLATES,
+    conversation,
 )
 
 ADAPTERS = ("semantic", "spatial")
@@ -149,6 +150,15 @@ def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaFo
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
+
+
+@dataclass
+class StageStates:
+    """What a stage reads from one language-model pass."""
+
+    token: torch.Tensor  # (B, hidden) last-layer state at the stage's answer token ([SEG] / [BOX])
+    image: torch.Tensor  # (B, T, hidden) last-layer states at the <image> positions
+    ce: torch.Tensor  # scalar CE over the answer tokens
 
 
 @dataclass
@@ -293,3 +303,30 @@ class MLLM(nn.Module):
         logits = self.llava.lm_head(hidden[:, :-1][keep])
         ce = nn.functional.cross_entropy(logits.float(), targets[keep])
         return hidden, ce
+
+    def run_stage(
+        self,
+        adapter: str,
+        questions: Sequence[str],
+        answer: str,
+        token: str,
+        image_features: torch.Tensor,
+        inserted: torch.Tensor | None = None,
+    ) -> StageStates:
+        """One teacher-forced pass of a PPCR stage: each question with the fixed `answer`, under LoRA
+        branch `adapter`; returns the states at `token` (found by id) and at the image positions."""
+        prompts, answers = [], []
+        for q in questions:
+            p, a = conversation(
+                q, answer, self.cfg.system_prompt, self.num_image_tokens, self.cfg.image_position == "before"
+            )
+            prompts.append(p)
+            answers.append(a)
+        batch = self.tokenize(prompts, answers)
+        with self.adapter(adapter):
+            hidden, ce = self.language(batch, image_features, inserted=inserted)
+        ids = batch.input_ids.to(hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        token_states = hidden[rows, self.positions(ids, token)]
+        image_states = hidden[ids == self.ids[IMAGE_TOKEN]].view(hidden.shape[0], -1, hidden.shape[-1])
+        return StageStates(token=token_states, image=image_states, ce=ce)

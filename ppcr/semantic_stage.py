@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .mllm import MLLM
-from .prompts import IMAGE_TOKEN, SEG_TOKEN, SEMANTIC_ANSWER, conversation, semantic_question
+from .prompts import SEG_TOKEN, SEMANTIC_ANSWER, semantic_question
 
 
 @dataclass
@@ -37,25 +37,8 @@ class SemanticStage(nn.Module):
         rng: random.Random | None = None,
     ) -> SemanticOutput:
         """image_features: (B, T, hidden), one row per expression; rng picks templates (None: fixed, for eval)."""
-        prompts, answers = [], []
-        for expr in expressions:
-            p, a = conversation(
-                semantic_question(expr, rng),
-                SEMANTIC_ANSWER,
-                mllm.cfg.system_prompt,
-                mllm.num_image_tokens,
-                mllm.cfg.image_position == "before",
-            )
-            prompts.append(p)
-            answers.append(a)
-        batch = mllm.tokenize(prompts, answers)
-        with mllm.adapter("semantic"):
-            hidden, ce = mllm.language(batch, image_features)
-        ids = batch.input_ids.to(hidden.device)
-        seg_hidden = hidden[
-            torch.arange(hidden.shape[0], device=hidden.device), mllm.positions(ids, SEG_TOKEN)
-        ]
-        image_states = hidden[ids == mllm.ids[IMAGE_TOKEN]].view(hidden.shape[0], -1, hidden.shape[-1])
+        questions = [semantic_question(e, rng) for e in expressions]
+        st = mllm.run_stage("semantic", questions, SEMANTIC_ANSWER, SEG_TOKEN, image_features)
         return SemanticOutput(
-            hidden=seg_hidden, prompt=self.projection(seg_hidden), ce=ce, image_states=image_states
+            hidden=st.token, prompt=self.projection(st.token), ce=st.ce, image_states=st.image
         )

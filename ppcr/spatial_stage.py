@@ -18,7 +18,7 @@ from torch import nn
 
 from .geometry import clip_square_to_normalized, grid_centers, order_box
 from .mllm import MLLM
-from .prompts import BOX_TOKEN, IMAGE_TOKEN, SPATIAL_ANSWER, conversation, spatial_question
+from .prompts import BOX_TOKEN, SPATIAL_ANSWER, spatial_question
 
 
 @dataclass
@@ -114,24 +114,8 @@ class SpatialStage(nn.Module):
         rng: random.Random | None = None,
     ) -> SpatialOutput:
         """image_features: (B, T, hidden); semantic_hidden: (B, hidden) [SEG] states; original_hw: (B, 2)."""
-        prompts, answers = [], []
-        for expr in expressions:
-            p, a = conversation(
-                spatial_question(expr, self.mode, rng),
-                SPATIAL_ANSWER,
-                mllm.cfg.system_prompt,
-                mllm.num_image_tokens,
-                mllm.cfg.image_position == "before",
-            )
-            prompts.append(p)
-            answers.append(a)
-        batch = mllm.tokenize(prompts, answers)
+        questions = [spatial_question(e, self.mode, rng) for e in expressions]
         inserted = self.semantic_in(semantic_hidden) if self.semantic_in is not None else None
-        with mllm.adapter("spatial"):
-            hidden, ce = mllm.language(batch, image_features, inserted=inserted)
-        ids = batch.input_ids.to(hidden.device)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        box_hidden = hidden[rows, mllm.positions(ids, BOX_TOKEN).to(hidden.device)]
-        image_states = hidden[ids == mllm.ids[IMAGE_TOKEN]].view(hidden.shape[0], -1, hidden.shape[-1])
-        box, heat = self.head(box_hidden, image_states, original_hw.to(hidden.device))
-        return SpatialOutput(hidden=box_hidden, box=box, ce=ce, heatmap=heat)
+        st = mllm.run_stage("spatial", questions, SPATIAL_ANSWER, BOX_TOKEN, image_features, inserted)
+        box, heat = self.head(st.token, st.image, original_hw.to(st.token.device))
+        return SpatialOutput(hidden=st.token, box=box, ce=st.ce, heatmap=heat)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
+from ppcr.config import load_config
 from ppcr.data.shards import prepare_shards, shard_dir
 from ppcr.data.synth import SynthConfig, synthesize
 
@@ -31,3 +33,18 @@ def val_dir(synth_data):
 @pytest.fixture(scope="session")
 def train_dir(synth_data):
     return shard_dir(synth_data[2], "synthref", "unc", "train")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model is far faster on one intra-op thread on a small, shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    """The tiny preset's RunConfig."""
+    return load_config("tiny")

@@ -80,7 +80,11 @@ def test_tiny_preset_values():
 def test_base_plus_override_merges(tmp_path):
     path = _write(
         tmp_path,
-        {"base": "tiny", "model": {"box_head": "mlp", "vision": {"num_layers": 1}}, "train": {"steps": 7}},
+        {
+            "base": "tiny",
+            "model": {"box_head": "mlp", "semantic_grounding": False, "vision": {"num_layers": 1}},
+            "train": {"steps": 7},
+        },
     )
     cfg = load_config(path)
     tiny = load_config("tiny")

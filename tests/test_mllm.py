@@ -8,7 +8,6 @@ import torch
 from torch.nn import functional as F
 
 from ppcr.batching import Item, collate
-from ppcr.config import load_config
 from ppcr.losses import ppcr_loss
 from ppcr.mllm import ADAPTERS, IGNORE_INDEX
 from ppcr.model import PPCRModel
@@ -27,18 +26,7 @@ from ppcr.spatial_stage import SpatialStage
 SPECIALS = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is far faster on one intra-op thread on a small, shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +90,7 @@ def test_image_tokens_in_conversation(model):
         semantic_question("the red circle"), SEMANTIC_ANSWER, "", mllm.num_image_tokens
     )
     ids = mllm.tokenizer(prompt + answer, add_special_tokens=False).input_ids
-    assert ids.count(mllm.ids[IMAGE_TOKEN]) == mllm.num_image_tokens == 64
+    assert ids.count(mllm.ids[IMAGE_TOKEN]) == mllm.num_image_tokens == (112 // 16) ** 2  # tiny CLIP grid
     assert ids.count(mllm.ids[SEG_TOKEN]) == 1
 
 

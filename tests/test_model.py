@@ -18,18 +18,7 @@ from ppcr.spatial_stage import AttentionBoxHead, MLPBoxHead, SpatialStage
 SIZES = {"a": (60, 90), "b": (100, 70)}  # (H, W): one landscape, one portrait, neither square
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is far faster on one intra-op thread on a small, shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +225,7 @@ def _terms(logs: dict) -> set[str]:
 
 def test_loss_terms_and_weighted_total(model, batch, out, cfg):
     total, logs = ppcr_loss(out, batch, cfg.loss, model.patch_centers())
-    assert _terms(logs) == {"bce", "dice", "ce", "l1", "giou", "box_heatmap"}
+    assert _terms(logs) == {"bce", "dice", "ce", "l1", "giou", "box_heatmap", "iou", "semantic_grounding"}
     expected = sum(getattr(cfg.loss, k) * logs[k] for k in _terms(logs))
     assert logs["loss"] == pytest.approx(expected, rel=1e-5)
     assert float(total) == pytest.approx(expected, rel=1e-5)
@@ -249,11 +238,11 @@ def test_loss_without_box(model, batch, cfg):
     with _spatial(model, None), torch.no_grad():
         res = model(batch)
     total, logs = ppcr_loss(res, batch, cfg.loss, model.patch_centers())
-    assert _terms(logs) == {"bce", "dice", "ce"}
+    assert _terms(logs) == {"bce", "dice", "ce", "iou"}
     assert float(total) == pytest.approx(sum(getattr(cfg.loss, k) * logs[k] for k in _terms(logs)), rel=1e-5)
 
 
 def test_loss_zero_weights_drop_optional_terms(out, batch, cfg, model):
-    weights = dataclasses.replace(cfg.loss, giou=0.0, box_heatmap=0.0)
+    weights = dataclasses.replace(cfg.loss, giou=0.0, box_heatmap=0.0, iou=0.0, semantic_grounding=0.0)
     _, logs = ppcr_loss(out, batch, weights, model.patch_centers())
     assert _terms(logs) == {"bce", "dice", "ce", "l1"}
