@@ -68,6 +68,7 @@ class SamConfig:
     image_size: int = 1024  # the resized-and-padded square frame SAM works in
     checkpoint: str | None = None  # official SAM .pth, loaded with weights_only=True
     # Only for size == "tiny":
+    patch_size: int = 16  # the registry sizes use 16; a smaller patch gives a finer mask grid
     encoder_embed_dim: int = 64
     encoder_depth: int = 2
     encoder_num_heads: int = 2
@@ -259,12 +260,14 @@ def validate(obj: Any, prefix: str = "") -> None:
     if isinstance(obj, LanguageConfig) and obj.hidden_size % obj.num_heads:
         raise ConfigError(f"{p}hidden_size must be divisible by num_heads")
     if isinstance(obj, SamConfig):
-        if obj.image_size % 16:
+        if obj.patch_size < 1 or obj.image_size % obj.patch_size:
             raise ConfigError(
-                f"{p}image_size must be a multiple of 16 (SAM's patch size); got {obj.image_size}"
+                f"{p}image_size ({obj.image_size}) must be a multiple of patch_size ({obj.patch_size})"
             )
-        if obj.size != "tiny" and obj.image_size != 1024:
-            raise ConfigError(f"{p}image_size must be 1024 for the official SAM size {obj.size!r}")
+        if obj.size != "tiny" and (obj.image_size, obj.patch_size) != (1024, 16):
+            raise ConfigError(
+                f"{p}image_size/patch_size must be 1024/16 for the official SAM size {obj.size!r}"
+            )
     if isinstance(obj, ModelConfig):
         if obj.semantic_grounding and (obj.box_head != "attention" or obj.spatial_prompt == "none"):
             raise ConfigError(f"{p}semantic_grounding needs box_head: attention and a spatial stage")

@@ -23,11 +23,11 @@ from .geometry import SAM_MEAN, SAM_STD
 def build_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
     """A SAM of size `cfg.size` (random init unless `cfg.checkpoint` names an official .pth)."""
     if cfg.size == "tiny":
-        emb = cfg.image_size // 16
+        emb = cfg.image_size // cfg.patch_size
         sam = Sam(
             image_encoder=ImageEncoderViT(
                 img_size=cfg.image_size,
-                patch_size=16,
+                patch_size=cfg.patch_size,
                 embed_dim=cfg.encoder_embed_dim,
                 depth=cfg.encoder_depth,
                 num_heads=cfg.encoder_num_heads,
@@ -86,7 +86,7 @@ class SegmentationStage(nn.Module):
 
     @torch.no_grad()
     def encode(self, sam_pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalised, padded pixels in the SAM frame -> (N, C, S/16, S/16) image embeddings."""
+        """(N, 3, S, S) normalised, padded pixels in the SAM frame -> (N, C, S/p, S/p) image embeddings."""
         enc = self.sam.image_encoder
         was_training = enc.training
         enc.eval()

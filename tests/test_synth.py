@@ -266,3 +266,15 @@ def test_bad_config_rejected(tmp_path: Path) -> None:
         synthesize(tmp_path, SynthConfig(num_images=2, shapes=("hexagon",)))
     with pytest.raises(ValueError, match="sum to 1"):
         synthesize(tmp_path, SynthConfig(num_images=2, split_fractions=(("train", 0.5), ("val", 0.1))))
+    with pytest.raises(ValueError, match="small_size"):
+        synthesize(tmp_path, SynthConfig(num_images=2, small_size=(0.2, 0.3), big_size=(0.25, 0.35)))
+
+
+def test_object_sizes_follow_config(tmp_path: Path) -> None:
+    cfg = SynthConfig(num_images=8, seed=3, small_size=(0.2, 0.22), big_size=(0.36, 0.4))
+    summary = synthesize(tmp_path, cfg)
+    inst = json.loads((Path(summary["refer_root"]) / "synthref" / "instances.json").read_text())
+    short = {im["id"]: min(im["width"], im["height"]) for im in inst["images"]}
+    for ann in inst["annotations"]:
+        side = max(ann["bbox"][2], ann["bbox"][3]) / short[ann["image_id"]]
+        assert 0.19 <= side <= 0.23 or 0.35 <= side <= 0.41, side

@@ -49,7 +49,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 # Object size (diameter / side) as a fraction of the image's short side; the gap between the two
 # ranges keeps "small" and "big" unambiguous.
-_SIZE_RANGES = {"small": (0.12, 0.18), "big": (0.25, 0.35)}
+_SIZES = ("small", "big")
 _BOX_GAP = 4.0  # px between object boxes: shapes never overlap
 _REL_MARGIN = 3.0  # px: relations must hold (or fail) by this much, robust to +-1 px rasterisation
 _EXTREME_MARGIN = 0.10  # of the short side: "leftmost X" must lead the other X's by this much
@@ -69,6 +69,10 @@ class SynthConfig:
     relations: bool = True
     min_size: int = 160
     max_size: int = 256
+    # Object side as a fraction of the image's short side. The tiny preset sees the image as a 7x7
+    # patch grid, so "small" objects near one patch are the hardest to ground (docs/learning.md).
+    small_size: tuple[float, float] = (0.12, 0.18)
+    big_size: tuple[float, float] = (0.25, 0.35)
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow")
     split_fractions: tuple[tuple[str, float], ...] = (
@@ -87,6 +91,12 @@ class SynthConfig:
             raise ValueError("need 1 <= min_objects <= max_objects")
         if not 32 <= self.min_size <= self.max_size:
             raise ValueError("need 32 <= min_size <= max_size")
+        (slo, shi), (blo, bhi) = self.small_size, self.big_size
+        if not 0.05 <= slo <= shi < blo <= bhi <= 0.45:
+            raise ValueError(
+                f"need 0.05 <= small_size <= big_size <= 0.45 with small below big (fractions of the "
+                f"short side); got small_size={self.small_size}, big_size={self.big_size}"
+            )
         bad_shapes = [s for s in self.shapes if s not in SHAPES]
         if bad_shapes or not self.shapes:
             raise ValueError(f"unknown shapes {bad_shapes}; supported: {SHAPES}")
@@ -104,7 +114,7 @@ class SynthConfig:
         if any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
             raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fr}")
         if not self.relations:
-            combos = len(self.shapes) * len(self.colors) * len(_SIZE_RANGES)
+            combos = len(self.shapes) * len(self.colors) * len(_SIZES)
             if combos < self.max_objects:
                 raise ValueError("relations=False needs at least max_objects distinct (shape, colour, size)")
 
@@ -156,7 +166,7 @@ def _boxes_apart(a: _Obj, b: _Obj, gap: float) -> bool:
 
 
 def _sample_attributes(rng: np.random.Generator, cfg: SynthConfig, n: int) -> list[tuple[str, str, str]]:
-    sizes = tuple(_SIZE_RANGES)
+    sizes = _SIZES
     out: list[tuple[str, str, str]] = []
     while len(out) < n:
         if cfg.relations and out and rng.random() < 0.3:
@@ -177,7 +187,7 @@ def _sample_scene(rng: np.random.Generator, cfg: SynthConfig, w: int, h: int) ->
     short = min(w, h)
     objs: list[_Obj] = []
     for shape, color, size in _sample_attributes(rng, cfg, n):
-        lo, hi = _SIZE_RANGES[size]
+        lo, hi = cfg.small_size if size == "small" else cfg.big_size
         s = float(rng.uniform(lo, hi)) * short
         for _ in range(200):
             cx = float(rng.uniform(s / 2 + 2, w - s / 2 - 2))
