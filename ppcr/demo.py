@@ -32,8 +32,12 @@ class DemoSettings:
     min_objects: int = 2
     max_objects: int = 3
     relations: bool = False
+    # Objects at least ~1.5 CLIP patches wide: "small" at the generator's default is under one patch of
+    # the tiny preset's 7x7 grid, and its shape is then hardly visible (docs/learning.md).
+    small_size: tuple[float, float] = (0.18, 0.25)
+    big_size: tuple[float, float] = (0.3, 0.4)
     train_minutes: float = 13.0  # a safety bound; `steps` is sized to end first on 2 cores
-    steps: int = 800
+    steps: int = 2000
     overlays: int = 12
     eval_splits: tuple[str, ...] = ("val", "testA", "testB")
 
@@ -64,6 +68,8 @@ def run_demo(
             min_objects=s.min_objects,
             max_objects=s.max_objects,
             relations=s.relations,
+            small_size=s.small_size,
+            big_size=s.big_size,
         ),
     )
     _say(f"    {synth['refs']} refs, {synth['sentences']} expressions")

@@ -121,7 +121,7 @@ def test_forward_shapes_and_frames(out, batch, model, cfg):
     assert out.sam_box is out.box
     assert out.iou_pred.shape == (n,)
     assert out.semantic_prompt.shape == (n, cfg.model.prompt_dim)
-    side = model.sam_size // 4
+    side = 4 * model.sam_size // cfg.model.sam.patch_size  # SAM upscales its embedding grid 4x
     assert out.low_res_masks.shape == (n, side, side)
     assert len(out.mask_logits) == n
     for i, (key, _, _) in enumerate(ITEMS):
