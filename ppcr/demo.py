@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,23 +26,31 @@ from .train import train
 from .visualize import save_overlay
 
 
-@dataclass
-class DemoSettings:
-    images: int = 900
-    min_objects: int = 2
-    max_objects: int = 3
-    relations: bool = False
+def _demo_data(num_images: int) -> SynthConfig:
     # Objects at least ~1.5 CLIP patches wide: "small" at the generator's default is under one patch of
     # the tiny preset's 7x7 grid, and its shape is then hardly visible (docs/learning.md).
-    small_size: tuple[float, float] = (0.18, 0.25)
-    big_size: tuple[float, float] = (0.3, 0.4)
-    train_minutes: float = 13.0  # a safety bound; `steps` is sized to end first on 2 cores
+    return SynthConfig(
+        num_images=num_images,
+        seed=0,
+        min_objects=2,
+        max_objects=3,
+        relations=False,
+        small_size=(0.18, 0.25),
+        big_size=(0.3, 0.4),
+    )
+
+
+@dataclass
+class DemoSettings:
+    data: SynthConfig = field(default_factory=lambda: _demo_data(900))
+    # A safety bound: on 2 cores here 2000 steps take about 13 min, so a slower machine stops early.
+    train_minutes: float = 13.0
     steps: int = 2000
     overlays: int = 12
     eval_splits: tuple[str, ...] = ("val", "testA", "testB")
 
 
-QUICK = DemoSettings(images=40, train_minutes=0.5, steps=30, overlays=4)
+QUICK = DemoSettings(data=_demo_data(40), train_minutes=0.5, steps=30, overlays=4)
 
 
 def _say(msg: str) -> None:
@@ -54,24 +62,13 @@ def run_demo(
 ) -> dict:
     s = QUICK if quick else DemoSettings()
     if train_minutes is not None:
-        s.train_minutes = train_minutes
+        s = replace(s, train_minutes=train_minutes)  # never mutate the shared QUICK settings
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     refer_root, shards = out / "refer", out / "shards"
 
-    _say(f"1/6 synthesising {s.images} images (REFER layout) in {refer_root}")
-    synth = synthesize(
-        refer_root,
-        SynthConfig(
-            num_images=s.images,
-            seed=0,
-            min_objects=s.min_objects,
-            max_objects=s.max_objects,
-            relations=s.relations,
-            small_size=s.small_size,
-            big_size=s.big_size,
-        ),
-    )
+    _say(f"1/6 synthesising {s.data.num_images} images (REFER layout) in {refer_root}")
+    synth = synthesize(refer_root, s.data)
     _say(f"    {synth['refs']} refs, {synth['sentences']} expressions")
     _say("2/6 preparing Parquet shards")
     prepare_shards(refer_root, synth["images_dir"], "synthref", "unc", shards)
@@ -107,7 +104,7 @@ def run_demo(
     meta = {
         "steps": result.steps,
         "train_seconds": round(result.seconds, 1),
-        "images": s.images,
+        "images": s.data.num_images,
         "expressions": synth["sentences"],
         "checkpoint": str(ckpt),
     }

@@ -47,9 +47,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
-# Object size (diameter / side) as a fraction of the image's short side; the gap between the two
-# ranges keeps "small" and "big" unambiguous.
-_SIZES = ("small", "big")
+_SIZES = ("small", "big")  # their ranges are SynthConfig.small_size / big_size
 _BOX_GAP = 4.0  # px between object boxes: shapes never overlap
 _REL_MARGIN = 3.0  # px: relations must hold (or fail) by this much, robust to +-1 px rasterisation
 _EXTREME_MARGIN = 0.10  # of the short side: "leftmost X" must lead the other X's by this much
@@ -69,8 +67,9 @@ class SynthConfig:
     relations: bool = True
     min_size: int = 160
     max_size: int = 256
-    # Object side as a fraction of the image's short side. The tiny preset sees the image as a 7x7
-    # patch grid, so "small" objects near one patch are the hardest to ground (docs/learning.md).
+    # Object side (diameter) as a fraction of the image's short side; validate() keeps the ranges apart
+    # so "small" and "big" stay unambiguous. Small objects near one patch of the tiny preset's 7x7 CLIP
+    # grid are the hardest to ground (docs/learning.md).
     small_size: tuple[float, float] = (0.12, 0.18)
     big_size: tuple[float, float] = (0.25, 0.35)
     shapes: tuple[str, ...] = SHAPES
@@ -166,7 +165,6 @@ def _boxes_apart(a: _Obj, b: _Obj, gap: float) -> bool:
 
 
 def _sample_attributes(rng: np.random.Generator, cfg: SynthConfig, n: int) -> list[tuple[str, str, str]]:
-    sizes = _SIZES
     out: list[tuple[str, str, str]] = []
     while len(out) < n:
         if cfg.relations and out and rng.random() < 0.3:
@@ -175,7 +173,7 @@ def _sample_attributes(rng: np.random.Generator, cfg: SynthConfig, n: int) -> li
         else:
             shape = cfg.shapes[int(rng.integers(len(cfg.shapes)))]
             color = cfg.colors[int(rng.integers(len(cfg.colors)))]
-        attrs = (shape, color, sizes[int(rng.integers(len(sizes)))])
+        attrs = (shape, color, _SIZES[int(rng.integers(len(_SIZES)))])
         if not cfg.relations and attrs in out:
             continue  # attribute expressions must be able to single out every object
         out.append(attrs)
