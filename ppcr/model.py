@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,6 +36,17 @@ class PPCROutput:
     heatmap: torch.Tensor | None  # (B, T) attention-head logits over image tokens
     semantic_box: torch.Tensor | None = None  # (B, 4) auxiliary box read from the [SEG] query
     semantic_heatmap: torch.Tensor | None = None  # (B, T) its heatmap over the semantic pass's image states
+
+
+class Reasoning(NamedTuple):
+    """What the MLLM stages hand to SAM (plus the training-only terms)."""
+
+    semantic_prompt: torch.Tensor  # (B, prompt_dim)
+    box: torch.Tensor | None  # (B, 4) normalized XYXY, None when spatial_prompt == "none"
+    ce: torch.Tensor  # scalar: mean answer CE of the stages that ran
+    heatmap: torch.Tensor | None
+    semantic_box: torch.Tensor | None
+    semantic_heatmap: torch.Tensor | None
 
 
 class PPCRModel(nn.Module):
@@ -67,6 +79,69 @@ class PPCRModel(nn.Module):
         head = self.spatial.head if self.spatial is not None else None
         return head.centers if isinstance(head, AttentionBoxHead) else None
 
+    def reason(
+        self,
+        clip_pixels: torch.Tensor,
+        image_index: torch.Tensor,
+        expressions: list[str],
+        original_hw: torch.Tensor,
+        rng: random.Random | None = None,
+    ) -> Reasoning:
+        """Stages 1 + 2 (the MLLM): semantic prompt and normalized box for each expression.
+
+        clip_pixels: (N, 3, C, C) one row per distinct image; image_index: (B,) its row per expression;
+        original_hw: (N, 2). rng: template sampling (training) or None (fixed templates, evaluation).
+        """
+        # Vision tower + projector once per image, gathered per expression for both stages.
+        feats = self.mllm.image_features(clip_pixels)[image_index]
+        hw = original_hw.to(image_index.device)[image_index]
+        sem = self.semantic(self.mllm, feats, expressions, rng)
+        ce = sem.ce
+        box = heat = None
+        if self.spatial is not None:
+            spa = self.spatial(self.mllm, feats, expressions, sem.hidden, hw, rng)
+            box, heat = spa.box, spa.heatmap
+            ce = (sem.ce + spa.ce) / 2
+        sem_box = sem_heat = None
+        if self.cfg.semantic_grounding and self.spatial is not None:
+            sem_box, sem_heat = self.spatial.head(sem.hidden, sem.image_states, hw)
+        return Reasoning(sem.prompt, box, ce, heat, sem_box, sem_heat)
+
+    def segment(
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        semantic_prompt: torch.Tensor,
+        box: torch.Tensor | None,
+        original_hw: torch.Tensor,
+        sam_input_hw: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Stage 3 (SAM decoder) given the prompts: low-res logits (B, 4h, 4w), predicted IoU (B,) and
+        B × (H, W) mask logits at the original size.
+
+        image_embeddings: (N, C, h, w) from `segmentation.encode`; image_index: (B,) its row per prompt;
+        box: (B, 4) normalized XYXY in the original frame, or None; original_hw / sam_input_hw: (N, 2).
+        """
+        box_frame = None
+        if box is not None:
+            hw = original_hw[image_index]
+            box_frame = torch.stack(
+                [
+                    normalized_to_sam_frame(box[i], tuple(hw[i].tolist()), self.sam_size)
+                    for i in range(len(box))
+                ]
+            )
+        low, iou = self.segmentation.decode(image_embeddings, image_index, semantic_prompt, box_frame)
+        masks = []
+        for i in range(low.shape[0]):
+            img = int(image_index[i])
+            masks.append(
+                self.segmentation.upscale(
+                    low[i], tuple(sam_input_hw[img].tolist()), tuple(original_hw[img].tolist())
+                )
+            )
+        return low, iou, masks
+
     def forward(
         self,
         batch: Batch,
@@ -84,27 +159,13 @@ class PPCRModel(nn.Module):
         the ground-truth box, unjittered (paper Table 3 oracle).
         image_embeddings: precomputed SAM embeddings (N, C, h, w) to reuse across calls.
         """
-        # Vision tower + projector once per image, gathered per expression for both stages.
-        feats = self.mllm.image_features(batch.clip_pixels)[batch.image_index]
-        sem = self.semantic(self.mllm, feats, batch.expressions, rng)
-        ce = sem.ce
-        box = heat = None
-        if self.spatial is not None:
-            spa = self.spatial(
-                self.mllm, feats, batch.expressions, sem.hidden, batch.original_hw[batch.image_index], rng
-            )
-            box, heat = spa.box, spa.heatmap
-            ce = (sem.ce + spa.ce) / 2
-        sem_box = sem_heat = None
-        if self.cfg.semantic_grounding and self.spatial is not None:
-            sem_box, sem_heat = self.spatial.head(
-                sem.hidden, sem.image_states, batch.original_hw[batch.image_index]
-            )
+        r = self.reason(batch.clip_pixels, batch.image_index, batch.expressions, batch.original_hw, rng)
+        box = r.box
         sam_box = box
         if oracle_box or (gt_box_prob > 0 and box is not None):
             if batch.gt_boxes is None:
                 raise ValueError("oracle_box / gt_box_prob need ground-truth boxes in the batch")
-            gt = batch.gt_boxes.to(feats.device, feats.dtype)
+            gt = batch.gt_boxes.to(r.semantic_prompt.device, r.semantic_prompt.dtype)
             if oracle_box:
                 sam_box = gt
             else:
@@ -115,33 +176,23 @@ class PPCRModel(nn.Module):
                 sam_box = torch.where(use_gt.unsqueeze(1), gt, box)
         if image_embeddings is None:
             image_embeddings = self.segmentation.encode(batch.sam_pixels)
-        sam_box_frame = None
-        if sam_box is not None:
-            hw = batch.original_hw[batch.image_index]
-            sam_box_frame = torch.stack(
-                [
-                    normalized_to_sam_frame(sam_box[i], tuple(hw[i].tolist()), self.sam_size)
-                    for i in range(len(batch))
-                ]
-            )
-        low, iou = self.segmentation.decode(image_embeddings, batch.image_index, sem.prompt, sam_box_frame)
-        masks = []
-        for i in range(len(batch)):
-            img = int(batch.image_index[i])
-            masks.append(
-                self.segmentation.upscale(
-                    low[i], tuple(batch.sam_input_hw[img].tolist()), tuple(batch.original_hw[img].tolist())
-                )
-            )
+        low, iou, masks = self.segment(
+            image_embeddings,
+            batch.image_index,
+            r.semantic_prompt,
+            sam_box,
+            batch.original_hw,
+            batch.sam_input_hw,
+        )
         return PPCROutput(
-            semantic_prompt=sem.prompt,
+            semantic_prompt=r.semantic_prompt,
             box=box,
             sam_box=sam_box,
             low_res_masks=low,
             mask_logits=masks,
             iou_pred=iou,
-            ce=ce,
-            heatmap=heat,
-            semantic_box=sem_box,
-            semantic_heatmap=sem_heat,
+            ce=r.ce,
+            heatmap=r.heatmap,
+            semantic_box=r.semantic_box,
+            semantic_heatmap=r.semantic_heatmap,
         )
