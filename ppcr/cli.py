@@ -1,4 +1,4 @@
-"""`ppcr` command line: synth, prepare, train, evaluate, segment, demo."""
+"""`ppcr` command line: synth, prepare, train, export, evaluate, segment, demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .ray_cluster import ResourceError
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -76,11 +77,34 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import train
 
-    cfg = load_config(a.config, overrides=_overrides(a.set))
-    result = train(cfg, out_dir=a.out, time_budget_s=a.time_budget)
-    print(f"trained {result.steps} steps in {result.seconds:.0f}s; checkpoint: {result.checkpoint}")
+    overrides = _overrides(a.set)
+    dist = overrides.setdefault("distributed", {})
+    for key, value in (("num_workers", a.num_workers), ("name", a.name), ("storage_path", a.storage)):
+        if value is not None:
+            dist[key] = value
+    if a.use_gpu:
+        dist["use_gpu"] = True
+    cfg = load_config(a.preset or a.config, overrides=overrides)
+    if a.local:
+        from .train import train
+
+        result = train(cfg, out_dir=a.out, time_budget_s=a.time_budget)
+        print(f"trained {result.steps} steps in {result.seconds:.0f}s; checkpoint: {result.checkpoint}")
+        return 0
+    from .distributed_train import run_training
+
+    result = run_training(cfg, out=a.out, resume=a.resume)
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
+    print(json.dumps({"steps": result.steps, "run": result.run_dir, "metrics": shown}, indent=2))
+    print(f"inference checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .distributed_train import export_inference
+
+    print(f"inference checkpoint: {export_inference(a.run, a.out)}")
     return 0
 
 
@@ -164,14 +188,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-bad", action="store_true", help="report bad records to errors.jsonl and continue")
     s.set_defaults(fn=cmd_prepare)
 
-    s = sub.add_parser("train", help="train on shards (single process)")
+    s = sub.add_parser(
+        "train",
+        help="train on shards: Ray Train + DeepSpeed ZeRO-2 workers fed by Ray Data (--local: one process)",
+    )
     s.add_argument("--config", default="tiny", help="YAML path or preset name")
-    s.add_argument("--out", default=None)
+    s.add_argument("--preset", default=None, help="preset name (same as --config NAME)")
     s.add_argument(
-        "--time-budget", type=float, default=None, help="stop after this many seconds (still saves)"
+        "--num-workers", type=int, default=None, help="Ray Train workers (distributed.num_workers)"
+    )
+    s.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16, NCCL")
+    s.add_argument("--name", default=None, help="run name under the storage path (distributed.name)")
+    s.add_argument("--storage", default=None, help="run storage: folder or URI (distributed.storage_path)")
+    s.add_argument(
+        "--resume", action="store_true", help="continue the run of this name from its latest checkpoint"
+    )
+    s.add_argument(
+        "--out", default=None, help="where to export the inference checkpoint (default <run>/export)"
+    )
+    s.add_argument("--local", action="store_true", help="single-process loop, no Ray (ppcr.train.train)")
+    s.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="--local only: stop after this many seconds (still saves)",
     )
     _add_overrides(s)
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser(
+        "export", help="copy the inference checkpoint out of a training run's latest checkpoint"
+    )
+    s.add_argument(
+        "--run", required=True, help="run folder or URI (<storage>/<name>) or one step_* checkpoint"
+    )
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("evaluate", help="evaluate a checkpoint on shard splits (oIoU, mIoU, Prec@k, BoxAcc)")
     s.add_argument("--checkpoint", required=True)
@@ -204,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, ResourceError) as exc:
         print(f"ppcr {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -155,6 +155,46 @@ class TrainConfig:
 
 
 @dataclass
+class MixEntry:
+    """One shard split in the distributed job's training mix."""
+
+    shards_root: str
+    dataset: str
+    split_by: str = "unc"
+    split: str = "train"
+    # Each epoch takes this many passes over the split: 2 = every expression twice, 0.5 = a random half.
+    weight: float = 1.0
+
+
+@dataclass
+class DistributedConfig:
+    """Ray Train + DeepSpeed job (`ppcr train`). The global batch is `train.batch_size`
+    = micro_batch_size × gradient accumulation × num_workers; accumulation is derived."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    accelerator_type: str | None = None  # e.g. "L20": schedule workers only on such GPUs
+    micro_batch_size: int = 1  # expressions per worker per forward pass
+    data_cpus: float = 1.0  # CPUs kept free for Ray Data's read/decode/preprocess tasks
+    # Mixed training sets (e.g. refcoco + refcoco+ + refcocog); empty = `data`'s train split.
+    datasets: list[MixEntry] = field(default_factory=list)
+    local_shuffle_buffer: int = 0  # rows; 0 keeps each image's expressions together (group_by_image)
+    # DeepSpeed config file (paths are relative to the working directory, then to the repo root);
+    # "auto" values in it come from `train` (lr, betas, weight_decay, warmup_steps, grad_clip, steps,
+    # batch sizes) and the device (bf16 on GPU, fp32 on CPU). `deepspeed` overrides any key.
+    deepspeed_config: str = "configs/deepspeed/zero2.yaml"
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int = 100  # optimizer steps
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # automatic restarts from the latest checkpoint
+    storage_path: str = "runs/ray"  # local folder or a URI pyarrow understands (s3://, gs://, ...)
+    name: str = "ppcr-train"
+    evaluate_split: str | None = None  # rank 0 evaluates the trained model in memory on this split
+    fail_at_step: int | None = None  # testing: one worker crashes once at this step
+
+
+@dataclass
 class RunConfig:
     """Top-level config of a training/evaluation run."""
 
@@ -162,6 +202,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -208,6 +249,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {type(value).__name__} {value!r}")
+        return dict(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
@@ -282,6 +327,21 @@ def validate(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{p}steps and {p}batch_size must be >= 1")
         if obj.lr <= 0:
             raise ConfigError(f"{p}lr must be > 0")
+    if isinstance(obj, MixEntry) and obj.weight <= 0:
+        raise ConfigError(f"{p}weight must be > 0; got {obj.weight}")
+    if isinstance(obj, DistributedConfig):
+        for name in ("num_workers", "micro_batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{p}{name} must be >= 1; got {getattr(obj, name)}")
+        if obj.cpus_per_worker <= 0 or obj.data_cpus < 0 or obj.local_shuffle_buffer < 0:
+            raise ConfigError(f"{p}cpus_per_worker must be > 0, data_cpus and local_shuffle_buffer >= 0")
+    if isinstance(obj, RunConfig):
+        d, batch = obj.distributed, obj.train.batch_size
+        if batch % (d.micro_batch_size * d.num_workers):
+            raise ConfigError(
+                f"train.batch_size ({batch}) must be divisible by distributed.micro_batch_size "
+                f"({d.micro_batch_size}) x distributed.num_workers ({d.num_workers})"
+            )
 
 
 def from_dict(cls: type, data: dict) -> Any:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-import ray
-
 LOCAL_MIN_CPUS = 4
 
 
@@ -33,6 +31,8 @@ def init_ray(
     cluster with `num_cpus` logical CPUs (default: max(cores, LOCAL_MIN_CPUS)) and an object store of
     `object_store_mb` (default: Ray's). An already initialised Ray is reused as it is.
     """
+    import ray
+
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -49,6 +49,8 @@ def init_ray(
 
 def require_resources(demand: dict[str, float], what: str) -> None:
     """Raise ResourceError naming `what`, the demand and the cluster's totals if any resource falls short."""
+    import ray
+
     total = ray.cluster_resources()
     short = {k: (v, total.get(k, 0.0)) for k, v in demand.items() if v > 0 and total.get(k, 0.0) < v}
     if short:

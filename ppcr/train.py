@@ -126,6 +126,21 @@ def batches_forever(
             yield [samples[j] for j in order]
 
 
+def compute_loss(
+    model: PPCRModel, batch: Batch, cfg: RunConfig, rng: random.Random, step: int, forward=None
+) -> tuple[torch.Tensor, dict]:
+    """Forward all three stages and the joint loss; `forward` is the callable to run (default `model`,
+    a DeepSpeed engine wrapping it in the distributed job). Raises on a non-finite loss."""
+    model.train()
+    out = (forward or model)(
+        batch, rng=rng, gt_box_prob=gt_box_probability(step, cfg.train), gt_box_jitter=cfg.train.gt_box_jitter
+    )
+    loss, logs = ppcr_loss(out, batch, cfg.loss, model.patch_centers())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
+    return loss, logs
+
+
 def train_step(
     model: PPCRModel,
     batch: Batch,
@@ -135,13 +150,7 @@ def train_step(
     step: int,
 ) -> dict:
     """One optimisation step: forward all three stages, joint loss, clip, step. Returns the loss terms."""
-    model.train()
-    out = model(
-        batch, rng=rng, gt_box_prob=gt_box_probability(step, cfg.train), gt_box_jitter=cfg.train.gt_box_jitter
-    )
-    loss, logs = ppcr_loss(out, batch, cfg.loss, model.patch_centers())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
+    loss, logs = compute_loss(model, batch, cfg, rng, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip > 0:

@@ -83,6 +83,7 @@ def test_train_evaluate_segment_round_trip(tmp_path, synth_data, capsys):
     rc = main(
         [
             "train",
+            "--local",
             "--config",
             "tiny",
             "--out",

@@ -1,0 +1,171 @@
+"""Ray Data training pipeline: shard folders -> per-expression model inputs, streamed to the trainer.
+
+    read_parquet (one row per image, docs/shard_format.md)
+      -> map_batches(preprocess_images)   CPU tasks: decode once per image, CLIP + SAM preprocess,
+                                          one output row per expression, each image's expressions
+                                          kept together (the contrast the tiny preset learns from)
+      -> trainer: get_dataset_shard("train").iter_torch_batches(collate_fn=RowsToBatch(...))
+
+Nothing is materialised: Ray Data streams blocks and Ray Train splits the stream between workers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from ..batching import Batch
+from ..config import ConfigError, MixEntry, RunConfig
+from ..data.refer import decode_rle
+from ..geometry import clip_preprocess, decode_image, normalize_box, sam_input_size, sam_preprocess
+from .shards import SHARD_SCHEMA, shard_dir
+
+#: One training row per expression (the output of `preprocess_images`).
+ROW_COLUMNS = (
+    "key",  # "<dataset>/<split_by>/<sent_id>": unique across a mix; the data position of a resume
+    "image_key",  # file name: equal images (refcoco and refcoco+ share COCO) are encoded once per batch
+    "clip_pixels",  # float32 (3, C, C)
+    "sam_pixels",  # float32 (3, S, S)
+    "original_hw",  # int64 (2,)
+    "sam_input_hw",  # int64 (2,)
+    "expression",  # str
+    "gt_box",  # float32 (4,) normalized XYXY
+    "mask_size",  # int64 (2,) = (h, w)
+    "mask_counts",  # str, COCO compressed RLE
+)
+
+
+def mix_entries(cfg: RunConfig) -> list[MixEntry]:
+    """The training mix: `distributed.datasets`, or `data`'s train split alone."""
+    if cfg.distributed.datasets:
+        return list(cfg.distributed.datasets)
+    d = cfg.data
+    return [MixEntry(d.shards_root, d.dataset, d.split_by, d.train_split, 1.0)]
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def shard_files(entry: MixEntry) -> list[str]:
+    """Sorted part files of one mix entry (paths or URIs); ConfigError naming the folder if none exist."""
+    if "://" in entry.shards_root:
+        folder = f"{entry.shards_root.rstrip('/')}/{entry.dataset}_{entry.split_by}/{entry.split}"
+    else:
+        folder = str(shard_dir(entry.shards_root, entry.dataset, entry.split_by, entry.split))
+    fs, path = _filesystem(folder)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        raise ConfigError(f"shard folder not found: {folder} (make it with `ppcr prepare`)")
+    files = sorted(
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(path))
+        if f.base_name.startswith("part-") and f.base_name.endswith(".parquet")
+    )
+    if not files:
+        raise ConfigError(f"no part-*.parquet shard files in {folder}")
+    scheme = folder.split("://", 1)[0] + "://" if "://" in folder else ""
+    return [scheme + f if scheme and "://" not in f else f for f in files]
+
+
+def preprocess_images(batch: pa.Table, clip_size: int, sam_size: int, dataset: str, split_by: str) -> dict:
+    """Image rows (SHARD_SCHEMA) -> one row per expression (ROW_COLUMNS), each image decoded once."""
+    out: dict[str, list] = {c: [] for c in ROW_COLUMNS}
+    for row in batch.to_pylist():
+        name = f"{dataset}_{split_by} image {row['image_id']} ({row['file_name']})"
+        image = decode_image(row["image"], name)
+        h, w = image.shape[:2]
+        if (h, w) != (row["height"], row["width"]):
+            raise ValueError(f"{name} decodes to {(h, w)}, shard says {(row['height'], row['width'])}")
+        clip = clip_preprocess(image, clip_size).numpy()
+        sam = sam_preprocess(image, sam_size).numpy()
+        in_hw = sam_input_size((h, w), sam_size)
+        for ref in row["refs"]:
+            box = normalize_box(np.asarray(ref["bbox"], dtype=np.float64), (h, w)).clip(0, 1)
+            for s in ref["sentences"]:
+                out["key"].append(f"{dataset}/{split_by}/{s['sent_id']}")
+                out["image_key"].append(row["file_name"])
+                out["clip_pixels"].append(clip)
+                out["sam_pixels"].append(sam)
+                out["original_hw"].append(np.array([h, w], dtype=np.int64))
+                out["sam_input_hw"].append(np.array(in_hw, dtype=np.int64))
+                out["expression"].append(s["text"])
+                out["gt_box"].append(box.astype(np.float32))
+                out["mask_size"].append(np.asarray(ref["mask"]["size"], dtype=np.int64))
+                out["mask_counts"].append(ref["mask"]["counts"])
+    strings = ("key", "image_key", "expression", "mask_counts")
+    return {k: np.array(v, dtype=object) if k in strings else np.stack(v) for k, v in out.items()}
+
+
+def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | None = None):
+    """The streamed training set of `cfg` (one row per expression, ROW_COLUMNS), mixed by weight."""
+    import ray.data
+
+    parts = []
+    for i, entry in enumerate(mix_entries(cfg)):
+        read = ray.data.read_parquet(shard_files(entry), schema=SHARD_SCHEMA, shuffle="files")
+        rows = read.map_batches(
+            preprocess_images,
+            batch_size=4,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            fn_kwargs=dict(
+                clip_size=clip_size, sam_size=sam_size, dataset=entry.dataset, split_by=entry.split_by
+            ),
+        )
+        whole, frac = int(math.floor(entry.weight)), entry.weight - math.floor(entry.weight)
+        copies = [rows] * whole
+        if frac > 1e-9:
+            copies.append(rows.random_sample(frac, seed=None if seed is None else seed + i))
+        parts += copies
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+class RowsToBatch(NumpyBatchCollateFn):
+    """Trainer-side collate: expression rows -> `Batch` (equal images share one pixel row); rows whose
+    key is in `skip` (already trained on in this epoch before a restart) are dropped. Returns None when
+    every row was skipped."""
+
+    def __init__(self, skip: Collection[str] = ()):
+        super().__init__()
+        self.skip = frozenset(skip)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[Batch, list[str]] | None:
+        keep = [i for i, k in enumerate(batch["key"]) if k not in self.skip]
+        if not keep:
+            return None
+        rows: dict[str, int] = {}
+        first, index = [], []
+        for i in keep:
+            k = batch["image_key"][i]
+            if k not in rows:
+                rows[k] = len(rows)
+                first.append(i)
+            index.append(rows[k])
+        # Arrays from Ray's object store are read-only: copy before handing them to torch.
+        t = lambda name, idx: torch.from_numpy(np.array(batch[name][idx]))  # noqa: E731
+        masks = []
+        for i in keep:
+            h, w = (int(v) for v in batch["mask_size"][i])
+            masks.append(torch.from_numpy(decode_rle({"size": [h, w], "counts": batch["mask_counts"][i]})))
+        out = Batch(
+            clip_pixels=t("clip_pixels", first),
+            sam_pixels=t("sam_pixels", first),
+            original_hw=t("original_hw", first),
+            sam_input_hw=t("sam_input_hw", first),
+            image_index=torch.tensor(index, dtype=torch.long),
+            expressions=[str(batch["expression"][i]) for i in keep],
+            gt_masks=masks,
+            gt_boxes=t("gt_box", keep).float(),
+            meta=[{"key": str(batch["key"][i])} for i in keep],
+        )
+        return out, [str(batch["key"][i]) for i in keep]
