@@ -6,6 +6,7 @@ One 30-step run (with a worker crash injected at step 15) serves most tests; a s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from ppcr.evaluate import evaluate_split
 from ppcr.ray_cluster import ResourceError, init_ray
 
 STEPS, FAIL_AT, CKPT_EVERY = 30, 15, 10
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(shards, storage, name="run", **dist):
@@ -188,3 +190,13 @@ def test_rows_to_batch_shares_images_and_skips_rows_already_trained_on():
     batch, keys = RowsToBatch(skip={"d/u/1"})(rows)
     assert keys == ["d/u/2", "d/u/3"] and batch.expressions == ["y", "z"]
     assert RowsToBatch(skip={"d/u/1", "d/u/2", "d/u/3"})(rows) is None
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_training_config_loads_with_its_deepspeed_config(path):
+    cfg = load_config(path)
+    ds = deepspeed_config(cfg)
+    d = cfg.distributed
+    assert ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["type"] == "AdamW"
+    assert ds["scheduler"]["type"] == "WarmupDecayLR" and ds["bf16"]["enabled"] is d.use_gpu
+    assert ds["train_batch_size"] == d.micro_batch_size * ds["gradient_accumulation_steps"] * d.num_workers

@@ -1,0 +1,154 @@
+"""REFER -> Parquet shards as a Ray Data job (`ppcr prepare --ray`, `ray_jobs/prepare_data.py`).
+
+The driver plans each split as fixed runs of `rows_per_file` image ids (sorted), one part file per run,
+so the output is the same whatever the parallelism. An actor pool (each actor loads the annotations
+once) builds and writes the parts; a bad image or ref is skipped and reported, never fatal. Every
+finished part leaves `_done/<split>/part-%05d.json` (what it holds and what it skipped): a re-run
+skips finished parts, so an interrupted job continues where it stopped.
+
+Same schema and layout as `prepare_shards` (docs/shard_format.md); one difference: a part whose
+images were skipped holds fewer than `rows_per_file` rows instead of borrowing from the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .refer import ReferDataError, ReferDataset
+from .shards import (
+    SHARD_FORMAT_VERSION,
+    PrepareReport,
+    _atomic_write_table,
+    _atomic_write_text,
+    _build_row,
+    shard_dir,
+)
+
+DONE_DIR = "_done"
+
+
+def _plan_key(split: str, part: int, image_ids: list[int]) -> str:
+    text = json.dumps([SHARD_FORMAT_VERSION, split, part, image_ids])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class PartWriter:
+    """Ray Data actor: builds and writes one part file per input row (split, part, image_ids)."""
+
+    def __init__(self, refer_root: str, images_dir: str, dataset: str, split_by: str, out: str):
+        self.refer = ReferDataset(refer_root, dataset, split_by)
+        self.images_dir, self.dataset, self.split_by, self.out = images_dir, dataset, split_by, out
+        self.by_image: dict[int, list] = {}
+        for ref in self.refer.refs():
+            self.by_image.setdefault(ref.image_id, []).append(ref)
+
+    def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
+        split, part, ids = task["split"], int(task["part"]), [int(i) for i in task["image_ids"]]
+        errors: list[dict] = []
+
+        def record(err: ReferDataError, image_id: int, ref_id: int | None) -> None:
+            entry: dict[str, Any] = {"split": split, "image_id": image_id}
+            if ref_id is not None:
+                entry["ref_id"] = ref_id
+            entry.update(file=err.path, reason=err.reason)
+            errors.append(entry)
+
+        rows = []
+        for image_id in ids:
+            refs = [r for r in self.by_image.get(image_id, []) if r.split == split]
+            try:
+                row = _build_row(
+                    self.refer,
+                    image_id,
+                    self.images_dir,
+                    refs,
+                    lambda ref, e, i=image_id: record(e, i, ref.ref_id),
+                )
+            except ReferDataError as e:
+                record(e, image_id, None)
+                continue
+            if row["refs"]:
+                rows.append(row)
+        folder = shard_dir(self.out, self.dataset, self.split_by, split)
+        path = folder / f"part-{part:05d}.parquet"
+        folder.mkdir(parents=True, exist_ok=True)
+        if rows:
+            _atomic_write_table(rows, path)
+        else:
+            path.unlink(missing_ok=True)
+        done = {"key": task["key"], "rows": len(rows), "file": path.name if rows else None, "errors": errors}
+        marker = folder / DONE_DIR / f"part-{part:05d}.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(json.dumps(done), marker)  # written last: the part is finished
+        return {"split": split, "part": part, "rows": len(rows), "errors": json.dumps(errors)}
+
+
+def prepare_shards_ray(
+    refer_root: str | Path,
+    images_dir: str | Path,
+    dataset: str,
+    split_by: str,
+    out: str | Path,
+    *,
+    splits: list[str] | tuple[str, ...] | None = None,
+    rows_per_file: int = 256,
+    concurrency: int = 2,
+) -> tuple[PrepareReport, dict]:
+    """Convert a REFER dataset to shards with Ray Data. Returns the report (rows per split, files,
+    skipped records, also in `<out>/<dataset>_<split_by>/errors.jsonl`) and counts of parts
+    {"written": n, "skipped": m} (parts finished by an earlier run are skipped)."""
+    import ray.data
+
+    if rows_per_file < 1:
+        raise ValueError("rows_per_file must be >= 1")
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    refer = ReferDataset(refer_root, dataset, split_by)
+    splits = list(refer.splits if splits is None else splits)
+    ids_by_split = {
+        s: sorted({r.image_id for r in refer.refs(s)}) for s in splits
+    }  # ValueError on a bad split
+    out = Path(out)
+    todo, plan = [], []
+    for split, ids in ids_by_split.items():
+        folder = shard_dir(out, dataset, split_by, split)
+        n_parts = (len(ids) + rows_per_file - 1) // rows_per_file
+        for stale in folder.glob("part-*.parquet*"):  # parts beyond this plan (an earlier, larger run)
+            if not stale.name.endswith(".parquet") or int(stale.name[5:10]) >= n_parts:
+                stale.unlink()
+        for part in range(n_parts):
+            chunk = ids[part * rows_per_file : (part + 1) * rows_per_file]
+            key = _plan_key(split, part, chunk)
+            plan.append((split, part))
+            marker = folder / DONE_DIR / f"part-{part:05d}.json"
+            done = json.loads(marker.read_text()) if marker.is_file() else None
+            if done and done["key"] == key and (done["file"] is None or (folder / done["file"]).is_file()):
+                continue
+            todo.append({"split": split, "part": part, "image_ids": chunk, "key": key})
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
+            PartWriter,
+            fn_constructor_kwargs=dict(
+                refer_root=str(refer_root),
+                images_dir=str(images_dir),
+                dataset=dataset,
+                split_by=split_by,
+                out=str(out),
+            ),
+            concurrency=min(concurrency, len(todo)),
+        )
+        ds.materialize()  # a handful of tiny result rows; the part files are the output
+    report = PrepareReport()
+    for split, part in plan:
+        folder = shard_dir(out, dataset, split_by, split)
+        done = json.loads((folder / DONE_DIR / f"part-{part:05d}.json").read_text())
+        report.written[split] = report.written.get(split, 0) + done["rows"]
+        if done["file"]:
+            report.files.append(str(folder / done["file"]))
+        report.errors += done["errors"]
+    root = out / f"{dataset}_{split_by}"
+    _atomic_write_text("".join(json.dumps(e) + "\n" for e in report.errors), root / "errors.jsonl")
+    return report, {"written": len(todo), "skipped": len(plan) - len(todo)}

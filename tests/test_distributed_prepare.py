@@ -1,0 +1,97 @@
+"""`ppcr prepare --ray`: Ray Data conversion equals the single-process one, skips and reports bad
+records, bounds rows per file, and a re-run only does the parts that are not finished."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from ppcr.data.distributed_prepare import prepare_shards_ray
+from ppcr.data.refer import ReferDataset
+from ppcr.data.shards import prepare_shards, read_image_rows, shard_dir, validate_shard_schema
+from ppcr.data.synth import SynthConfig, synthesize
+from ppcr.ray_cluster import init_ray
+
+ROWS = 3
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    """16 synthetic images, one missing and one truncated."""
+    root = tmp_path_factory.mktemp("prep")
+    synth = synthesize(root / "synth", SynthConfig(num_images=16, seed=4))
+    images = root / "images"
+    shutil.copytree(synth["images_dir"], images)
+    refer = ReferDataset(synth["refer_root"], "synthref", "unc")
+    missing, corrupt = refer.image_ids("train")[1:3]
+    (images / refer.image_filename(missing)).unlink()
+    path = images / refer.image_filename(corrupt)
+    path.write_bytes(path.read_bytes()[:300])
+    init_ray(num_cpus=4, object_store_mb=300)
+    yield synth["refer_root"], images, (missing, corrupt)
+    ray.shutdown()
+
+
+def test_same_rows_as_the_local_conversion_and_bad_records_reported(bad_data, tmp_path):
+    refer_root, images, (missing, corrupt) = bad_data
+    report, parts = prepare_shards_ray(
+        refer_root, images, "synthref", "unc", tmp_path / "ray", rows_per_file=ROWS
+    )
+    local = prepare_shards(
+        refer_root,
+        images,
+        "synthref",
+        "unc",
+        tmp_path / "local",
+        rows_per_file=ROWS,
+        skip_bad=True,
+        progress=False,
+    )
+    assert report.written == local.written and parts["skipped"] == 0
+    assert sorted(report.errors, key=json.dumps) == sorted(local.errors, key=json.dumps)
+    assert {e["image_id"] for e in report.errors} == {missing, corrupt}
+    errors_file = tmp_path / "ray" / "synthref_unc" / "errors.jsonl"
+    assert [json.loads(x) for x in errors_file.read_text().splitlines()] == report.errors
+    for split in local.written:
+        ray_dir = shard_dir(tmp_path / "ray", "synthref", "unc", split)
+        assert list(read_image_rows(ray_dir)) == list(
+            read_image_rows(shard_dir(tmp_path / "local", "synthref", "unc", split))
+        )
+        for f in ray_dir.glob("part-*.parquet"):
+            validate_shard_schema(f)
+            assert 1 <= pq.ParquetFile(f).metadata.num_rows <= ROWS
+
+
+def test_rerun_does_only_unfinished_parts(bad_data, tmp_path):
+    refer_root, images, _ = bad_data
+    out = tmp_path / "out"
+    first, parts = prepare_shards_ray(refer_root, images, "synthref", "unc", out, rows_per_file=ROWS)
+    files = sorted(Path(f) for f in first.files)
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    again, parts = prepare_shards_ray(refer_root, images, "synthref", "unc", out, rows_per_file=ROWS)
+    assert parts["written"] == 0 and again.written == first.written and again.errors == first.errors
+    assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+    files[1].unlink()  # as if the job had died before this part
+    _, parts = prepare_shards_ray(refer_root, images, "synthref", "unc", out, rows_per_file=ROWS)
+    assert parts["written"] == 1 and files[1].is_file()
+    # A different plan (rows per file) rewrites the parts it changes and leaves no stale parts behind
+    # (small splits whose one part holds the same images are still done).
+    bigger, parts = prepare_shards_ray(refer_root, images, "synthref", "unc", out, rows_per_file=100)
+    assert parts["written"] >= 1 and bigger.written == first.written
+    assert sorted(p.name for p in shard_dir(out, "synthref", "unc", "train").glob("part-*")) == [
+        "part-00000.parquet"
+    ]
+
+
+def test_bad_arguments_fail_before_any_work(bad_data, tmp_path):
+    refer_root, images, _ = bad_data
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        prepare_shards_ray(refer_root, images, "synthref", "unc", tmp_path, splits=["dev"])
+    with pytest.raises(ValueError, match="rows_per_file"):
+        prepare_shards_ray(refer_root, images, "synthref", "unc", tmp_path, rows_per_file=0)
+    assert not any(tmp_path.iterdir())
