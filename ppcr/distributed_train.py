@@ -154,9 +154,12 @@ class DistributedResult:
     run_dir: str
 
 
-def run_training(cfg: RunConfig, out: str | Path | None = None, resume: bool = False) -> DistributedResult:
+def run_training(
+    cfg: RunConfig, out: str | Path | None = None, resume: bool = False, dataset=None
+) -> DistributedResult:
     """Train `cfg` with Ray Train + DeepSpeed; export the final inference checkpoint to `out`
-    (default `<run dir>/export`, local runs) and return the last metrics."""
+    (default `<run dir>/export`, local runs) and return the last metrics. `dataset`: a Ray Dataset of
+    training rows (ppcr.data.streaming.ROW_COLUMNS) instead of streaming `cfg`'s shards."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -167,7 +170,8 @@ def run_training(cfg: RunConfig, out: str | Path | None = None, resume: bool = F
     d = cfg.distributed
     clip_size = cfg.model.vision.image_size
     sam_size = cfg.model.sam.image_size
-    dataset = training_dataset(cfg, clip_size, sam_size)
+    if dataset is None:
+        dataset = training_dataset(cfg, clip_size, sam_size)
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = 1

@@ -200,3 +200,22 @@ def test_every_shipped_training_config_loads_with_its_deepspeed_config(path):
     assert ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["type"] == "AdamW"
     assert ds["scheduler"]["type"] == "WarmupDecayLR" and ds["bf16"]["enabled"] is d.use_gpu
     assert ds["train_batch_size"] == d.micro_batch_size * ds["gradient_accumulation_steps"] * d.num_workers
+
+
+def test_training_stream_mixes_data_sets_by_weight(synth_data, ray_local, tmp_path):
+    from ppcr.data.shards import iter_expressions, shard_dir
+    from ppcr.data.streaming import ROW_COLUMNS, training_dataset
+
+    shards = synth_data[2]
+    n = sum(1 for _ in iter_expressions(shard_dir(shards, "synthref", "unc", "train")))
+    entry = {"shards_root": str(shards), "dataset": "synthref", "split_by": "unc"}
+    cfg = _cfg(
+        shards, tmp_path, datasets=[{**entry, "weight": 2.0}, {**entry, "split": "val", "weight": 1.0}]
+    )
+    ds = training_dataset(cfg, cfg.model.vision.image_size, cfg.model.sam.image_size)
+    n_val = sum(1 for _ in iter_expressions(shard_dir(shards, "synthref", "unc", "val")))
+    rows = ds.select_columns(["key", "expression"]).take_all()
+    assert len(rows) == 2 * n + n_val
+    assert set(ds.columns()) == set(ROW_COLUMNS)
+    keys = [r["key"] for r in rows]
+    assert len(set(keys)) == n + n_val and all(k.startswith("synthref/unc/") for k in keys)

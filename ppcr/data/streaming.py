@@ -106,21 +106,39 @@ def preprocess_images(batch: pa.Table, clip_size: int, sam_size: int, dataset: s
     return {k: np.array(v, dtype=object) if k in strings else np.stack(v) for k, v in out.items()}
 
 
+class ImagePreprocessor:
+    """Ray Data actor running `preprocess_images`: a warm process (torch imported once) instead of a
+    task per block, which on a small machine costs more than the preprocessing itself."""
+
+    def __init__(self, clip_size: int, sam_size: int, dataset: str, split_by: str):
+        torch.set_num_threads(1)
+        self.args = dict(clip_size=clip_size, sam_size=sam_size, dataset=dataset, split_by=split_by)
+
+    def __call__(self, batch: pa.Table) -> dict:
+        return preprocess_images(batch, **self.args)
+
+
 def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | None = None):
-    """The streamed training set of `cfg` (one row per expression, ROW_COLUMNS), mixed by weight."""
+    """The streamed training set of `cfg` (one row per expression, ROW_COLUMNS), mixed by weight.
+    Preprocessing runs in a pool of up to `distributed.data_cpus` actors per mixed data set."""
     import ray.data
 
+    pool = max(1, int(cfg.distributed.data_cpus))
     parts = []
     for i, entry in enumerate(mix_entries(cfg)):
-        read = ray.data.read_parquet(shard_files(entry), schema=SHARD_SCHEMA, shuffle="files")
+        files = shard_files(entry)
+        read = ray.data.read_parquet(
+            files, schema=SHARD_SCHEMA, shuffle="files", override_num_blocks=len(files)
+        )
         rows = read.map_batches(
-            preprocess_images,
+            ImagePreprocessor,
+            fn_constructor_kwargs=dict(
+                clip_size=clip_size, sam_size=sam_size, dataset=entry.dataset, split_by=entry.split_by
+            ),
+            concurrency=(1, pool),
             batch_size=4,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            fn_kwargs=dict(
-                clip_size=clip_size, sam_size=sam_size, dataset=entry.dataset, split_by=entry.split_by
-            ),
         )
         whole, frac = int(math.floor(entry.weight)), entry.weight - math.floor(entry.weight)
         copies = [rows] * whole
