@@ -9,8 +9,9 @@
 
 Resume: Ray Train restores the latest checkpoint after a worker failure (FailureConfig) or when a run
 of the same name is started again (`--resume`). DeepSpeed restores weights, optimizer shards, step
-and LR schedule; the data position is the set of expression keys each rank trained on in the current
-epoch, skipped when the epoch is replayed (only the rows after the last checkpoint are seen twice).
+and LR schedule. The data position is how often each expression key was trained on, by any rank, in
+the current epoch; when the epoch is replayed those occurrences are skipped, so only the rows after
+the last checkpoint are seen twice.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,27 +291,30 @@ def _epochs_agree(batches, device: torch.device):
             yield item, wait
 
 
-def _restore(engine, rank: int) -> tuple[int, set[str]]:
-    """Load the latest Ray Train checkpoint into `engine`; returns (epoch, keys already trained on in
-    that epoch by any rank)."""
+def _restore(engine, rank: int) -> tuple[int, Counter]:
+    """Load the latest Ray Train checkpoint into `engine`; returns (epoch, how often each key was
+    already trained on in that epoch by any rank)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0, set()
+        return 0, Counter()
     with ckpt.as_directory() as d:
         path, _ = engine.load_checkpoint(d, tag=DEEPSPEED_TAG)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {d}/{DEEPSPEED_TAG}")
         states = [json.loads(p.read_text()) for p in sorted(Path(d).glob("data_state_rank*.json"))]
     epoch = max((s["epoch"] for s in states), default=0)
-    seen = {k for s in states if s["epoch"] == epoch for k in s["seen"]}
+    seen: Counter = Counter()
+    for s in states:
+        if s["epoch"] == epoch:
+            seen.update(s["seen"])
     if rank == 0:
-        print(f"[ppcr train] resumed at step {engine.global_steps}, epoch {epoch}, {len(seen)} rows done")
+        print(f"[ppcr train] resumed at step {engine.global_steps}, epoch {epoch}, {seen.total()} rows done")
     return epoch, seen
 
 
-def _save(engine, cfg: RunConfig, rank: int, epoch: int, seen: set[str], metrics: dict) -> None:
+def _save(engine, cfg: RunConfig, rank: int, epoch: int, seen: Counter, metrics: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -320,7 +324,7 @@ def _save(engine, cfg: RunConfig, rank: int, epoch: int, seen: set[str], metrics
     with tempfile.TemporaryDirectory(prefix="ppcr-ckpt-") as d:
         engine.save_checkpoint(d, tag=DEEPSPEED_TAG)  # collective: every rank writes its optimizer shard
         (Path(d) / f"data_state_rank{rank}.json").write_text(
-            json.dumps({"epoch": epoch, "seen": sorted(seen)})
+            json.dumps({"epoch": epoch, "seen": dict(sorted(seen.items()))})
         )
         if rank == 0:
             save_checkpoint(
@@ -334,13 +338,22 @@ def _save(engine, cfg: RunConfig, rank: int, epoch: int, seen: set[str], metrics
 
 
 def _maybe_fail(cfg: RunConfig, rank: int, step: int, run: str) -> None:
-    """Testing hook: rank 1 (or 0 alone) dies once at `distributed.fail_at_step`."""
+    """Testing hook: rank 1 (or 0 alone) dies once at `distributed.fail_at_step`, after Ray Train has
+    registered the last checkpoint (its controller picks reports up asynchronously; a crash right
+    after a report would, correctly but not reproducibly, restart from the checkpoint before)."""
     d = cfg.distributed
     if d.fail_at_step is None or step != d.fail_at_step or rank != min(1, d.num_workers - 1):
         return
     marker = Path(run) / f".failed_once_at_{step}"
     if "://" in run or marker.exists():
         return
+    last = (step - 1) // d.checkpoint_every * d.checkpoint_every
+    snapshot = Path(run) / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 120
+    while last and time.monotonic() < deadline:
+        if snapshot.is_file() and f"step_{last:07d}" in snapshot.read_text():
+            break
+        time.sleep(0.2)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("injected failure (distributed.fail_at_step)\n")
     print(f"[ppcr train] rank {rank}: injected failure at step {step}", flush=True)
@@ -447,7 +460,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "set is smaller than distributed.micro_batch_size x num_workers"
                 )
             epoch += 1
-            seen = set()
+            seen = Counter()
 
 
 def _append_log(run: str, metrics: dict) -> None:

@@ -6,6 +6,7 @@ One 30-step run (with a worker crash injected at step 15) serves most tests; a s
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -187,9 +188,12 @@ def test_rows_to_batch_shares_images_and_skips_rows_already_trained_on():
     batch, keys = RowsToBatch()(rows)
     assert keys == ["d/u/1", "d/u/2", "d/u/3"] and batch.image_index.tolist() == [0, 0, 1]
     assert batch.clip_pixels[:, 0, 0, 0].tolist() == [0.0, 2.0] and batch.gt_masks[0].all()
-    batch, keys = RowsToBatch(skip={"d/u/1"})(rows)
+    collate = RowsToBatch(skip=Counter({"d/u/1": 2}))  # trained on twice this epoch (weight 2)
+    batch, keys = collate(rows)
     assert keys == ["d/u/2", "d/u/3"] and batch.expressions == ["y", "z"]
-    assert RowsToBatch(skip={"d/u/1", "d/u/2", "d/u/3"})(rows) is None
+    assert collate(rows)[1] == ["d/u/2", "d/u/3"]  # the second occurrence is skipped too...
+    assert collate(rows)[1] == ["d/u/1", "d/u/2", "d/u/3"]  # ...the third is new
+    assert RowsToBatch(skip=Counter(["d/u/1", "d/u/2", "d/u/3"]))(rows) is None
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)

@@ -12,7 +12,8 @@ Nothing is materialised: Ray Data streams blocks and Ray Train splits the stream
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -106,24 +107,15 @@ def preprocess_images(batch: pa.Table, clip_size: int, sam_size: int, dataset: s
     return {k: np.array(v, dtype=object) if k in strings else np.stack(v) for k, v in out.items()}
 
 
-class ImagePreprocessor:
-    """Ray Data actor running `preprocess_images`: a warm process (torch imported once) instead of a
-    task per block, which on a small machine costs more than the preprocessing itself."""
-
-    def __init__(self, clip_size: int, sam_size: int, dataset: str, split_by: str):
-        torch.set_num_threads(1)
-        self.args = dict(clip_size=clip_size, sam_size=sam_size, dataset=dataset, split_by=split_by)
-
-    def __call__(self, batch: pa.Table) -> dict:
-        return preprocess_images(batch, **self.args)
-
-
 def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | None = None):
-    """The streamed training set of `cfg` (one row per expression, ROW_COLUMNS), mixed by weight.
-    Preprocessing runs in a pool of up to `distributed.data_cpus` actors per mixed data set."""
+    """One data epoch of `cfg`'s training mix, streamed (one row per expression, ROW_COLUMNS).
+
+    Preprocessing runs as Ray Data tasks (up to `distributed.data_cpus` at once) on one read block per
+    file; tasks reuse warm worker processes when Ray Train starts the next epoch, where an actor pool
+    would be created again (tests/benchmarks measured both: docs/distributed_training.md).
+    """
     import ray.data
 
-    pool = max(1, int(cfg.distributed.data_cpus))
     parts = []
     for i, entry in enumerate(mix_entries(cfg)):
         files = shard_files(entry)
@@ -131,11 +123,11 @@ def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | 
             files, schema=SHARD_SCHEMA, shuffle="files", override_num_blocks=len(files)
         )
         rows = read.map_batches(
-            ImagePreprocessor,
-            fn_constructor_kwargs=dict(
+            preprocess_images,
+            fn_kwargs=dict(
                 clip_size=clip_size, sam_size=sam_size, dataset=entry.dataset, split_by=entry.split_by
             ),
-            concurrency=(1, pool),
+            concurrency=max(1, int(cfg.distributed.data_cpus)),
             batch_size=4,
             batch_format="pyarrow",
             zero_copy_batch=True,
@@ -149,16 +141,26 @@ def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | 
 
 
 class RowsToBatch(NumpyBatchCollateFn):
-    """Trainer-side collate: expression rows -> `Batch` (equal images share one pixel row); rows whose
-    key is in `skip` (already trained on in this epoch before a restart) are dropped. Returns None when
-    every row was skipped."""
+    """Trainer-side collate: expression rows -> (`Batch`, keys); equal images share one pixel row.
 
-    def __init__(self, skip: Collection[str] = ()):
+    `skip` counts, per key, occurrences already trained on in this epoch before a restart: that many
+    occurrences are dropped again (a key occurs `weight` times per epoch in a weighted mix). Returns None when
+    every row was skipped. Ray calls this from prefetch threads, hence the lock.
+    """
+
+    def __init__(self, skip: Counter | None = None):
         super().__init__()
-        self.skip = frozenset(skip)
+        self.skip = Counter(skip or {})
+        self._lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[Batch, list[str]] | None:
-        keep = [i for i, k in enumerate(batch["key"]) if k not in self.skip]
+        keep = []
+        with self._lock:
+            for i, k in enumerate(batch["key"]):
+                if self.skip[k] > 0:
+                    self.skip[k] -= 1
+                else:
+                    keep.append(i)
         if not keep:
             return None
         rows: dict[str, int] = {}
