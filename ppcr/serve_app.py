@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -75,6 +76,8 @@ class ServeSettings:
     """What the application builder takes (`args:` of a Serve config); every deployment gets a copy."""
 
     checkpoint: str | None = None  # inference checkpoint folder; None: $PPCR_CHECKPOINT, else random tiny
+    mllm_path: str | None = None  # base LLaVA folder, if moved since training (else the checkpoint's)
+    sam_checkpoint: str | None = None  # base SAM .pth, if moved since training (else the checkpoint's)
     preset: str = "tiny"  # used only without a checkpoint (random init, seed 0 in every replica)
     device: str = "cpu"  # "cuda" on GPU replicas
     torch_threads: int = 1  # intra-op threads per replica (replicas share the cores)
@@ -104,11 +107,17 @@ def resolve_settings(args: dict | None) -> ServeSettings:
 def load_serving_model(s: ServeSettings):
     """The PPCRModel a replica serves: the checkpoint, or the random-init preset (seeded, so every
     replica of every deployment holds the same weights) with a loud warning."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, load_model_config
 
     torch.set_num_threads(max(1, s.torch_threads))
     if s.checkpoint is not None:
-        return load_checkpoint(s.checkpoint, device=s.device)
+        overrides: dict[str, Any] = {}
+        if s.mllm_path is not None:
+            overrides["mllm_path"] = s.mllm_path
+        if s.sam_checkpoint is not None:
+            sam = load_model_config(s.checkpoint).sam
+            overrides["sam"] = dataclasses.replace(sam, checkpoint=s.sam_checkpoint)
+        return load_checkpoint(s.checkpoint, overrides=overrides, device=s.device)
     from .config import load_config
     from .model import PPCRModel
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import shutil
 import signal
@@ -369,6 +370,24 @@ def test_web_page_in_headless_chromium(url, tmp_path):
     ).json()
     # The page decoded the RLE itself: its pixel count must be pycocotools' count.
     assert f'data-mask-pixels="{int(decode_rle(api["mask"]).sum())}"' in dom
+
+
+def test_cli_segment_with_server(url, tmp_path, capsys):
+    from ppcr.cli import main
+
+    path = tmp_path / "in.png"
+    path.write_bytes(_png(_image(7)))
+    assert (
+        main(["segment", str(path), "the red block", "--server", url, "--out", str(tmp_path / "o.png")]) == 0
+    )
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    api = _post(url, path.read_bytes()).json()
+    assert printed["box"] == pytest.approx(api["box"], abs=0.01)
+    assert printed["mask_pixels"] == int(decode_rle(api["mask"]).sum())
+    assert Image.open(tmp_path / "o.png").size[0] > 0
+    assert main(["segment", str(path), "   ", "--server", url]) == 2
+    err = capsys.readouterr().err
+    assert "server answered 422" in err and "expression is empty" in err
 
 
 def test_killed_sam_replica_is_replaced(url):
