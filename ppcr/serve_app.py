@@ -646,12 +646,14 @@ class Ingress:
         return await self.pipeline.segment(raw, expressions, overlap)
 
 
-def build_app(args: dict | None = None, options: dict[str, dict] | None = None) -> serve.Application:
-    """Serve application builder (`import_path: ppcr.serve_app:build_app`, `args:` = ServeSettings).
+def build_app(args: dict) -> serve.Application:
+    """Serve application builder (`import_path: ppcr.serve_app:build_app`, `args:` = ServeSettings)."""
+    return make_app(args)
 
-    options: deployment options by name ("Ingress", "MLLM", "SAM") for Python callers (tests, the
-    demo); a Serve config sets them in its `deployments:` list instead.
-    """
+
+def make_app(args: dict | None = None, options: dict[str, dict] | None = None) -> serve.Application:
+    """The application for Python callers (tests, the demo, the benchmark). options: deployment options
+    by name ("Ingress", "MLLM", "SAM"), which a Serve config sets in its `deployments:` list instead."""
     s = resolve_settings(args)
     if s.checkpoint is None:
         logger.warning(RANDOM_INIT_WARNING)
@@ -694,7 +696,7 @@ def start(
     init_ray(address=ray_address, num_cpus=num_cpus)
     require_resources({"CPU": 2.0}, "the ppcr serving app (one MLLM and one SAM replica)")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args, options), name=name, route_prefix="/", blocking=blocking)
+    serve.run(make_app(args, options), name=name, route_prefix="/", blocking=blocking)
     return f"http://{host}:{port}"
 
 
@@ -742,6 +744,7 @@ __all__ = [
     "SAMStage",
     "Ingress",
     "build_app",
+    "make_app",
     "start",
     "demo_serving",
 ]

@@ -34,7 +34,7 @@ from ppcr.data.refer import decode_rle  # noqa: E402
 from ppcr.model import PPCRModel  # noqa: E402
 from ppcr.predictor import Segmenter  # noqa: E402
 from ppcr.ray_cluster import init_ray  # noqa: E402
-from ppcr.serve_app import HTTPError, Pipeline, build_app, free_port, resolve_settings, wait_healthy  # noqa: E402
+from ppcr.serve_app import HTTPError, Pipeline, free_port, make_app, resolve_settings, wait_healthy  # noqa: E402
 
 APP = "ppcr-test"
 LIMITS = {
@@ -79,7 +79,7 @@ def url(checkpoint):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
-        build_app({"checkpoint": str(checkpoint), "request_timeout_s": 20, **LIMITS}, OPTIONS),
+        make_app({"checkpoint": str(checkpoint), "request_timeout_s": 20, **LIMITS}, OPTIONS),
         name=APP,
         route_prefix="/",
     )
