@@ -96,7 +96,7 @@ def _post(url: str, image: bytes, expression="the red block", timeout: float = 6
     )
 
 
-def test_answer_matches_in_process_api(url, checkpoint):
+def test_answer_matches_in_process_api(url, checkpoint, one_thread):
     img = _image(1)
     r = _post(url, _png(img), "the red block")
     assert r.status_code == 200, r.text
@@ -106,7 +106,7 @@ def test_answer_matches_in_process_api(url, checkpoint):
     x1, y1, x2, y2 = js["box"]
     assert 0 <= x1 <= x2 <= img.shape[1] + 1e-3 and 0 <= y1 <= y2 <= img.shape[0] + 1e-3
     assert set(js["timings_ms"]) == {"decode_image", "mllm", "sam_encode", "sam_decode", "total"}
-    torch.set_num_threads(1)  # the replicas' setting: same kernels, same rounding
+    # one_thread: the replicas' setting (ServeSettings.torch_threads), so the same kernels round alike.
     ref = Segmenter.from_checkpoint(checkpoint).segment(img, "the red block")
     assert (mask != ref.mask).mean() < 1e-3, "served mask differs from Segmenter's"
     np.testing.assert_allclose(js["box"], ref.box, atol=0.02)
