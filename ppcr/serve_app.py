@@ -86,6 +86,7 @@ class ServeSettings:
     cache_images: int = 64  # SAM embeddings kept per SAM replica (LRU by image content hash)
     max_body_bytes: int = 16 * 2**20
     max_pixels: int = 4096 * 4096  # checked from the image header, before decoding (decompression bombs)
+    max_aspect_ratio: float = 20.0  # long side / short side; beyond it SAM's resize has a 0-pixel side
     max_expression_chars: int = 256
     max_expressions: int = 16  # per request
     request_timeout_s: float = 30.0  # ingress deadline for the model calls -> 504
@@ -405,6 +406,13 @@ async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
+@fastapi_app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not bad input (input is validated before any model runs): logged, and still JSON.
+    logger.exception("internal error on %s", request.url.path)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -510,7 +518,13 @@ class Pipeline:
             "preset": None if self.s.checkpoint else self.s.preset,
             "limits": {
                 k: getattr(self.s, k)
-                for k in ("max_body_bytes", "max_pixels", "max_expression_chars", "max_expressions")
+                for k in (
+                    "max_body_bytes",
+                    "max_pixels",
+                    "max_aspect_ratio",
+                    "max_expression_chars",
+                    "max_expressions",
+                )
             },
         }
         if self.s.checkpoint is None:
@@ -539,9 +553,11 @@ class Pipeline:
             raise HTTPError(413, str(exc)) from None
         except ImageDecodeError as exc:
             raise HTTPError(422, str(exc)) from None
+        h, w = image.shape[:2]
+        if max(h, w) > self.s.max_aspect_ratio * min(h, w):
+            raise HTTPError(422, f"image is {w}x{h}: aspect ratio over {self.s.max_aspect_ratio:g}")
         key = await asyncio.to_thread(image_key, image)
         t_decoded = time.perf_counter()
-        h, w = image.shape[:2]
         pending: list[DeploymentResponse] = []
         deadline = t0 + self.s.request_timeout_s
 

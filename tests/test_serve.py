@@ -200,6 +200,12 @@ BAD = [
         413,
         "pixels",
     ),
+    (
+        "extreme-aspect",
+        {"json": {"image": _b64(_png(np.zeros((1, 300, 3), np.uint8))), "expression": "x"}},
+        422,
+        "300x1: aspect ratio over 20",
+    ),  # fmt: skip
     ("body-too-big", {"data": b"x" * 2_100_000, "headers": JSON}, 413, "exceeds the limit of 2000000 bytes"),
     (
         "empty-expression",
