@@ -68,3 +68,10 @@ def test_bad_args_are_clear_errors():
         resolve_settings({"max_pixels": 0})
     with pytest.raises(ValueError, match="unknown deployment"):
         make_app({}, {"Sam": {}})
+
+
+def test_ppcr_serve_command_defaults_to_localhost():
+    from ppcr.cli import build_parser, cmd_serve
+
+    a = build_parser().parse_args(["serve", "--checkpoint", "ckpt", "--port", "8123"])
+    assert a.fn is cmd_serve and (a.host, a.port, a.checkpoint) == ("127.0.0.1", 8123, "ckpt")
