@@ -1,4 +1,4 @@
-"""`ppcr` command line: synth, prepare, train, export, evaluate, segment, demo."""
+"""`ppcr` command line: synth, prepare, train, export, evaluate, segment, serve, demo."""
 
 from __future__ import annotations
 
@@ -148,15 +148,33 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_segment(a: argparse.Namespace) -> int:
     from .geometry import decode_image
-    from .predictor import Segmenter
     from .visualize import save_overlay
 
     path = Path(a.image)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    image = decode_image(path.read_bytes(), str(path))
-    seg = Segmenter.from_checkpoint(a.checkpoint) if a.checkpoint else Segmenter.from_preset("tiny")
-    mask, box, score = seg.segment(image, a.expression)
+    data = path.read_bytes()
+    image = decode_image(data, str(path))
+    if a.server:
+        from .data.refer import decode_rle
+        from .serve_client import segment_remote
+
+        if a.checkpoint:
+            raise ValueError("--checkpoint is for in-process use; the server at --server has its own")
+        import requests
+
+        from .serve_client import ServerError
+
+        try:
+            answer = segment_remote(a.server, data, a.expression)
+        except (ServerError, requests.RequestException) as exc:
+            raise ValueError(f"--server {a.server}: {exc}") from exc
+        mask, box, score = decode_rle(answer["mask"]), answer["box"], answer["score"]
+    else:
+        from .predictor import Segmenter
+
+        seg = Segmenter.from_checkpoint(a.checkpoint) if a.checkpoint else Segmenter.from_preset("tiny")
+        mask, box, score = seg.segment(image, a.expression)
     print(
         json.dumps(
             {
@@ -169,6 +187,15 @@ def cmd_segment(a: argparse.Namespace) -> int:
     if a.out:
         save_overlay(a.out, image=image, mask=mask, box=box, expression=a.expression, score=score)
         print(f"overlay: {a.out}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve_app import start
+
+    args = {"checkpoint": a.checkpoint} if a.checkpoint else {}
+    print(f"ppcr serve: http://{a.host}:{a.port}/ (Ctrl-C stops; for a Serve config: serve run FILE)")
+    start(args, host=a.host, port=a.port, blocking=True, ray_address=a.address)
     return 0
 
 
@@ -258,12 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="eval_out")
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("segment", help="segment one image in-process")
+    s = sub.add_parser("segment", help="segment one image, in-process or on a server (--server)")
     s.add_argument("image")
     s.add_argument("expression")
     s.add_argument("--checkpoint", default=None, help="inference checkpoint (default: untrained tiny preset)")
+    s.add_argument("--server", default=None, help="URL of a running `ppcr serve`, e.g. http://127.0.0.1:8000")
     s.add_argument("--out", default=None, help="write an overlay PNG")
     s.set_defaults(fn=cmd_segment)
+
+    s = sub.add_parser("serve", help="serve the HTTP API and web page with Ray Serve (see serve_configs/)")
+    s.add_argument(
+        "--checkpoint",
+        default=None,
+        help="inference checkpoint (default: $PPCR_CHECKPOINT, else random tiny)",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)"
+    )
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="synthesise data, train the tiny preset, evaluate, draw overlays")
     s.add_argument("--out", default="demo_out")

@@ -27,18 +27,36 @@ SAM_STD = (58.395, 57.12, 57.375)
 MAX_PIXELS = 64_000_000
 
 
+# Modes with no faithful 8-bit RGB reading: PIL's convert("RGB") clips 32-bit float to black.
+UNSUPPORTED_MODES = {"F": "32-bit float"}
+
+
 class ImageDecodeError(ValueError):
-    """The bytes are not a decodable image (or it is empty / too large)."""
+    """The bytes are not a decodable image (or it is empty / too large / of an unsupported mode)."""
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Encoded bytes -> H×W×3 uint8 RGB (EXIF orientation applied; gray/RGBA/CMYK/16-bit converted)."""
+class ImageTooLargeError(ImageDecodeError):
+    """The image header announces more pixels than allowed (checked before any pixel is decoded)."""
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Encoded bytes -> H×W×3 uint8 RGB (EXIF orientation applied; gray/RGBA/CMYK/16-bit converted).
+
+    max_pixels: refuse images whose header announces more pixels (default `MAX_PIXELS`), before
+    decoding them, so a small compressed file cannot expand into gigabytes (a decompression bomb).
+    """
     if not data:
         raise ImageDecodeError(f"{name}: empty image bytes")
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageDecodeError(f"{name}: {im.width}x{im.height} exceeds {MAX_PIXELS} pixels")
+            if im.width * im.height > limit:
+                raise ImageTooLargeError(f"{name}: {im.width}x{im.height} exceeds {limit} pixels")
+            if im.mode in UNSUPPORTED_MODES:
+                raise ImageDecodeError(
+                    f"{name}: unsupported image mode {im.mode!r} ({UNSUPPORTED_MODES[im.mode]}); "
+                    "send 8- or 16-bit RGB, RGBA, grayscale, palette or CMYK"
+                )
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
@@ -46,6 +64,8 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"))
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own guard, above 2 × Image.MAX_IMAGE_PIXELS
+        raise ImageTooLargeError(f"{name}: {exc}") from exc
     except Exception as exc:  # PIL raises many types for corrupt files
         raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:

@@ -53,13 +53,16 @@ SEMANTIC_ANSWER = f"It is {SEG_TOKEN}."
 SPATIAL_ANSWER = f"{BOX_TOKEN}."
 
 
-def clean_expression(expression: str) -> str:
-    """Strip and validate a referring expression; raise ValueError on an empty one."""
+def clean_expression(expression: str, max_chars: int | None = None) -> str:
+    """Strip and validate a referring expression; raise ValueError on an empty one (or one longer than
+    `max_chars` after whitespace is collapsed, when given: servers bound what a client may send)."""
     if not isinstance(expression, str):
         raise TypeError(f"expression must be a string; got {type(expression).__name__}")
     text = " ".join(expression.split())
     if not text:
         raise ValueError("expression is empty")
+    if max_chars is not None and len(text) > max_chars:
+        raise ValueError(f"expression is {len(text)} characters long; at most {max_chars} are accepted")
     for tok in SPECIAL_TOKENS:
         if tok in text:
             raise ValueError(f"expression must not contain the reserved token {tok!r}")

@@ -39,3 +39,6 @@ def test_quick_demo_leaves_checkpoint_report_and_overlays(tmp_path, capsys):
     mask, box, score = seg.segment(image, "the red circle")
     assert mask.shape == (image.height, image.width)
     assert json.loads((out / "checkpoint" / "meta.json").read_text())["steps"] == meta["steps"]
+    # It ends by serving the checkpoint and segmenting a few val images over HTTP.
+    served = json.loads((out / "served.json").read_text())
+    assert len(served) == 3 and all(len(r["box"]) == 4 and r["mask_size"][0] > 0 for r in served)

@@ -193,6 +193,34 @@ def test_decode_too_many_pixels(monkeypatch):
         decode_image(data, name="big.png")
 
 
+def test_decode_pixel_limit_argument_checks_header_before_decoding():
+    data = _encode(Image.fromarray(_rand_image(20, 20)), "PNG")
+    with pytest.raises(geometry.ImageTooLargeError, match="20x20 exceeds 399 pixels"):
+        decode_image(data, max_pixels=399)
+    assert decode_image(data, max_pixels=400).shape == (20, 20, 3)
+    # A decompression bomb: a 15000x15000 PNG of zeros is ~200 kB; refused from its header (PIL's own
+    # guard fires first at this size, and reads the same to the caller).
+    bomb = _encode(Image.new("1", (15000, 15000)), "PNG")
+    assert len(bomb) < 2_000_000
+    with pytest.raises(geometry.ImageTooLargeError, match="bomb.png.*225000000 pixels"):
+        decode_image(bomb, name="bomb.png")
+
+
+def test_decode_refuses_float_mode_instead_of_clipping_to_black():
+    arr = np.random.default_rng(3).random((10, 12)).astype(np.float32)
+    with pytest.raises(ImageDecodeError, match="f.tif.*unsupported image mode 'F'"):
+        decode_image(_encode(Image.fromarray(arr), "TIFF"), name="f.tif")
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "1", "P", "LA", "I"])
+def test_decode_converts_other_modes_to_rgb(mode):
+    img = Image.fromarray(_rand_image(14, 18))
+    src = img.convert("L").convert("I") if mode == "I" else img.convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "TIFF" if mode == "I" else "PNG"
+    out = decode_image(_encode(src, fmt))
+    assert out.shape == (14, 18, 3) and out.dtype == np.uint8
+
+
 def test_decode_grayscale():
     gray = np.random.default_rng(1).integers(0, 256, size=(25, 35), dtype=np.uint8)
     out = decode_image(_encode(Image.fromarray(gray, mode="L"), "PNG"))

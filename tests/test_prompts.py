@@ -75,6 +75,12 @@ def test_clean_expression_rejects_reserved_tokens(token):
         clean_expression(f"the dog {token} on the left")
 
 
+def test_clean_expression_max_chars_counts_collapsed_text():
+    assert clean_expression("a  " * 5 + "b", max_chars=11) == "a a a a a b"
+    with pytest.raises(ValueError, match="12 characters long; at most 11"):
+        clean_expression("the red dog!", max_chars=11)
+
+
 def test_clean_expression_rejects_non_string():
     with pytest.raises(TypeError):
         clean_expression(None)  # type: ignore[arg-type]

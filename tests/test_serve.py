@@ -1,0 +1,432 @@
+"""The Ray Serve app over real HTTP: answers match the in-process API, bad input is a 4xx naming the
+problem, overload is a 503 with Retry-After, concurrent requests are batched, the web page works in
+headless Chromium, and a killed SAM replica is replaced. One app serves the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from ppcr.checkpoint import save_checkpoint  # noqa: E402
+from ppcr.config import load_config  # noqa: E402
+from ppcr.data.refer import decode_rle  # noqa: E402
+from ppcr.model import PPCRModel  # noqa: E402
+from ppcr.predictor import Segmenter  # noqa: E402
+from ppcr.ray_cluster import init_ray  # noqa: E402
+from ppcr.serve_app import HTTPError, Pipeline, free_port, make_app, resolve_settings, wait_healthy  # noqa: E402
+
+APP = "ppcr-test"
+LIMITS = {
+    "max_pixels": 1_000_000,
+    "max_body_bytes": 2_000_000,
+    "max_expression_chars": 64,
+    "max_expressions": 4,
+}
+ONE = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+# Small ingress limits so overload is cheap to provoke: 4 in flight + 4 queued, the rest get 503.
+OPTIONS = {"Ingress": {**ONE, "max_ongoing_requests": 4, "max_queued_requests": 4}, "MLLM": ONE, "SAM": ONE}
+
+
+def _png(arr: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
+    im = arr if isinstance(arr, Image.Image) else Image.fromarray(arr)
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _image(seed: int, h: int = 90, w: int = 120) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 110, np.uint8)
+    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    img[y : y + h // 3, x : x + w // 3] = rng.integers(0, 256, 3)
+    return img
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_checkpoint(PPCRModel(load_config("tiny").model), tmp_path_factory.mktemp("serve") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint):
+    init_ray(num_cpus=4, object_store_mb=300)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        make_app({"checkpoint": str(checkpoint), "request_timeout_s": 20, **LIMITS}, OPTIONS),
+        name=APP,
+        route_prefix="/",
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base)
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _post(url: str, image: bytes, expression="the red block", timeout: float = 60) -> requests.Response:
+    return requests.post(
+        f"{url}/v1/segment", json={"image": _b64(image), "expression": expression}, timeout=timeout
+    )
+
+
+def test_answer_matches_in_process_api(url, checkpoint, one_thread):
+    img = _image(1)
+    r = _post(url, _png(img), "the red block")
+    assert r.status_code == 200, r.text
+    js = r.json()
+    mask = decode_rle(js["mask"])
+    assert mask.shape == img.shape[:2] == tuple(js["mask"]["size"])
+    x1, y1, x2, y2 = js["box"]
+    assert 0 <= x1 <= x2 <= img.shape[1] + 1e-3 and 0 <= y1 <= y2 <= img.shape[0] + 1e-3
+    assert set(js["timings_ms"]) == {"decode_image", "mllm", "sam_encode", "sam_decode", "total"}
+    # one_thread: the replicas' setting (ServeSettings.torch_threads), so the same kernels round alike.
+    ref = Segmenter.from_checkpoint(checkpoint).segment(img, "the red block")
+    assert (mask != ref.mask).mean() < 1e-3, "served mask differs from Segmenter's"
+    np.testing.assert_allclose(js["box"], ref.box, atol=0.02)
+    assert js["score"] == pytest.approx(ref.score, abs=1e-3)
+
+
+def test_multipart_and_expression_list_give_the_single_answers(url):
+    png = _png(_image(2))
+    singles = [_post(url, png, e).json() for e in ("the red block", "the background")]
+    r = requests.post(
+        f"{url}/v1/segment",
+        files={"image": ("a.png", png, "image/png")},
+        data={"expression": ["the red block", "the background"]},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    listed = requests.post(
+        f"{url}/v1/segment",
+        json={"image": _b64(png), "expressions": ["the red block", "the background"]},
+        timeout=60,
+    ).json()
+    for many in (r.json(), listed):
+        assert len(many["results"]) == 2 and "box" not in many
+        for got, single in zip(many["results"], singles):
+            assert (decode_rle(got["mask"]) != decode_rle(single["mask"])).mean() < 1e-3
+            np.testing.assert_allclose(got["box"], single["box"], atol=0.05)
+    one = requests.post(
+        f"{url}/v1/segment", files={"image": ("a.png", png)}, data={"expression": "the red block"}, timeout=60
+    ).json()
+    assert one["box"] == pytest.approx(singles[0]["box"], abs=0.05)
+
+
+def test_sam_cache_hit_on_same_image(url):
+    png = _png(_image(3))
+    first, second = _post(url, png).json(), _post(url, png, "another object").json()
+    assert first["sam_cache_hit"] is False and first["timings_ms"]["sam_encode"] > 0
+    assert second["sam_cache_hit"] is True and second["timings_ms"]["sam_encode"] == 0
+
+
+def _zero_width_png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def _gray16() -> bytes:
+    return _png(Image.fromarray((np.arange(90 * 120).reshape(90, 120) * 6).astype(np.uint16)))
+
+
+GOOD = _png(_image(4))
+JSON = {"content-type": "application/json"}
+# (id, request kwargs for requests.post, expected status, text the error must contain)
+BAD = [
+    ("not-json", {"data": b"{nope", "headers": JSON}, 400, "not valid JSON"),
+    ("json-array", {"json": [1, 2]}, 400, "must be an object"),
+    ("no-image", {"json": {"expression": "x"}}, 400, "'image'"),
+    ("bad-base64", {"json": {"image": "@@not base64@@", "expression": "x"}}, 400, "not valid base64"),
+    ("empty-image", {"json": {"image": "", "expression": "x"}}, 400, "'image'"),
+    (
+        "undecodable",
+        {"json": {"image": _b64(b"hello, not an image" * 9), "expression": "x"}},
+        422,
+        "cannot decode",
+    ),
+    ("truncated", {"json": {"image": _b64(GOOD[: len(GOOD) // 2]), "expression": "x"}}, 422, "image"),
+    ("zero-size", {"json": {"image": _b64(_zero_width_png()), "expression": "x"}}, 422, "image"),
+    (
+        "float-mode",
+        {
+            "json": {
+                "image": _b64(_png(Image.fromarray(np.ones((9, 9), np.float32)), "TIFF")),
+                "expression": "x",
+            }
+        },
+        422,
+        "unsupported image mode 'F'",
+    ),  # fmt: skip
+    (
+        "over-pixels",
+        {"json": {"image": _b64(_png(Image.new("1", (1001, 1000)))), "expression": "x"}},
+        413,
+        "1001x1000 exceeds 1000000 pixels",
+    ),  # fmt: skip
+    (
+        "bomb",
+        {"json": {"image": _b64(_png(Image.new("1", (15000, 15000)))), "expression": "x"}},
+        413,
+        "pixels",
+    ),
+    (
+        "extreme-aspect",
+        {"json": {"image": _b64(_png(np.zeros((1, 300, 3), np.uint8))), "expression": "x"}},
+        422,
+        "300x1: aspect ratio over 20",
+    ),  # fmt: skip
+    ("body-too-big", {"data": b"x" * 2_100_000, "headers": JSON}, 413, "exceeds the limit of 2000000 bytes"),
+    (
+        "empty-expression",
+        {"json": {"image": _b64(GOOD), "expression": "  \n "}},
+        422,
+        "expression 0: expression is empty",
+    ),  # fmt: skip
+    (
+        "long-expression",
+        {"json": {"image": _b64(GOOD), "expression": "a" * 65}},
+        422,
+        "65 characters long; at most 64",
+    ),  # fmt: skip
+    ("reserved-token", {"json": {"image": _b64(GOOD), "expression": "the [SEG] dog"}}, 422, "reserved token"),
+    ("expression-not-str", {"json": {"image": _b64(GOOD), "expression": 7}}, 400, "must be a string"),
+    (
+        "both-fields",
+        {"json": {"image": _b64(GOOD), "expression": "x", "expressions": ["y"]}},
+        400,
+        "exactly one",
+    ),
+    (
+        "too-many",
+        {"json": {"image": _b64(GOOD), "expressions": ["x"] * 5}},
+        422,
+        "5 expressions; send 1 to 4",
+    ),
+    ("no-expressions", {"json": {"image": _b64(GOOD), "expressions": []}}, 422, "0 expressions"),
+    ("unknown-field", {"json": {"image": _b64(GOOD), "expression": "x", "mode": 1}}, 400, "unknown field"),
+    ("text-plain", {"data": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
+    ("multipart-no-image", {"files": {"expression": (None, "x")}}, 400, "no 'image'"),
+    ("multipart-no-expression", {"files": {"image": ("a.png", GOOD)}}, 400, "no 'expression'"),
+    (
+        "multipart-bad-boundary",
+        {"data": b"--zz\r\nfoo", "headers": {"content-type": "multipart/form-data; boundary=qq"}},
+        400,
+        "multipart",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("kwargs,status,text", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_naming_the_problem(url, kwargs, status, text):
+    r = requests.post(f"{url}/v1/segment", timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert text in r.json()["error"]
+    assert _post(url, GOOD).status_code == 200  # the app still answers
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _png(Image.fromarray(_image(5)).convert("L")),
+        lambda: _png(Image.fromarray(_image(5)).convert("RGBA")),
+        lambda: _png(Image.fromarray(_image(5)).convert("CMYK"), "JPEG"),
+        _gray16,
+    ],
+    ids=["gray", "rgba", "cmyk", "16bit"],
+)
+def test_other_image_modes_are_converted(url, make):
+    r = _post(url, make())
+    assert r.status_code == 200, r.text
+    assert r.json()["mask"]["size"] == [90, 120]
+
+
+def test_wrong_method_and_path_are_4xx(url):
+    assert requests.get(f"{url}/v1/segment", timeout=10).status_code == 405
+    assert requests.get(f"{url}/nope", timeout=10).status_code == 404
+
+
+def test_healthz_and_openapi(url, checkpoint):
+    health = requests.get(f"{url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["checkpoint"] == str(checkpoint.resolve())
+    assert "warning" not in health
+    spec = requests.get(f"{url}/openapi.json", timeout=10).json()
+    op = spec["paths"]["/v1/segment"]["post"]
+    assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert {"200", "413", "422", "503", "504"} <= set(op["responses"])
+    assert "swagger" in requests.get(f"{url}/docs", timeout=10).text.lower()
+
+
+def test_random_init_is_announced_by_healthz(monkeypatch):
+    monkeypatch.delenv("PPCR_CHECKPOINT", raising=False)
+    health = Pipeline(None, None, asdict(resolve_settings({}))).health()
+    assert health["checkpoint"] is None and "randomly initialised" in health["warning"]
+    monkeypatch.setenv("PPCR_CHECKPOINT", "/models/ppcr")
+    assert resolve_settings({}).checkpoint == "/models/ppcr"
+
+
+class _Never:
+    """A DeploymentResponse stand-in that never completes, or raises `exc`."""
+
+    def __init__(self, exc: BaseException | None = None):
+        self.exc, self.cancelled = exc, False
+
+    def __await__(self):
+        if self.exc is not None:
+            raise self.exc
+        yield from asyncio.sleep(3600).__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Handle:
+    def __init__(self, exc=None):
+        self.exc, self.calls = exc, []
+
+    def __getattr__(self, name):
+        handle = self
+
+        class _Method:
+            def remote(self, *args):
+                handle.calls.append(_Never(handle.exc))
+                return handle.calls[-1]
+
+        return _Method()
+
+
+@pytest.mark.parametrize(
+    "exc,status",
+    [
+        (None, 504),
+        (ray.serve.exceptions.BackPressureError(num_queued_requests=9, max_queued_requests=8), 503),
+        (ray.exceptions.ActorDiedError(), 503),
+    ],
+    ids=["timeout", "backpressure", "replica-died"],
+)
+def test_slow_or_failing_stages_are_504_or_503_and_cancelled(exc, status):
+    settings = asdict(resolve_settings({"checkpoint": "/x", "request_timeout_s": 0.3}))
+    mllm, sam = _Handle(exc), _Handle(exc)
+    with pytest.raises(HTTPError) as err:
+        asyncio.run(Pipeline(mllm, sam, settings).segment(GOOD, ["the dog"]))
+    assert err.value.status == status
+    if status == 503:
+        assert err.value.headers == {"Retry-After": "1"}
+    assert all(c.cancelled for c in mllm.calls + sam.calls)  # nothing left running on the replicas
+
+
+def test_concurrent_requests_are_batched_and_overload_is_503(url):
+    images = [_png(_image(100 + i)) for i in range(40)]
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(lambda b: _post(url, b, timeout=120), images))
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) > 0, "40 concurrent requests against 4 + 4 ingress slots must be refused in part"
+    assert all(a.headers.get("retry-after") == "1" for a in answers if a.status_code == 503)
+    ok = [a.json() for a in answers if a.status_code == 200]
+    assert len(ok) >= 4
+    seen = [max(a["batch_sizes"].values()) for a in ok]
+    assert max(seen) > 1, f"no request was batched: {seen}"
+
+
+def test_web_page_in_headless_chromium(url, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium package (apt-get install -y chromium)")
+    page = f"{url}/?example=1&expression=the+red+circle"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", page]  # fmt: skip
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert 'data-state="done"' in dom, dom[-2000:]
+    api = requests.post(
+        f"{url}/v1/segment",
+        files={"image": ("e.png", requests.get(f"{url}/example.png", timeout=10).content)},
+        data={"expression": "the red circle"},
+        timeout=60,
+    ).json()
+    # The page decoded the RLE itself: its pixel count must be pycocotools' count.
+    assert f'data-mask-pixels="{int(decode_rle(api["mask"]).sum())}"' in dom
+
+
+def test_cli_segment_with_server(url, tmp_path, capsys):
+    from ppcr.cli import main
+
+    path = tmp_path / "in.png"
+    path.write_bytes(_png(_image(7)))
+    assert (
+        main(["segment", str(path), "the red block", "--server", url, "--out", str(tmp_path / "o.png")]) == 0
+    )
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    api = _post(url, path.read_bytes()).json()
+    assert printed["box"] == pytest.approx(api["box"], abs=0.01)
+    assert printed["mask_pixels"] == int(decode_rle(api["mask"]).sum())
+    assert Image.open(tmp_path / "o.png").size[0] > 0
+    assert main(["segment", str(path), "   ", "--server", url]) == 2
+    err = capsys.readouterr().err
+    assert "server answered 422" in err and "expression is empty" in err
+
+
+def test_killed_sam_replica_is_replaced(url):
+    """Last in the module: kills the SAM replica's process under load."""
+    handle = serve.get_deployment_handle("SAM", APP)
+    pid = handle.pid.remote().result(timeout_s=30)
+    stop = threading.Event()
+    log = []  # (start, end, status)
+
+    def client(i: int) -> None:
+        png = _png(_image(1000 + i))
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                status = _post(url, png, timeout=40).status_code
+            except requests.Timeout:
+                status = "hang"
+            log.append((t0, time.monotonic(), status))
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(client, i) for i in range(3)]
+        time.sleep(2)
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        while time.monotonic() - t_kill < 35 and not any(s == 200 and t0 > t_kill for t0, _, s in log):
+            time.sleep(0.2)
+        time.sleep(1)
+        stop.set()
+        for f in futures:
+            f.result(timeout=60)
+    statuses = {s for _, _, s in log}
+    assert statuses <= {200, 503, 504}, statuses  # never a 500, never a hang
+    assert all(end - start < 35 for start, end, _ in log)
+    recovered = [end for start, end, s in log if s == 200 and start > t_kill]
+    assert recovered and min(recovered) - t_kill < 30, log
+    assert handle.pid.remote().result(timeout_s=30) != pid
