@@ -211,7 +211,7 @@ def test_resume_redoes_only_lost_rows(first_run, manifest, checkpoint, tmp_path,
     with pytest.warns(UserWarning, match="unreadable"):
         rc = main(
             ["batch", "--input", str(manifest[0]), "--output", str(out), "--checkpoint", str(checkpoint)]
-            + ["--no-progress", "--set", "sam.batch_size=2"]
+            + ["--no-progress", "--overlays", "--set", "sam.batch_size=2"]
         )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -219,6 +219,11 @@ def test_resume_redoes_only_lost_rows(first_run, manifest, checkpoint, tmp_path,
     assert summary["encoder_calls"] == len({manifest[1][i][0] for i in lost})
     ids = [r["id"] for r in _read(out / "results")]
     assert sorted(ids) == sorted(manifest[1])  # everything once, nothing twice
+    overlays = sorted(p.stem for p in (out / "overlays").glob("*.png"))
+    assert overlays == sorted(lost)  # drawn for the rows this run did
+    w, h = Image.open(manifest[1][lost[0]][0]).size
+    ow, oh = Image.open(out / "overlays" / f"{lost[0]}.png").size
+    assert ow == w and oh > h  # the image plus the expression banner
 
 
 def test_distributed_evaluate_equals_single_process(local_ray, synth_data, checkpoint, tmp_path, capsys):
