@@ -21,10 +21,14 @@ from PIL import Image
 
 from ppcr.batch_pipeline import (
     BatchConfig,
+    MLLMStage,
+    SAMStage,
     StageConfig,
-    evaluate_shards,
+    _shard_rows_to_images,
+    decode_stage,
     group_by_image,
     load_batch_config,
+    metrics_stage,
     read_manifest,
     run_batch,
 )
@@ -34,6 +38,7 @@ from ppcr.config import ConfigError, load_config
 from ppcr.data.refer import decode_rle
 from ppcr.data.shards import shard_dir
 from ppcr.evaluate import evaluate_split
+from ppcr.metrics import RISMetrics
 from ppcr.model import PPCRModel
 from ppcr.predictor import Segmenter
 from ppcr.ray_cluster import init_ray
@@ -244,13 +249,24 @@ def test_distributed_evaluate_equals_single_process(local_ray, synth_data, check
         for got in (report[f"synthref/unc/{split}"], per_split):
             assert got["count"] == want["count"] > 0
             assert set(want) <= set(got)
-            for k in want:
-                assert got[k] == pytest.approx(want[k], abs=1e-9), (split, k)
+            for k in want:  # other batch compositions move logits by ~1e-7: a pixel may flip
+                assert got[k] == pytest.approx(want[k], abs=1e-6), (split, k)
 
 
-def test_distributed_evaluate_with_oracle_box(local_ray, val_dir, checkpoint):
-    got = evaluate_shards(checkpoint, [val_dir], oracle_box=True, progress=False)["val"]
-    want = evaluate_split(load_checkpoint(checkpoint), val_dir, oracle_box=True, progress=False)
-    assert got["BoxAcc@0.5"] == 1.0
-    for k in want:
-        assert got[k] == pytest.approx(want[k], abs=1e-9), k
+def test_oracle_box_through_the_stage_functions(val_dir, checkpoint):
+    """The oracle variant's code path (SAM gets the ground-truth box), run in-process: the same stage
+    functions and classes the actor pools run, without Ray's start-up cost."""
+    model = load_checkpoint(checkpoint)
+    shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))])
+    images = _shard_rows_to_images(shard, split="val", with_gt=True, done=None)
+    decoded = decode_stage(images, model.clip_size, model.sam_size)
+    reasoned = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=7)(decoded)
+    rows = SAMStage(str(checkpoint), None, "cpu", 1, None, oracle_box=True, evaluation=True)(reasoned)
+    for box, gt in zip(rows["box"].to_pylist(), rows["gt_box"].to_pylist()):
+        np.testing.assert_allclose(box, gt, atol=1e-3)  # SAM was given the ground-truth box
+    states = metrics_stage(rows).to_pylist()
+    got = RISMetrics.from_state_dict(json.loads(states[0]["state"])).compute()
+    want = evaluate_split(model, val_dir, oracle_box=True, progress=False)
+    assert got["BoxAcc@0.5"] == 1.0 and got["count"] == want["count"]
+    for k in want:  # other batch compositions (7 expressions per MLLM call) move logits by ~1e-7
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
