@@ -129,6 +129,22 @@ def test_group_by_image_keeps_first_appearance_order(manifest):
     assert g["image"].to_pylist() == first
 
 
+def test_shard_rows_become_image_rows_without_done_sentences(val_dir):
+    shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))])
+    sent_ids = [str(s["sent_id"]) for r in shard["refs"].to_pylist() for ref in r for s in ref["sentences"]]
+    images = _shard_rows_to_images(shard, split="val", with_gt=False, done=None)
+    assert len(images) == len(shard) and sum(len(x) for x in images["ids"].to_pylist()) == len(sent_ids)
+    assert images["gt_boxes"].null_count == len(images)  # batch input carries no ground truth
+    # Everything of the first image done: it disappears; one more sentence done: it is skipped.
+    first = images["ids"][0].as_py()
+    done = pa.array(first + [sent_ids[-1]])
+    rest = _shard_rows_to_images(shard, split="val", with_gt=True, done=done)
+    assert len(rest) == len(shard) - 1
+    kept = [i for ids in rest["ids"].to_pylist() for i in ids]
+    assert sorted(kept) == sorted(set(sent_ids) - set(done.to_pylist()))
+    assert all(len(b) == len(i) for b, i in zip(rest["gt_boxes"].to_pylist(), rest["ids"].to_pylist()))
+
+
 def test_batch_config_validation_and_overrides(tmp_path):
     (tmp_path / "b.yaml").write_text("mllm: {concurrency: 2, batch_size: 4}\noverlays: true\n")
     cfg = load_batch_config(tmp_path / "b.yaml", {"mllm": {"num_gpus": 1}})
