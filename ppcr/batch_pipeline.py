@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import time
 import warnings
@@ -42,8 +41,6 @@ import ray
 
 from .config import ConfigError, from_dict, read_yaml
 from .ray_cluster import init_ray, require_resources
-
-log = logging.getLogger(__name__)
 
 RESULTS_DIR = "results"
 ERRORS_DIR = "errors"
