@@ -41,6 +41,7 @@ import ray
 
 from .config import ConfigError, from_dict, read_yaml
 from .ray_cluster import init_ray, require_resources
+from .storage import filesystem_for, is_uri
 
 RESULTS_DIR = "results"
 ERRORS_DIR = "errors"
@@ -161,18 +162,12 @@ EVAL_RESULT_SCHEMA = pa.schema(list(RESULT_SCHEMA) + _EVAL_FIELDS)
 # ----------------------------------------------------------------------------- input
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def read_bytes(location: str) -> bytes:
     """File bytes of a local path or of any URI pyarrow's filesystems read (s3://, gs://, file://, ...)."""
     if not location:
         raise ValueError("image path is empty")
-    if _is_uri(location):
-        from pyarrow import fs as pafs
-
-        filesystem, path = pafs.FileSystem.from_uri(location)
+    if is_uri(location):
+        filesystem, path = filesystem_for(location)
         with filesystem.open_input_stream(path) as f:
             return f.read()
     return Path(location).read_bytes()
@@ -188,13 +183,9 @@ def read_manifest(path: str | Path) -> pa.Table:
     path = str(path)
     suffix = path.rsplit(".", 1)[-1].lower()
     from pyarrow import csv as pacsv
-    from pyarrow import fs as pafs
     from pyarrow import json as pajson
 
-    if _is_uri(path):
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-    else:
-        filesystem, inner = pafs.LocalFileSystem(), str(Path(path).resolve())
+    filesystem, inner = filesystem_for(path)
     if suffix == "parquet":
         table = pq.read_table(inner, filesystem=filesystem)
     elif suffix in ("jsonl", "json", "csv"):
@@ -213,11 +204,11 @@ def read_manifest(path: str | Path) -> pa.Table:
         raise ValueError(f"{path}: manifest lacks column(s) {missing} (has {table.column_names})")
     image = pc.fill_null(table["image"].cast(pa.string()), "")
     expression = pc.fill_null(table["expression"].cast(pa.string()), "")
-    if not _is_uri(path):
+    if not is_uri(path):
         base = Path(inner).parent
         image = pa.array(
             [
-                p if (not p or _is_uri(p) or Path(p).is_absolute()) else str(base / p)
+                p if (not p or is_uri(p) or Path(p).is_absolute()) else str(base / p)
                 for p in image.to_pylist()
             ],
             pa.string(),
@@ -339,7 +330,7 @@ def _error_text(exc: BaseException) -> str:
 
 def decode_stage(table: pa.Table, clip_size: int, sam_size: int) -> pa.Table:
     """CPU task: read + decode each image once, preprocess for CLIP and SAM, validate expressions."""
-    from .geometry import clip_preprocess, decode_image, sam_input_size, sam_preprocess
+    from .geometry import decode_image, preprocess_image
     from .prompts import clean_expression
 
     out = []
@@ -358,15 +349,13 @@ def decode_stage(table: pa.Table, clip_size: int, sam_size: int) -> pa.Table:
         if any(err is None for err in errors):
             try:
                 data = r["image_bytes"] if r["image_bytes"] is not None else read_bytes(r["image"])
-                img = decode_image(data, r["image"])
-                if r["height"] is not None and img.shape[:2] != (r["height"], r["width"]):
-                    raise ValueError(
-                        f"{r['image']} decodes to {img.shape[:2]}, shard says {(r['height'], r['width'])}"
-                    )
+                expected = None if r["height"] is None else (r["height"], r["width"])
+                img = decode_image(data, r["image"], expected_hw=expected)
                 hw = list(img.shape[:2])
-                sam_hw = list(sam_input_size((hw[0], hw[1]), sam_size))
-                clip = clip_preprocess(img, clip_size).numpy().astype(np.float32).tobytes()
-                sam = sam_preprocess(img, sam_size).numpy().astype(np.float32).tobytes()
+                clip_t, sam_t, in_hw = preprocess_image(img, clip_size, sam_size)
+                sam_hw = list(in_hw)
+                clip = clip_t.numpy().astype(np.float32).tobytes()
+                sam = sam_t.numpy().astype(np.float32).tobytes()
             except Exception as exc:  # missing file, corrupt bytes, size mismatch, ...
                 image_error = f"bad image: {_error_text(exc)}"
         if image_error is not None:
@@ -479,7 +468,7 @@ class SAMStage:
         import torch
 
         from .data.refer import encode_mask
-        from .geometry import denormalize_box, mask_to_box, normalize_box
+        from .geometry import normalize_box, output_box
 
         m = self.model
         s, d = m.sam_size, m.cfg.prompt_dim
@@ -507,13 +496,8 @@ class SAMStage:
             _, iou, logits = m.segment(emb, index_t, prompt_t, box_t, hw, sam_hw)
         out: list[list[tuple]] = [[] for _ in rows]
         for k, i in enumerate(index):
-            h, w = rows[i]["hw"]
             mask = (logits[k] > 0).cpu().numpy()
-            box = (
-                denormalize_box(box_t[k].float().cpu().numpy(), (h, w))
-                if box_t is not None
-                else mask_to_box(mask)
-            )
+            box = output_box(None if box_t is None else box_t[k], mask)
             out[i].append((encode_mask(mask), [float(v) for v in box], float(iou[k])))
         return out
 
@@ -634,37 +618,23 @@ def build_pipeline(
         max_calls=0,
         fn_kwargs={"clip_size": clip_size, "sam_size": sam_size},
     )
-    reasoned = decoded.map_batches(
-        MLLMStage,
-        batch_format="pyarrow",
-        batch_size=cfg.mllm.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.mllm.concurrency),
-        num_cpus=cfg.mllm.num_cpus,
-        num_gpus=cfg.mllm.num_gpus,
-        fn_constructor_kwargs={
-            "checkpoint": checkpoint,
-            "overrides": overrides,
-            "device": cfg.mllm.device,
-            "threads": cfg.torch_threads,
-            "max_expr": cfg.max_expressions,
-        },
+    model = {"checkpoint": checkpoint, "overrides": overrides, "threads": cfg.torch_threads}
+    reasoned = _actor_stage(decoded, MLLMStage, cfg.mllm, **model, max_expr=cfg.max_expressions)
+    return _actor_stage(
+        reasoned, SAMStage, cfg.sam, **model, counter=counter, oracle_box=oracle_box, evaluation=evaluation
     )
-    return reasoned.map_batches(
-        SAMStage,
+
+
+def _actor_stage(ds: ray.data.Dataset, stage_cls: type, stage: StageConfig, **init) -> ray.data.Dataset:
+    """`stage_cls` as an actor pool sized and placed by `stage`, constructed with `init` and its device."""
+    return ds.map_batches(
+        stage_cls,
         batch_format="pyarrow",
-        batch_size=cfg.sam.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.sam.concurrency),
-        num_cpus=cfg.sam.num_cpus,
-        num_gpus=cfg.sam.num_gpus,
-        fn_constructor_kwargs={
-            "checkpoint": checkpoint,
-            "overrides": overrides,
-            "device": cfg.sam.device,
-            "threads": cfg.torch_threads,
-            "counter": counter,
-            "oracle_box": oracle_box,
-            "evaluation": evaluation,
-        },
+        batch_size=stage.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=stage.concurrency),
+        num_cpus=stage.num_cpus,
+        num_gpus=stage.num_gpus,
+        fn_constructor_kwargs={**init, "device": stage.device},
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .geometry import clip_preprocess, normalize_box, sam_input_size, sam_preprocess
+from .geometry import normalize_box, preprocess_image
 
 
 @dataclass
@@ -67,11 +67,11 @@ def collate(items: Sequence[Item], clip_size: int, sam_size: int) -> Batch:
     for it in items:
         if it.key not in rows:
             rows[it.key] = len(rows)
-            h, w = it.image.shape[:2]
-            clip.append(clip_preprocess(it.image, clip_size))
-            sam.append(sam_preprocess(it.image, sam_size))
-            hw.append((h, w))
-            in_hw.append(sam_input_size((h, w), sam_size))
+            c, s, size_in_sam = preprocess_image(it.image, clip_size, sam_size)
+            clip.append(c)
+            sam.append(s)
+            hw.append(it.image.shape[:2])
+            in_hw.append(size_in_sam)
         index.append(rows[it.key])
     has_gt = all(it.gt_mask is not None and it.gt_box is not None for it in items)
     gt_masks = gt_boxes = None

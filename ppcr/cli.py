@@ -53,35 +53,19 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    source = (a.refer_root, a.images, a.dataset, a.split_by, a.out)
+    common = dict(splits=a.splits, rows_per_file=a.rows_per_file)
     if a.ray:
         from .data.distributed_prepare import prepare_shards_ray
         from .ray_cluster import init_ray
 
         init_ray(quiet=False)
-        report, parts = prepare_shards_ray(
-            a.refer_root,
-            a.images,
-            a.dataset,
-            a.split_by,
-            a.out,
-            splits=a.splits,
-            rows_per_file=a.rows_per_file,
-            concurrency=a.concurrency,
-        )
+        report, parts = prepare_shards_ray(*source, **common, concurrency=a.concurrency)
         extra = {"parts_written": parts["written"], "parts_already_done": parts["skipped"]}
     else:
         from .data.shards import prepare_shards
 
-        report = prepare_shards(
-            a.refer_root,
-            a.images,
-            a.dataset,
-            a.split_by,
-            a.out,
-            splits=a.splits,
-            rows_per_file=a.rows_per_file,
-            skip_bad=a.skip_bad,
-        )
+        report = prepare_shards(*source, **common, skip_bad=a.skip_bad)
         extra = {}
     summary = {"written": report.written, "files": len(report.files), "errors": len(report.errors), **extra}
     print(json.dumps(summary, indent=2))

@@ -102,13 +102,14 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     return ds
 
 
-def run_dir(cfg: RunConfig) -> str:
+def storage_root(cfg: RunConfig) -> str:
+    """`distributed.storage_path` as Ray Train takes it: a URI as given, a local folder made absolute."""
     root = cfg.distributed.storage_path
-    return (
-        f"{root.rstrip('/')}/{cfg.distributed.name}"
-        if "://" in root
-        else str(Path(root).resolve() / cfg.distributed.name)
-    )
+    return root.rstrip("/") if "://" in root else str(Path(root).resolve())
+
+
+def run_dir(cfg: RunConfig) -> str:
+    return f"{storage_root(cfg)}/{cfg.distributed.name}"
 
 
 def check_before_launch(cfg: RunConfig, resume: bool) -> dict:
@@ -128,16 +129,15 @@ def check_before_launch(cfg: RunConfig, resume: bool) -> dict:
         if not split.is_dir():
             raise ConfigError(f"distributed.evaluate_split: shard folder not found: {split}")
     if "://" not in d.storage_path:
-        exists = (Path(run_dir(cfg)) / "checkpoint_manager_snapshot.json").exists() or any(
-            Path(run_dir(cfg)).glob("step_*")
-        )
+        run = Path(run_dir(cfg))
+        exists = (run / "checkpoint_manager_snapshot.json").exists() or any(run.glob("step_*"))
         if exists and not resume:
             raise ConfigError(
-                f"run {run_dir(cfg)} already exists: pass --resume to continue it, or choose another "
+                f"run {run} already exists: pass --resume to continue it, or choose another "
                 "--name / distributed.name (nothing was changed)"
             )
         if resume and not exists:
-            raise ConfigError(f"--resume: no run to continue at {run_dir(cfg)}")
+            raise ConfigError(f"--resume: no run to continue at {run}")
     need_cpu = d.num_workers * d.cpus_per_worker + d.data_cpus
     init_ray(quiet=False)  # workers' progress lines reach the driver
     require_resources(
@@ -165,7 +165,6 @@ def run_training(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .data.streaming import training_dataset
-    from .model import PPCRModel  # noqa: F401  (import errors surface on the driver, not in workers)
 
     ds_cfg = check_before_launch(cfg, resume)
     d = cfg.distributed
@@ -188,7 +187,7 @@ def run_training(
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=d.name,
-            storage_path=d.storage_path if "://" in d.storage_path else str(Path(d.storage_path).resolve()),
+            storage_path=storage_root(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
         ),
@@ -217,10 +216,9 @@ def latest_checkpoint(run: str | Path):
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    run = str(run)
-    fs, path = (
-        pafs.FileSystem.from_uri(run) if "://" in run else (pafs.LocalFileSystem(), str(Path(run).resolve()))
-    )
+    from .storage import filesystem_for
+
+    fs, path = filesystem_for(run)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path))
     except FileNotFoundError:
@@ -258,16 +256,6 @@ def export_inference(checkpoint, out: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- worker side
-
-
-def _param_groups(model, tcfg) -> list[dict]:
-    from .train import HEAD_PREFIXES
-
-    heads, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (heads if name.startswith(HEAD_PREFIXES) else rest).append(p)
-    return [{"params": rest}, {"params": heads}]
 
 
 def _epochs_agree(batches, device: torch.device):
@@ -372,7 +360,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from .data.streaming import RowsToBatch
     from .model import PPCRModel
-    from .train import compute_loss
+    from .train import compute_loss, trainable_groups
 
     deepspeed.init_distributed(dist_backend="nccl" if d.use_gpu else "gloo")
     ctx = ray.train.get_context()
@@ -381,8 +369,10 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(d.cpus_per_worker)))
     torch.manual_seed(t.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
     model = PPCRModel(cfg.model)
+    # Two groups as in the local loop; the heads' LR multiplier is the scheduler's per-group max LR.
+    groups = [{"params": g} for g in trainable_groups(model)]
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=_param_groups(model, t), config=config["deepspeed"]
+        model=model, model_parameters=groups, config=config["deepspeed"]
     )
     device = engine.device
     epoch, seen = _restore(engine, rank)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .batching import collate
 from .data.refer import decode_rle
 from .data.shards import ExpressionSample, iter_expressions, read_image_rows
-from .geometry import denormalize_box, mask_to_box
+from .geometry import denormalize_box, mask_to_box, output_box
 from .metrics import RISMetrics
 from .model import PPCRModel
 from .train import ImageCache, to_item
@@ -52,15 +52,10 @@ def evaluate_split(
         items = [to_item(s, cache) for s in chunk]
         batch = collate(items, model.clip_size, model.sam_size).to(model.device)
         out = model(batch, oracle_box=oracle_box)
-        box = out.sam_box if out.sam_box is not None else None
+        box = out.sam_box  # what SAM was given: the predicted box, or the GT box as the oracle
         for i, item in enumerate(items):
-            h, w = item.image.shape[:2]
             pred_mask = (out.mask_logits[i] > 0).cpu().numpy()
-            pred_box = (
-                denormalize_box(box[i].float().cpu().numpy(), (h, w))
-                if box is not None
-                else mask_to_box(pred_mask)
-            )
+            pred_box = output_box(None if box is None else box[i], pred_mask)
             metrics.update(pred_mask, item.gt_mask, pred_box, item.gt_box)
         bar.update(len(items))
     bar.close()

@@ -39,11 +39,17 @@ class ImageTooLargeError(ImageDecodeError):
     """The image header announces more pixels than allowed (checked before any pixel is decoded)."""
 
 
-def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes,
+    name: str = "image",
+    max_pixels: int | None = None,
+    expected_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Encoded bytes -> H×W×3 uint8 RGB (EXIF orientation applied; gray/RGBA/CMYK/16-bit converted).
 
     max_pixels: refuse images whose header announces more pixels (default `MAX_PIXELS`), before
     decoding them, so a small compressed file cannot expand into gigabytes (a decompression bomb).
+    expected_hw: the (height, width) its record (a shard row) states; ValueError if it decodes otherwise.
     """
     if not data:
         raise ImageDecodeError(f"{name}: empty image bytes")
@@ -70,6 +76,8 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
         raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ImageDecodeError(f"{name}: zero-size image")
+    if expected_hw is not None and rgb.shape[:2] != tuple(expected_hw):
+        raise ValueError(f"{name} decodes to {rgb.shape[:2]}, shard says {tuple(expected_hw)}")
     return np.ascontiguousarray(rgb)
 
 
@@ -113,6 +121,16 @@ def clip_preprocess(image: np.ndarray, clip_size: int) -> torch.Tensor:
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
+def preprocess_image(image: np.ndarray, clip_size: int, sam_size: int):
+    """One decoded image -> (CLIP pixels (3, C, C), SAM pixels (3, S, S), (h, w) inside the SAM frame)."""
+    h, w = image.shape[:2]
+    return (
+        clip_preprocess(image, clip_size),
+        sam_preprocess(image, sam_size),
+        sam_input_size((h, w), sam_size),
+    )
+
+
 def normalize_box(box_xyxy: np.ndarray | torch.Tensor, hw: tuple[int, int]):
     """Pixel XYXY in the original frame -> normalized XYXY in [0, 1]."""
     h, w = hw
@@ -151,6 +169,14 @@ def mask_to_box(mask: np.ndarray) -> np.ndarray:
     if len(xs) == 0:
         return np.zeros(4)
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
+def output_box(box01: torch.Tensor | None, mask: np.ndarray) -> np.ndarray:
+    """Pixel XYXY of one prediction in its mask's (original) frame: the box stage's normalized box, or,
+    without a spatial stage (spatial_prompt: none), the extent of the mask."""
+    if box01 is None:
+        return mask_to_box(mask)
+    return denormalize_box(box01.float().cpu().numpy(), mask.shape[:2])
 
 
 def _square_offsets(hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 from .batching import Item, collate
 from .checkpoint import load_checkpoint
 from .config import RunConfig, load_config
-from .geometry import as_rgb_array, denormalize_box, mask_to_box
+from .geometry import as_rgb_array, output_box
 from .model import PPCRModel
 from .prompts import clean_expression
 
@@ -100,13 +100,8 @@ class Segmenter:
         batch = collate(items, self.model.clip_size, self.model.sam_size).to(self.model.device)
         out = self.model(batch, image_embeddings=image_embeddings)
         results = []
-        for i, it in enumerate(items):
-            h, w = it.image.shape[:2]
+        for i in range(len(items)):
             mask = (out.mask_logits[i] > 0).cpu().numpy()
-            box = (
-                denormalize_box(out.box[i].float().cpu().numpy(), (h, w))
-                if out.box is not None
-                else mask_to_box(mask)
-            )
+            box = output_box(None if out.box is None else out.box[i], mask)
             results.append(Segmentation(mask=mask, box=box, score=float(out.iou_pred[i])))
         return results

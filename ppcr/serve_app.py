@@ -54,8 +54,7 @@ from .geometry import (
     ImageTooLargeError,
     clip_preprocess,
     decode_image,
-    denormalize_box,
-    mask_to_box,
+    output_box,
     sam_input_size,
     sam_preprocess,
 )
@@ -144,15 +143,16 @@ def _tensor(a: np.ndarray, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Model deployments. Default options are the tiny CPU ones; serve_configs/*.yaml override them by name.
 
-
-@serve.deployment(
-    name="MLLM",
+MODEL_DEPLOYMENT_DEFAULTS = dict(
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=16,
     max_queued_requests=64,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
     health_check_period_s=2,
 )
+
+
+@serve.deployment(name="MLLM", **MODEL_DEPLOYMENT_DEFAULTS)
 class MLLMStage:
     """Stages 1 + 2: LLaVA with LoRA A (semantic prompt) and LoRA B (box), vision features once per image."""
 
@@ -207,14 +207,7 @@ class MLLMStage:
         return results
 
 
-@serve.deployment(
-    name="SAM",
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=16,
-    max_queued_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
-    health_check_period_s=2,
-)
+@serve.deployment(name="SAM", **MODEL_DEPLOYMENT_DEFAULTS)
 class SAMStage:
     """Stage 3: SAM image encoder (with an LRU cache of embeddings), prompt encoder and mask decoder."""
 
@@ -295,9 +288,8 @@ class SAMStage:
         )
         found = []
         for j in range(len(masks)):
-            hw = tuple(hws[int(index[j])])
             mask = (masks[j] > 0).cpu().numpy()
-            px = denormalize_box(box[j].float().cpu().numpy(), hw) if box is not None else mask_to_box(mask)
+            px = output_box(None if box is None else box[j], mask)
             found.append({"box": px, "mask": encode_mask(mask), "score": float(iou[j])})
         ms = (time.perf_counter() - t0) * 1000
         results, start = [], 0

@@ -33,14 +33,21 @@ def warmup_decay(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(total - warmup, 1))
 
 
-def build_optimizer(
-    model: PPCRModel, tcfg: TrainConfig
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over trainable parameters; the heads (projection, box head, SAM decoder) may get a larger LR."""
+def trainable_groups(model: PPCRModel) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Trainable parameters as (base: LoRA, token rows, ...; heads: projection, box head, SAM decoder):
+    the two optimizer groups, the heads' LR scaled by `train.head_lr_mult`."""
     heads, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (heads if name.startswith(HEAD_PREFIXES) else rest).append(p)
+    return rest, heads
+
+
+def build_optimizer(
+    model: PPCRModel, tcfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over trainable parameters; the heads (projection, box head, SAM decoder) may get a larger LR."""
+    rest, heads = trainable_groups(model)
     groups = [{"params": rest, "lr": tcfg.lr}, {"params": heads, "lr": tcfg.lr * tcfg.head_lr_mult}]
     opt = torch.optim.AdamW(groups, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, tcfg.warmup_steps, tcfg.steps))
@@ -64,12 +71,11 @@ class ImageCache:
     def get(self, sample: ExpressionSample) -> np.ndarray:
         img = self._data.get(sample.image_id)
         if img is None:
-            img = decode_image(sample.image_bytes, f"image {sample.image_id} ({sample.file_name})")
-            if img.shape[:2] != (sample.height, sample.width):
-                raise ValueError(
-                    f"image {sample.image_id} ({sample.file_name}) decodes to {img.shape[:2]}, shard says "
-                    f"{(sample.height, sample.width)}"
-                )
+            img = decode_image(
+                sample.image_bytes,
+                f"image {sample.image_id} ({sample.file_name})",
+                expected_hw=(sample.height, sample.width),
+            )
             if len(self._data) >= self.capacity:
                 self._data.pop(next(iter(self._data)))
             self._data[sample.image_id] = img

@@ -299,3 +299,28 @@ def test_order_box():
     assert bool((out[..., 0] <= out[..., 2]).all() and (out[..., 1] <= out[..., 3]).all())
     out.sum().backward()
     torch.testing.assert_close(b.grad, torch.ones_like(b))
+
+
+def test_decode_image_checks_the_size_its_record_states():
+    data = _encode(Image.fromarray(_rand_image(20, 30)), "PNG")
+    assert geometry.decode_image(data, "x.png", expected_hw=(20, 30)).shape == (20, 30, 3)
+    with pytest.raises(ValueError, match=r"x.png decodes to \(20, 30\), shard says \(30, 20\)"):
+        geometry.decode_image(data, "x.png", expected_hw=(30, 20))
+
+
+def test_output_box_is_the_predicted_box_or_else_the_mask_extent():
+    mask = np.zeros((20, 40), dtype=bool)
+    mask[5:10, 8:16] = True
+    np.testing.assert_allclose(
+        geometry.output_box(torch.tensor([0.25, 0.5, 0.5, 1.0]), mask), [10, 10, 20, 20]
+    )
+    np.testing.assert_allclose(geometry.output_box(None, mask), geometry.mask_to_box(mask))
+
+
+def test_preprocess_image_matches_the_single_steps():
+    img = _rand_image(30, 50)
+    clip, sam, in_hw = geometry.preprocess_image(img, 32, 64)
+    assert torch.equal(clip, geometry.clip_preprocess(img, 32)) and torch.equal(
+        sam, geometry.sam_preprocess(img, 64)
+    )
+    assert in_hw == geometry.sam_input_size((30, 50), 64)

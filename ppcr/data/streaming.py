@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +24,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ..batching import Batch
 from ..config import ConfigError, MixEntry, RunConfig
 from ..data.refer import decode_rle
-from ..geometry import clip_preprocess, decode_image, normalize_box, sam_input_size, sam_preprocess
+from ..geometry import decode_image, normalize_box, preprocess_image
+from ..storage import filesystem_for
 from .shards import SHARD_SCHEMA, shard_dir
 
 #: One training row per expression (the output of `preprocess_images`).
@@ -51,19 +51,13 @@ def mix_entries(cfg: RunConfig) -> list[MixEntry]:
     return [MixEntry(d.shards_root, d.dataset, d.split_by, d.train_split, 1.0)]
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
-
-
 def shard_files(entry: MixEntry) -> list[str]:
     """Sorted part files of one mix entry (paths or URIs); ConfigError naming the folder if none exist."""
     if "://" in entry.shards_root:
         folder = f"{entry.shards_root.rstrip('/')}/{entry.dataset}_{entry.split_by}/{entry.split}"
     else:
         folder = str(shard_dir(entry.shards_root, entry.dataset, entry.split_by, entry.split))
-    fs, path = _filesystem(folder)
+    fs, path = filesystem_for(folder)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:
         raise ConfigError(f"shard folder not found: {folder} (make it with `ppcr prepare`)")
@@ -83,13 +77,10 @@ def preprocess_images(batch: pa.Table, clip_size: int, sam_size: int, dataset: s
     out: dict[str, list] = {c: [] for c in ROW_COLUMNS}
     for row in batch.to_pylist():
         name = f"{dataset}_{split_by} image {row['image_id']} ({row['file_name']})"
-        image = decode_image(row["image"], name)
+        image = decode_image(row["image"], name, expected_hw=(row["height"], row["width"]))
         h, w = image.shape[:2]
-        if (h, w) != (row["height"], row["width"]):
-            raise ValueError(f"{name} decodes to {(h, w)}, shard says {(row['height'], row['width'])}")
-        clip = clip_preprocess(image, clip_size).numpy()
-        sam = sam_preprocess(image, sam_size).numpy()
-        in_hw = sam_input_size((h, w), sam_size)
+        clip, sam, in_hw = preprocess_image(image, clip_size, sam_size)
+        clip, sam = clip.numpy(), sam.numpy()
         for ref in row["refs"]:
             box = normalize_box(np.asarray(ref["bbox"], dtype=np.float64), (h, w)).clip(0, 1)
             for s in ref["sentences"]:

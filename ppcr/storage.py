@@ -1,0 +1,19 @@
+"""Local paths and URIs alike: every job takes a folder or a URI pyarrow understands (s3://, gs://, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def filesystem_for(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a URI, or of a local path made absolute."""
+    location = str(location)
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
