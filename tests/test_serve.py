@@ -402,13 +402,17 @@ def test_killed_sam_replica_is_replaced(url):
     pid = handle.pid.remote().result(timeout_s=30)
     stop = threading.Event()
     log = []  # (start, end, status)
+    bodies = {}  # status -> a response body, so a failure says what the server answered
 
     def client(i: int) -> None:
         png = _png(_image(1000 + i))
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                status = _post(url, png, timeout=40).status_code
+                response = _post(url, png, timeout=40)
+                status = response.status_code
+                if status != 200:
+                    bodies.setdefault(status, response.text[:500])
             except requests.Timeout:
                 status = "hang"
             log.append((t0, time.monotonic(), status))
@@ -425,7 +429,7 @@ def test_killed_sam_replica_is_replaced(url):
         for f in futures:
             f.result(timeout=60)
     statuses = {s for _, _, s in log}
-    assert statuses <= {200, 503, 504}, statuses  # never a 500, never a hang
+    assert statuses <= {200, 503, 504}, (statuses, bodies)  # never a 500, never a hang
     assert all(end - start < 35 for start, end, _ in log)
     recovered = [end for start, end, s in log if s == 200 and start > t_kill]
     assert recovered and min(recovered) - t_kill < 30, log
