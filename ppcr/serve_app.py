@@ -44,7 +44,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from .config import from_dict
@@ -576,9 +581,18 @@ class Pipeline:
             raise _unavailable("a model deployment's queue is full") from None
         except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
             raise _unavailable(f"a model replica is unavailable ({type(exc).__name__})") from None
+        except RayServeException as exc:
+            # The decode call takes the encode response as its argument; when the SAM replica that
+            # encoded dies, Serve wraps its ActorDiedError as an "upstream actor died" RayServeException.
+            if not isinstance(exc.__cause__, RayActorError):
+                raise
+            raise _unavailable(f"a model replica is unavailable ({type(exc.__cause__).__name__})") from None
         finally:
             for response in pending:
-                response.cancel()  # no-op once done; frees the replicas after a timeout or an error
+                # Frees the replicas after a timeout or an error. On a call that already failed, cancel()
+                # re-raises its error, which would replace the 503 above with a 500: nothing to free there.
+                with contextlib.suppress(Exception):
+                    response.cancel()
         results = [
             {"box": [round(float(v), 2) for v in f["box"]], "mask": f["mask"], "score": round(f["score"], 5)}
             for f in d["results"]
