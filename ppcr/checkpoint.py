@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, from_dict, to_dict
 from .model import PPCRModel
+from .precision import configure_device
+from .weights import check_keys
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -88,20 +90,21 @@ def load_checkpoint(
     weights = ckpt / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint weights missing: {weights}")
-    model = PPCRModel(cfg)
+    model = PPCRModel(cfg)  # dtypes per ppcr/precision.py; copy_ below keeps them
     state = load_file(str(weights))
     params = model.state_dict()  # live tensors (parameters and buffers), copied into in place
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise ValueError(f"{weights}: tensors not in this model (config mismatch?): {unknown[:5]}")
-    missing = sorted(set(_saved_names(model)) - set(state))
-    if missing:
-        raise ValueError(f"{weights}: missing tensors {missing[:5]} ({len(missing)} in all)")
+    check_keys(
+        weights,
+        "a checkpoint of this model (config mismatch?)",
+        missing=set(_saved_names(model)) - set(state),
+        unexpected=set(state) - set(params),
+        mismatched=[
+            (k, v.shape, params[k].shape)
+            for k, v in state.items()
+            if k in params and v.shape != params[k].shape
+        ],
+    )
     with torch.no_grad():
         for name, tensor in state.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(
-                    f"{weights}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(params[name].shape)}"
-                )
             params[name].copy_(tensor)
-    return model.to(device).eval()
+    return model.to(configure_device(device)).eval()

@@ -50,6 +50,9 @@ class LanguageConfig:
     num_layers: int = 32
     num_heads: int = 32
     max_position_embeddings: int = 4096
+    # Embedding rows of a randomly initialised model (None: the tokenizer's size). A model loaded from
+    # `mllm_path` keeps the folder's rows (llava-hf: 32064). Used by benchmarks/gpu_check.py.
+    vocab_size: int | None = None
 
 
 @dataclass

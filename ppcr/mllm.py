@@ -17,6 +17,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     CLIPVisionConfig,
     LlamaConfig,
@@ -27,6 +28,7 @@ from transformers import (
 )
 
 from .config import ModelConfig
+from .precision import torch_dtype
 from .prompts import (
     BOX_TOKEN,
     IMAGE_TOKEN,
@@ -38,6 +40,7 @@ from .prompts import (
     SPATIAL_TEMPLATES,
     conversation,
 )
+from .weights import SHOWN, WeightsError, check_keys
 
 ADAPTERS = ("semantic", "spatial")
 SPECIAL_TOKENS_TO_ADD = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
@@ -101,19 +104,79 @@ def _build_offline_bpe(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     return tok
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+LLAVA_HF_HINT = (
+    "model.mllm_path must be a llava-hf folder (e.g. llava-hf/llava-1.5-7b-hf: config.json with "
+    "model_type llava and vision_config/text_config, safetensors under language_model.*, vision_tower.*, "
+    "multi_modal_projector.*); original-LLaVA and GLaMM folders use other key names"
+)
+
+
+def check_llava_config(config: LlavaConfig, cfg: ModelConfig, folder: str | Path) -> None:
+    """Raise WeightsError if the base folder's sizes differ from the preset's (`model.vision` /
+    `model.language`), before any weight is read."""
+    v, t = config.vision_config, config.text_config
+    expected = {
+        "vision_config.hidden_size": (v.hidden_size, cfg.vision.hidden_size),
+        "vision_config.intermediate_size": (v.intermediate_size, cfg.vision.intermediate_size),
+        "vision_config.num_hidden_layers": (v.num_hidden_layers, cfg.vision.num_layers),
+        "vision_config.num_attention_heads": (v.num_attention_heads, cfg.vision.num_heads),
+        "vision_config.image_size": (v.image_size, cfg.vision.image_size),
+        "vision_config.patch_size": (v.patch_size, cfg.vision.patch_size),
+        "vision_feature_layer": (config.vision_feature_layer, cfg.vision.feature_layer),
+        "text_config.hidden_size": (t.hidden_size, cfg.language.hidden_size),
+        "text_config.intermediate_size": (t.intermediate_size, cfg.language.intermediate_size),
+        "text_config.num_hidden_layers": (t.num_hidden_layers, cfg.language.num_layers),
+        "text_config.num_attention_heads": (t.num_attention_heads, cfg.language.num_heads),
+    }
+    wrong = [f"{k} {got} (preset {want})" for k, (got, want) in expected.items() if got != want]
+    if wrong:
+        raise WeightsError(
+            f"{folder}/config.json: sizes differ from model preset {cfg.preset!r}: {'; '.join(wrong)}"
+        )
+
+
+def load_llava(cfg: ModelConfig) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 from the local llava-hf folder `cfg.mllm_path`, strictly: the config's sizes must be the
+    preset's and every weight must be on disk under the expected name and shape (WeightsError lists
+    the keys otherwise). Accepts the names llava-hf ships (transformers <= 4.51: language_model.model.*,
+    language_model.lm_head.*, vision_tower.vision_model.*, multi_modal_projector.linear_{1,2}.*) and
+    the 5.x names; transformers maps the former at load."""
+    folder = Path(cfg.mllm_path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in model.mllm_path={folder}")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if not isinstance(config, LlavaConfig):
+        raise WeightsError(
+            f"{folder}/config.json: model_type {config.model_type!r}, not llava. {LLAVA_HF_HINT}"
+        )
+    check_llava_config(config, cfg, folder)
+    # ignore_mismatched_sizes: transformers then reports mis-shaped keys instead of raising its own
+    # error, so all three kinds are listed together below (and raised: nothing is re-initialised).
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        folder,
+        dtype=torch_dtype(cfg.dtype),
+        local_files_only=True,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+    )
+    check_keys(
+        folder,
+        "a llava-hf LLaVA folder",
+        missing=info["missing_keys"],
+        unexpected=info["unexpected_keys"],
+        mismatched=info["mismatched_keys"],
+        hint=LLAVA_HF_HINT,
+    )
+    if info.get("error_msgs"):
+        raise WeightsError(f"{folder}: loading errors: {'; '.join(map(str, info['error_msgs'][:SHOWN]))}")
+    return model
 
 
 def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5 from `mllm_path` (official transformers format, local only) or random init from sizes."""
+    """LLaVA-1.5 from `mllm_path` (llava-hf folder, local only, strict) or random init from sizes."""
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if cfg.mllm_path is not None:
-        if not (Path(cfg.mllm_path) / "config.json").is_file():
-            raise FileNotFoundError(f"no LLaVA checkpoint (config.json) in model.mllm_path={cfg.mllm_path}")
-        model = LlavaForConditionalGeneration.from_pretrained(
-            cfg.mllm_path, torch_dtype=_torch_dtype(cfg.dtype), local_files_only=True
-        )
+        model = load_llava(cfg)
         model.config.image_token_id = image_token_id
     else:
         v, lang = cfg.vision, cfg.language
@@ -126,7 +189,8 @@ def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaFo
             patch_size=v.patch_size,
         )
         text = LlamaConfig(
-            vocab_size=len(tokenizer),
+            # Rows past the tokenizer are never indexed; llava-hf pads its 32002 tokens to 32064 the same way.
+            vocab_size=max(len(tokenizer), lang.vocab_size or 0),
             hidden_size=lang.hidden_size,
             intermediate_size=lang.intermediate_size,
             num_hidden_layers=lang.num_layers,
@@ -146,7 +210,7 @@ def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaFo
             vision_feature_select_strategy="default",
             image_seq_length=(v.image_size // v.patch_size) ** 2,
         )
-        model = LlavaForConditionalGeneration(config).to(_torch_dtype(cfg.dtype))
+        model = LlavaForConditionalGeneration(config).to(torch_dtype(cfg.dtype))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model

@@ -19,6 +19,7 @@ from .batching import Batch
 from .config import ModelConfig
 from .geometry import normalized_to_sam_frame, order_box
 from .mllm import MLLM
+from .precision import apply_dtype_policy
 from .segmentation_stage import SegmentationStage
 from .semantic_stage import SemanticStage
 from .spatial_stage import AttentionBoxHead, SpatialStage
@@ -61,6 +62,7 @@ class PPCRModel(nn.Module):
             else None
         )
         self.segmentation = SegmentationStage(cfg.sam, cfg.prompt_dim)
+        apply_dtype_policy(self, cfg.dtype)
 
     @property
     def clip_size(self) -> int:
@@ -86,15 +88,55 @@ class PPCRModel(nn.Module):
         expressions: list[str],
         original_hw: torch.Tensor,
         rng: random.Random | None = None,
+        max_sequences: int | None = None,
     ) -> Reasoning:
         """Stages 1 + 2 (the MLLM): semantic prompt and normalized box for each expression.
 
         clip_pixels: (N, 3, C, C) one row per distinct image; image_index: (B,) its row per expression;
         original_hw: (N, 2). rng: template sampling (training) or None (fixed templates, evaluation).
+        max_sequences: at most this many expressions per language-model forward (larger batches run
+        in consecutive chunks with the same results): bounds the work, and the latency, of one call.
         """
         # Vision tower + projector once per image, gathered per expression for both stages.
-        feats = self.mllm.image_features(clip_pixels)[image_index]
-        hw = original_hw.to(image_index.device)[image_index]
+        feats = self.mllm.image_features(clip_pixels)
+        hw = original_hw.to(image_index.device)
+        b = len(expressions)
+        if max_sequences is not None and max_sequences < 1:
+            raise ValueError(f"max_sequences must be >= 1; got {max_sequences}")
+        step = b if max_sequences is None else max_sequences
+        parts = [
+            self._reason_rows(feats, hw, image_index[i : i + step], expressions[i : i + step], rng)
+            for i in range(0, max(b, 1), step)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(field: str) -> torch.Tensor | None:
+            values = [getattr(p, field) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        sizes = [len(p.semantic_prompt) for p in parts]
+        ce = sum(p.ce * n for p, n in zip(parts, sizes)) / b
+        return Reasoning(
+            cat("semantic_prompt"),
+            cat("box"),
+            ce,
+            cat("heatmap"),
+            cat("semantic_box"),
+            cat("semantic_heatmap"),
+        )
+
+    def _reason_rows(
+        self,
+        image_features: torch.Tensor,
+        original_hw: torch.Tensor,
+        image_index: torch.Tensor,
+        expressions: list[str],
+        rng: random.Random | None,
+    ) -> Reasoning:
+        """`reason` for one chunk: image_features (N, T, hidden) and original_hw (N, 2) per image."""
+        feats = image_features[image_index]
+        hw = original_hw[image_index]
         sem = self.semantic(self.mllm, feats, expressions, rng)
         ce = sem.ce
         box = heat = None
@@ -150,6 +192,7 @@ class PPCRModel(nn.Module):
         gt_box_jitter: float = 0.0,
         oracle_box: bool = False,
         image_embeddings: torch.Tensor | None = None,
+        max_sequences: int | None = None,
     ) -> PPCROutput:
         """Run the three stages on a batch (teacher-forced answers: one pass per stage).
 
@@ -158,14 +201,18 @@ class PPCRModel(nn.Module):
         curriculum), with corners jittered by `gt_box_jitter` × box size. oracle_box: always give SAM
         the ground-truth box, unjittered (paper Table 3 oracle).
         image_embeddings: precomputed SAM embeddings (N, C, h, w) to reuse across calls.
+        max_sequences: expressions per language-model forward (see `reason`).
         """
-        r = self.reason(batch.clip_pixels, batch.image_index, batch.expressions, batch.original_hw, rng)
+        r = self.reason(
+            batch.clip_pixels, batch.image_index, batch.expressions, batch.original_hw, rng, max_sequences
+        )
         box = r.box
         sam_box = box
         if oracle_box or (gt_box_prob > 0 and box is not None):
             if batch.gt_boxes is None:
                 raise ValueError("oracle_box / gt_box_prob need ground-truth boxes in the batch")
-            gt = batch.gt_boxes.to(r.semantic_prompt.device, r.semantic_prompt.dtype)
+            ref = box if box is not None else r.semantic_prompt
+            gt = batch.gt_boxes.to(ref.device, ref.dtype)
             if oracle_box:
                 sam_box = gt
             else:

@@ -18,6 +18,8 @@ from torch import nn
 
 from .config import SamConfig
 from .geometry import SAM_MEAN, SAM_STD
+from .precision import module_dtype
+from .weights import check_keys
 
 
 def build_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
@@ -64,11 +66,18 @@ def build_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
         if not path.is_file():
             raise FileNotFoundError(f"SAM checkpoint not found: {path} (model.sam.checkpoint)")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = sam.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: not a SAM {cfg.size} checkpoint (missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
+        own = sam.state_dict()
+        check_keys(
+            path,
+            f"a SAM {cfg.size} checkpoint",
+            missing=set(own) - set(state),
+            unexpected=set(state) - set(own),
+            mismatched=[
+                (k, v.shape, own[k].shape) for k, v in state.items() if k in own and v.shape != own[k].shape
+            ],
+            hint="model.sam.checkpoint must be an official sam_vit_{b,l,h}_*.pth of model.sam.size",
+        )
+        sam.load_state_dict(state, strict=True)
     return sam
 
 
@@ -90,7 +99,7 @@ class SegmentationStage(nn.Module):
         enc = self.sam.image_encoder
         was_training = enc.training
         enc.eval()
-        out = enc(sam_pixels.to(next(enc.parameters()).dtype))
+        out = enc(sam_pixels.to(module_dtype(enc)))
         enc.train(was_training)
         return out
 
@@ -108,20 +117,27 @@ class SegmentationStage(nn.Module):
         Returns low-res mask logits (B, 4h, 4w) and predicted IoU (B,).
         """
         pe = self.sam.prompt_encoder
+        # Box coordinates meet SAM's random-Fourier matrix, a *buffer*: DeepSpeed's bf16 cast leaves it
+        # float32 while the decoder's parameters become bf16. Cast to each receiver (ppcr/precision.py).
+        fourier = pe.pe_layer.positional_encoding_gaussian_matrix.dtype
+        dtype = module_dtype(self.sam.mask_decoder)
         n = image_index.shape[0]
         if box_sam is not None:
-            sparse, dense = pe(points=None, boxes=box_sam.to(image_embeddings.dtype), masks=None)
+            sparse, dense = pe(points=None, boxes=box_sam.to(fourier), masks=None)
         else:
-            sparse = torch.empty(
-                (n, 0, pe.embed_dim), dtype=image_embeddings.dtype, device=image_embeddings.device
-            )
+            sparse = torch.empty((n, 0, pe.embed_dim), dtype=dtype, device=image_embeddings.device)
             dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *pe.image_embedding_size)
+        sparse = sparse.to(dtype)
         if semantic_prompt is not None:
-            sparse = torch.cat([sparse, semantic_prompt.unsqueeze(1).to(sparse.dtype)], dim=1)
+            sparse = torch.cat([sparse, semantic_prompt.unsqueeze(1).to(dtype)], dim=1)
         if sparse.shape[1] == 0:
             raise ValueError("SAM needs at least one prompt (semantic embedding or box)")
         low, iou = _predict_masks_per_prompt(
-            self.sam.mask_decoder, image_embeddings[image_index], pe.get_dense_pe(), sparse, dense
+            self.sam.mask_decoder,
+            image_embeddings[image_index].to(dtype),
+            pe.get_dense_pe().to(dtype),
+            sparse,
+            dense.to(dtype),
         )
         # multimask_output=False: SAM's first mask token is the single-mask output.
         return low[:, 0], iou[:, 0]

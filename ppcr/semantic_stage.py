@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .mllm import MLLM
+from .precision import module_dtype
 from .prompts import SEG_TOKEN, SEMANTIC_ANSWER, semantic_question
 
 
@@ -39,6 +40,6 @@ class SemanticStage(nn.Module):
         """image_features: (B, T, hidden), one row per expression; rng picks templates (None: fixed, for eval)."""
         questions = [semantic_question(e, rng) for e in expressions]
         st = mllm.run_stage("semantic", questions, SEMANTIC_ANSWER, SEG_TOKEN, image_features)
-        return SemanticOutput(
-            hidden=st.token, prompt=self.projection(st.token), ce=st.ce, image_states=st.image
-        )
+        # The LLM runs in model.dtype, the projection in float32 (ppcr/precision.py): cast at the boundary.
+        prompt = self.projection(st.token.to(module_dtype(self.projection)))
+        return SemanticOutput(hidden=st.token, prompt=prompt, ce=st.ce, image_states=st.image)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .geometry import clip_square_to_normalized, grid_centers, order_box
 from .mllm import MLLM
+from .precision import module_dtype
 from .prompts import BOX_TOKEN, SPATIAL_ANSWER, spatial_question
 
 
@@ -37,7 +38,8 @@ class MLPBoxHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4))
 
     def forward(self, query: torch.Tensor, image_states: torch.Tensor, hw: torch.Tensor):
-        return order_box(torch.sigmoid(self.net(query))), None
+        """query: (B, hidden) -> normalized XYXY (B, 4) in the head's dtype, and no heatmap."""
+        return order_box(torch.sigmoid(self.net(query.to(module_dtype(self.net))))), None
 
 
 def _sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -76,7 +78,11 @@ class AttentionBoxHead(nn.Module):
         self.size = nn.Sequential(nn.Linear(2 * d, d), nn.ReLU(inplace=True), nn.Linear(d, 2))
 
     def forward(self, query: torch.Tensor, image_states: torch.Tensor, hw: torch.Tensor):
-        kv = self.kv(image_states) + self.pos.to(image_states.dtype)
+        """query: (B, hidden), image_states: (B, T, hidden), hw: (B, 2) original (H, W) ->
+        normalized XYXY (B, 4) of the original image and heatmap logits (B, T), in the head's dtype."""
+        dtype = module_dtype(self.kv)
+        query, image_states = query.to(dtype), image_states.to(dtype)
+        kv = self.kv(image_states) + self.pos.to(dtype)
         q = self.decoder(self.q(query).unsqueeze(1), kv).squeeze(1)
         logits = torch.einsum("bd,btd->bt", self.heat_q(q), kv) / math.sqrt(kv.shape[-1])
         p = logits.softmax(dim=-1)
@@ -115,7 +121,9 @@ class SpatialStage(nn.Module):
     ) -> SpatialOutput:
         """image_features: (B, T, hidden); semantic_hidden: (B, hidden) [SEG] states; original_hw: (B, 2)."""
         questions = [spatial_question(e, self.mode, rng) for e in expressions]
-        inserted = self.semantic_in(semantic_hidden) if self.semantic_in is not None else None
+        inserted = None
+        if self.semantic_in is not None:
+            inserted = self.semantic_in(semantic_hidden.to(module_dtype(self.semantic_in)))
         st = mllm.run_stage("spatial", questions, SPATIAL_ANSWER, BOX_TOKEN, image_features, inserted)
         box, heat = self.head(st.token, st.image, original_hw.to(st.token.device))
         return SpatialOutput(hidden=st.token, box=box, ce=st.ce, heatmap=heat)
