@@ -64,7 +64,8 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         ("scheduler", "params", "warmup_max_lr"): max_lr,
         ("scheduler", "params", "warmup_num_steps"): t.warmup_steps,
         ("scheduler", "params", "total_num_steps"): t.steps,
-        ("bf16", "enabled"): d.use_gpu,
+        # One source of truth for precision: model.dtype (ppcr/precision.py), on CPU and GPU alike.
+        ("bf16", "enabled"): cfg.model.dtype == "bfloat16",
     }
     for keys, value in auto.items():
         node = ds
@@ -92,6 +93,14 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         raise ConfigError(
             f"DeepSpeed batch sizes {got} (train_batch_size, micro, accumulation) do not satisfy "
             f"train_batch_size = micro x accumulation x distributed.num_workers ({d.num_workers})"
+        )
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    if cfg.model.dtype == "float16" or ds.get("fp16", {}).get("enabled", False):
+        raise ConfigError("fp16 is not supported by the distributed job (no loss scaling); use bfloat16")
+    if cfg.model.dtype == "bfloat16" and not bf16:
+        raise ConfigError(
+            f"model.dtype bfloat16 needs DeepSpeed bf16.enabled: true (it is false in {path} or "
+            "distributed.deepspeed): ZeRO flattens parameters of one dtype and keeps their fp32 masters"
         )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
@@ -258,21 +267,39 @@ def export_inference(checkpoint, out: str | Path) -> Path:
 # ----------------------------------------------------------------------------- worker side
 
 
+# Every tensor handed to torch.distributed is built on the engine's device by these two helpers and
+# nowhere else: NCCL covers CUDA only, so a CPU tensor in a GPU job raises "No backend type associated
+# with device type cpu" (tests/test_precision.py reproduces that group on CPU and checks this rule).
+
+
+def all_ranks_min(value: int, device: torch.device) -> int:
+    """The minimum of `value` over all ranks (one 1-element all-reduce on `device`)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([value], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return int(flag.item())
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums of `values` over all ranks (one all-reduce on `device`)."""
+    import torch.distributed as dist
+
+    vec = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(vec)
+    return vec.tolist()
+
+
 def _epochs_agree(batches, device: torch.device):
     """Yield micro-batches while every rank has one: ranks agree on each step with one tiny
     all-reduce (0 = this rank's epoch ended, 1 = all rows of this batch were already trained on
     before a restart, 2 = a batch), so no rank waits in a collective another never reaches."""
-    import torch.distributed as dist
-
     it = iter(batches)
     while True:
         t0 = time.perf_counter()
         item = next(it, StopIteration)
         wait = time.perf_counter() - t0
-        code = 0 if item is StopIteration else (1 if item is None else 2)
-        flag = torch.tensor([code], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        code = int(flag.item())
+        code = all_ranks_min(0 if item is StopIteration else (1 if item is None else 2), device)
         if code == 0:
             return
         if code == 2:
@@ -356,10 +383,10 @@ def train_loop_per_worker(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     import deepspeed
     import ray.train
-    import torch.distributed as dist
 
     from .data.streaming import RowsToBatch
     from .model import PPCRModel
+    from .precision import configure_device
     from .train import compute_loss, trainable_groups
 
     deepspeed.init_distributed(dist_backend="nccl" if d.use_gpu else "gloo")
@@ -374,7 +401,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups, config=config["deepspeed"]
     )
-    device = engine.device
+    device = configure_device(engine.device)
     epoch, seen = _restore(engine, rank)
     rng = random.Random(t.seed * 1000 + rank + 7919 * engine.global_steps)
     shard = ray.train.get_dataset_shard("train")
@@ -410,17 +437,18 @@ def train_loop_per_worker(config: dict) -> None:
             if step % t.log_every and step % d.checkpoint_every and not last:
                 continue
             elapsed = time.perf_counter() - t_interval
-            vec = torch.tensor([*(sums[k] for k in sorted(sums)), n_micro, n_samples, wait_s, elapsed])
-            dist.all_reduce(vec)  # sums over ranks
-            n = vec[-4].item()
-            metrics = {k: vec[i].item() / n for i, k in enumerate(sorted(sums))}
+            vec = sum_over_ranks(
+                [*(sums[k] for k in sorted(sums)), n_micro, n_samples, wait_s, elapsed], device
+            )
+            n = vec[-4]
+            metrics = {k: vec[i] / n for i, k in enumerate(sorted(sums))}
             metrics.update(
                 step=step,
                 epoch=epoch,
                 zero_stage=engine.zero_optimization_stage(),
                 lr=scheduler.get_last_lr()[0],
-                samples_per_s=vec[-3].item() / (vec[-1].item() / world),
-                data_wait_fraction=vec[-2].item() / vec[-1].item(),
+                samples_per_s=vec[-3] / (vec[-1] / world),
+                data_wait_fraction=vec[-2] / vec[-1],
             )
             if last and d.evaluate_split and rank == 0:
                 metrics.update(_evaluate_in_memory(model, cfg))
