@@ -113,10 +113,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_split
     from .report import write_report
 
-    overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else None
+    overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else {}
     if a.ray:
-        return _evaluate_ray(a, overrides)
-    model = load_checkpoint(a.checkpoint, overrides=overrides)
+        if a.device != "cpu":
+            raise ValueError(
+                "--device is for in-process evaluation; with --ray, --batch-config places the stages"
+            )
+        return _evaluate_ray(a, {**overrides, **_dtype_override(a)} or None)
+    model = load_checkpoint(a.checkpoint, overrides={**overrides, **_dtype_override(a)}, device=a.device)
     results: dict = {}
     row = "PPCR (oracle box)" if a.oracle_box else "PPCR"
     for split in a.splits:
@@ -172,6 +176,22 @@ def cmd_batch(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--device", default="cpu", help="torch device of the model, e.g. cuda or cuda:1 (default cpu)"
+    )
+    s.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="model.dtype to run in (default: the checkpoint's; see docs/precision.md)",
+    )
+
+
+def _dtype_override(a: argparse.Namespace) -> dict:
+    return {"dtype": a.dtype} if a.dtype else {}
+
+
 def _add_ray_args(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)"
@@ -206,7 +226,10 @@ def cmd_segment(a: argparse.Namespace) -> int:
     else:
         from .predictor import Segmenter
 
-        seg = Segmenter.from_checkpoint(a.checkpoint) if a.checkpoint else Segmenter.from_preset("tiny")
+        if a.checkpoint:
+            seg = Segmenter.from_checkpoint(a.checkpoint, device=a.device, **_dtype_override(a))
+        else:
+            seg = Segmenter.from_preset("tiny", device=a.device)
         mask, box, score = seg.segment(image, a.expression)
     print(
         json.dumps(
@@ -278,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--num-workers", type=int, default=None, help="Ray Train workers (distributed.num_workers)"
     )
-    s.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16, NCCL")
+    s.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (precision: model.dtype)")
     s.add_argument("--name", default=None, help="run name under the storage path (distributed.name)")
     s.add_argument("--storage", default=None, help="run storage: folder or URI (distributed.storage_path)")
     s.add_argument(
@@ -320,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--batch-config", default=None, help="with --ray: BatchConfig YAML (actor pools, batch sizes)"
     )
+    _add_device_args(s)
     _add_ray_args(s)
     s.set_defaults(fn=cmd_evaluate)
 
@@ -343,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default=None, help="inference checkpoint (default: untrained tiny preset)")
     s.add_argument("--server", default=None, help="URL of a running `ppcr serve`, e.g. http://127.0.0.1:8000")
     s.add_argument("--out", default=None, help="write an overlay PNG")
+    _add_device_args(s)
     s.set_defaults(fn=cmd_segment)
 
     s = sub.add_parser("serve", help="serve the HTTP API and web page with Ray Serve (see serve_configs/)")

@@ -41,6 +41,9 @@ def image_key(image: np.ndarray) -> str:
 
 class Segmenter:
     def __init__(self, model: PPCRModel, batch_size: int = 16):
+        """batch_size: expressions per model forward (`segment_batch` and `predict` split larger calls)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         self.model = model.eval()
         self.batch_size = batch_size
         self._image: np.ndarray | None = None
@@ -98,7 +101,7 @@ class Segmenter:
 
     def _run(self, items: list[Item], image_embeddings: torch.Tensor | None = None) -> list[Segmentation]:
         batch = collate(items, self.model.clip_size, self.model.sam_size).to(self.model.device)
-        out = self.model(batch, image_embeddings=image_embeddings)
+        out = self.model(batch, image_embeddings=image_embeddings, max_sequences=self.batch_size)
         results = []
         for i in range(len(items)):
             mask = (out.mask_logits[i] > 0).cpu().numpy()

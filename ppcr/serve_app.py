@@ -93,6 +93,9 @@ class ServeSettings:
     max_aspect_ratio: float = 20.0  # long side / short side; beyond it SAM's resize has a 0-pixel side
     max_expression_chars: int = 256
     max_expressions: int = 16  # per request
+    # Language-model sequences (expressions) per forward; a batch of max_batch_size x max_expressions
+    # runs in chunks of this many. docs/serving.md has the arithmetic behind the shipped values.
+    max_sequences_per_forward: int = 32
     request_timeout_s: float = 30.0  # ingress deadline for the model calls -> 504
 
 
@@ -103,7 +106,14 @@ def resolve_settings(args: dict | None) -> ServeSettings:
         s.checkpoint = os.environ[CHECKPOINT_ENV]
     if s.checkpoint is not None:
         s.checkpoint = str(Path(s.checkpoint).expanduser().resolve())
-    for name in ("max_batch_size", "cache_images", "max_body_bytes", "max_pixels", "max_expressions"):
+    for name in (
+        "max_batch_size",
+        "cache_images",
+        "max_body_bytes",
+        "max_pixels",
+        "max_expressions",
+        "max_sequences_per_forward",
+    ):
         if getattr(s, name) < 1:
             raise ValueError(f"serve setting {name} must be >= 1; got {getattr(s, name)}")
     return s
@@ -193,6 +203,7 @@ class MLLMStage:
             torch.tensor(index, device=self.device),
             texts,
             torch.tensor(hw, dtype=torch.long),
+            max_sequences=self.s.max_sequences_per_forward,
         )
         sem = out.semantic_prompt.float().cpu().numpy()
         box = None if out.box is None else out.box.float().cpu().numpy()

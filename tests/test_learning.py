@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ppcr.checkpoint import load_checkpoint
 from ppcr.config import load_config
 from ppcr.data.shards import prepare_shards, shard_dir
 from ppcr.data.synth import SynthConfig, synthesize
@@ -41,14 +42,23 @@ def easy_shards(tmp_path_factory):
     return root / "shards"
 
 
-def test_tiny_preset_learns_to_ground(easy_shards, tmp_path):
-    cfg = load_config(
-        "tiny", overrides={"data": {"shards_root": str(easy_shards)}, "train": {"steps": STEPS}}
-    )
+@pytest.fixture(scope="module")
+def learned(easy_shards, tmp_path_factory):
+    cfg = _cfg(easy_shards)
+    torch.manual_seed(0)
+    return train(cfg, out_dir=tmp_path_factory.mktemp("learned") / "run", progress=False)
+
+
+def _cfg(shards):
+    return load_config("tiny", overrides={"data": {"shards_root": str(shards)}, "train": {"steps": STEPS}})
+
+
+def test_tiny_preset_learns_to_ground(easy_shards, learned):
+    cfg = _cfg(easy_shards)
     val = shard_dir(easy_shards, "synthref", "unc", "val")
     torch.manual_seed(0)
     before = evaluate_split(PPCRModel(cfg.model), val, progress=False)
-    result = train(cfg, out_dir=tmp_path / "run", progress=False)
+    result = learned
     after = evaluate_split(result.model, val, progress=False)
     baselines = evaluate_baselines(shard_dir(easy_shards, "synthref", "unc", "train"), val)
     mean_box, all_objects = baselines["baseline: mean box"], baselines["baseline: all objects"]
@@ -62,3 +72,18 @@ def test_tiny_preset_learns_to_ground(easy_shards, tmp_path):
     )
     assert after["mIoU"] >= MIOU_OVER_ALL_OBJECTS + all_objects["mIoU"]
     assert after["mIoU"] > before["mIoU"] + 0.2
+
+
+def test_bf16_inference_agrees_with_fp32(learned, easy_shards):
+    """The dtype policy (docs/precision.md) on a trained checkpoint: LLaVA and SAM's encoder in bf16,
+    heads and SAM's decoder in fp32, give the fp32 numbers on the synthetic val split."""
+    val = shard_dir(easy_shards, "synthref", "unc", "val")
+    fp32 = evaluate_split(load_checkpoint(learned.checkpoint), val, progress=False)
+    bf16_model = load_checkpoint(learned.checkpoint, overrides={"dtype": "bfloat16"})
+    assert bf16_model.mllm.llava.dtype == torch.bfloat16
+    bf16 = evaluate_split(bf16_model, val, progress=False)
+    print({"fp32": fp32, "bf16": bf16})
+    assert fp32["mIoU"] > 0.4  # a model that segments, or the comparison says nothing
+    assert abs(bf16["mIoU"] - fp32["mIoU"]) < 0.02
+    assert abs(bf16["oIoU"] - fp32["oIoU"]) < 0.02
+    assert abs(bf16["BoxAcc@0.5"] - fp32["BoxAcc@0.5"]) < 0.05
