@@ -101,12 +101,14 @@ def test_registry_sam_is_built_from_segment_anything():
 _LLAVA_HF_NAMES = (
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),  # transformers < 5.x's module
     ("model.vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
 )
 _ORIGINAL_LLAVA_NAMES = (
     ("model.language_model.", "model."),
     ("lm_head.", "lm_head."),
+    ("model.vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
     ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
     ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
     ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
