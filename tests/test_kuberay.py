@@ -4,9 +4,7 @@ config, and ask Kubernetes for the GPUs, CPUs, memory and volumes the Ray jobs n
 from __future__ import annotations
 
 import copy
-import importlib.util
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -152,10 +150,9 @@ def rayjob() -> dict:
 
 @pytest.fixture(scope="module")
 def capacity():
-    spec = importlib.util.spec_from_file_location("capacity", REPO / "deploy/capacity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["capacity"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    from tests.test_capacity import load_capacity
+
+    module = load_capacity()
     return module, module.parameter_counts()
 
 
