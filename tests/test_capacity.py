@@ -93,3 +93,11 @@ def test_bucket_memory_follows_the_deepspeed_config(capacity):
     assert capacity.deepspeed_buckets_gb(zero) == pytest.approx(2.0)
     assert capacity.deepspeed_buckets_gb({**zero, "overlap_comm": False}) == pytest.approx(1.0)
     assert capacity.deepspeed_buckets_gb({**zero, "contiguous_gradients": False}) == 0.0
+
+
+def test_gpu_batch_config_loads_and_fits_four_l20s():
+    from ppcr.batch_pipeline import load_batch_config
+
+    cfg = load_batch_config(REPO / "configs/batch/llava7b_l20.yaml")
+    assert cfg.mllm.device == "cuda" and cfg.sam.device == "cuda"
+    assert cfg.demand()["GPU"] == 4  # the four L20s of the training cluster

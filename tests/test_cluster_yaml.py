@@ -91,3 +91,35 @@ def test_every_ray_start_requires_a_token_and_the_dashboard_stays_local(cluster)
     # The token reaches every node through file_mounts, from where `ray get-auth-token --generate` puts it.
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "ray get-auth-token --generate" in CLUSTER.read_text()
+
+
+JOBS = {"prepare_data": ["prepare", "--ray"], "train": ["train"], "evaluate": ["evaluate", "--ray"]}
+JOBS["batch_segment"] = ["batch"]
+
+
+def test_readme_real_model_commands_exist_in_the_cli():
+    import shlex
+
+    from ppcr.cli import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Train and serve the real model") :]
+    section = section[: section.index("\nDocs:")]
+    parser, seen = build_parser(), set()
+    for line in section.splitlines():
+        if not line.startswith(("ray job submit", "ppcr ")):
+            continue
+        argv = shlex.split(line)
+        if "ray_jobs/" in line:
+            script = argv[argv.index("python") + 1]
+            assert (REPO / script).is_file(), script
+            args = parser.parse_args([*JOBS[Path(script).stem], *argv[argv.index(script) + 1 :]])
+        else:
+            args = parser.parse_args(argv[1:])
+        seen.add(args.fn.__name__)
+        for value in vars(args).values():  # configs the commands name are shipped
+            if isinstance(value, str) and value.startswith(("configs/", "serve_configs/")):
+                assert (REPO / value).is_file(), value
+    assert seen == {"cmd_prepare", "cmd_train", "cmd_export", "cmd_evaluate", "cmd_batch"}
+    for split in ("--splits val testA testB", "--splits val test"):
+        assert split in section
