@@ -189,3 +189,23 @@ def test_doc_quotes_the_serve_call_arithmetic(plan):
         in text
     )
     assert f"{plan['sam_embedding_mb']:.1f} MB each" in text
+
+
+def test_serving_doc_quotes_the_same_arithmetic(plan):
+    text = (REPO / "docs/serving.md").read_text()
+    l20, h200 = plan["serve_call"]["L20"], plan["serve_call"]["H200"]
+    before = plan["serve_call_before"]
+    s = plan["serve"]
+    for quoted in (
+        f"{l20['forward_pflop']:.2f} PFLOP, {l20['forward_s']:.1f} s on an L20, {h200['forward_s']:.1f} s on an H200",
+        f"{l20['batch_pflop']:.2f} PFLOP, {l20['batch_s']:.1f} s on an",
+        f"({h200['batch_s']:.1f} s on an H200)",
+        f"2 × {l20['batch_s']:.1f} ≈ {l20['worst_case_s']:.1f} s on an L20, under `request_timeout_s: {s['request_timeout_s']}`",
+        f"{l20['sam_batch_s']:.2f} s per call",
+        f"{before['batch_pflop']:.2f} PFLOP, {before['batch_s']:.1f} s on an L20",
+        f"({plan['serve_call_before_mfu50']['batch_s']:.1f} s at 50 %)",
+        "| `max_sequences_per_forward` |",
+        f"{plan['sam_embedding_mb']:.1f} MB each",
+    ):
+        assert quoted in text, quoted
+    assert l20["batches_waited"] == 2 and l20["forwards_per_batch"] == 4
