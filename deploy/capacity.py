@@ -27,7 +27,12 @@ LLM_PASSES = 2  # semantic (LoRA A) and spatial (LoRA B) pass per expression
 CUDA_CONTEXT_GB = 1.5  # CUDA context, cuBLAS/NCCL workspaces, allocator slack per process (assumed)
 PROCESS_RAM_GB = 3.0  # Python + torch + CUDA libraries of a worker process before weights (assumed)
 MFU = 0.40  # model-FLOPs utilisation assumed for the wall-time estimate
-SERVE_BATCH = 16  # max_batch_size of serve_configs/llava7b_l20.yaml (checked by the test)
+SERVE_CONFIG = REPO / "serve_configs/llava7b_l20.yaml"  # the shipped serve limits (also in rayservice.yaml)
+SAM_EMBEDDING = (
+    256,
+    64,
+    64,
+)  # SAM-H image embedding per image; the SAM replica caches it in the encoder's dtype
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class Gpu:
     name: str
     memory_gb: float
     bf16_tflops: float  # dense tensor-core peak
-    fp32_tflops: float  # non-tensor-core peak (SAM is served in float32)
+    fp32_tflops: float  # non-tensor-core peak (only for the contrast: SAM's encoder is served in bf16)
 
 
 L20 = Gpu("L20", 48.0, 119.5, 59.8)  # NVIDIA L20 datasheet
@@ -56,8 +61,10 @@ class Counts:
     clip_tokens: int
     projector: int
     mllm_replica: int  # what an MLLM serve replica keeps: LLaVA + both LoRA + projection + box head
-    sam_encoder: int
-    sam: int
+    mllm_replica_fp32: int  # of which float32 by ppcr/precision.py: LoRA, projection, box head
+    fp32: int  # float32 parameters of the whole model by the dtype policy (LoRA, heads, SAM prompt enc + decoder)
+    sam_encoder: int  # model.dtype (bf16) by the dtype policy
+    sam: int  # encoder + prompt encoder + mask decoder (the last two float32)
     sam_tokens: int
     sam_width: int
     sam_global_blocks: int
@@ -72,6 +79,7 @@ def parameter_counts() -> Counts:
 
     from ppcr.config import load_config
     from ppcr.model import PPCRModel
+    from ppcr.precision import _keeps_float32
 
     cfg = load_config("llava-1.5-7b").model
     with torch.device("meta"):
@@ -106,6 +114,10 @@ def parameter_counts() -> Counts:
         clip_tokens=(cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1,
         projector=projector,
         mllm_replica=count(lambda n: n.startswith(("mllm.", "semantic.", "spatial."))) + 2 * extra,
+        mllm_replica_fp32=count(
+            lambda n: n.startswith(("mllm.", "semantic.", "spatial.")) and _keeps_float32(n)
+        ),
+        fp32=count(_keeps_float32),
         sam_encoder=count(lambda n: n.startswith("segmentation.sam.image_encoder.")),
         sam=count(lambda n: n.startswith("segmentation.")),
         sam_tokens=(cfg.sam.image_size // 16) ** 2,
@@ -157,9 +169,11 @@ def mllm_bound(c: Counts, gpu: Gpu) -> float:
     return gpu.bf16_tflops * 1e12 / (LLM_PASSES * llm_pass_flops(c) + clip_flops(c))
 
 
-def sam_bound(c: Counts, gpu: Gpu) -> float:
-    """Image encodes/s of a GPU running only the SAM deployment in float32 (as served today)."""
-    return gpu.fp32_tflops * 1e12 / sam_encoder_flops(c)
+def sam_bound(c: Counts, gpu: Gpu, tflops: str = "bf16") -> float:
+    """Image encodes/s of a GPU running only the SAM deployment: its encoder runs in model.dtype (bf16, as
+    served); tflops="fp32" gives the contrast of a float32 encoder."""
+    peak = gpu.bf16_tflops if tflops == "bf16" else gpu.fp32_tflops
+    return peak * 1e12 / sam_encoder_flops(c)
 
 
 def train_expression_flops(c: Counts) -> float:
@@ -207,24 +221,85 @@ def train_gpu_gb(c: Counts, gpus: int, micro_batch: int, zero: dict) -> dict[str
 
 
 def host_ram_per_worker_gb(c: Counts) -> float:
-    """Start-up peak of one training worker or MLLM+SAM process: LLaVA loaded in bf16 on the CPU, SAM built
-    in float32 plus its float32 state dict (torch.load) at the same time, plus the process itself."""
-    llava = (c.total - c.sam) * 2 / GB
+    """Start-up peak of one training worker or serve replica (every replica builds the whole model). PPCRModel
+    builds the MLLM first (LLaVA in bf16, its float32 LoRA and heads), then `build_sam` builds SAM in float32
+    and loads the float32 .pth (torch.load) into it, both held at once; only afterwards does the dtype policy
+    cast the encoder to bf16 (and the .pth's tensors are freed). That moment is the peak; load_checkpoint's
+    safetensors (the trainables, ~0.8 GB) come later, when SAM is already half its float32 size."""
+    non_sam_fp32 = c.fp32 - (c.sam - c.sam_encoder)  # LoRA + heads: the float32 part outside SAM
+    llava = ((c.total - c.sam - non_sam_fp32) * 2 + non_sam_fp32 * 4) / GB
     return llava + 2 * c.sam * 4 / GB + PROCESS_RAM_GB
 
 
-def mllm_replica_gb(c: Counts, batch: int = SERVE_BATCH) -> float:
-    """One MLLM serve replica: bf16 weights + one batch's transient activations and bf16 logits."""
+def mllm_replica_gb(c: Counts, sequences_per_forward: int) -> float:
+    """One MLLM serve replica: weights by the dtype policy (bf16 LLaVA; float32 LoRA, projection and box
+    head) + the transient activations and bf16 logits of one language-model forward, which holds at most
+    `max_sequences_per_forward` sequences whatever the batch (PPCRModel.reason runs larger batches in chunks)."""
     t, h = PROMPT_TOKENS, c.hidden
-    transient = batch * (34 * t * h + t * LLAVA_HF_VOCAB_ROWS * 2)
-    return c.mllm_replica * 2 / GB + transient / GB + CUDA_CONTEXT_GB
+    weights = (c.mllm_replica - c.mllm_replica_fp32) * 2 + c.mllm_replica_fp32 * 4
+    transient = sequences_per_forward * (34 * t * h + t * LLAVA_HF_VOCAB_ROWS * 2)
+    return (weights + transient) / GB + CUDA_CONTEXT_GB
 
 
-def sam_replica_gb(c: Counts, cache_images: int) -> float:
-    """One SAM serve replica: float32 weights + the embedding cache + one encode's attention peak."""
-    embedding = 256 * 64 * 64 * 4  # (256, 64, 64) float32 per cached image
-    peak = 2 * c.sam_heads * c.sam_tokens**2 * 4
-    return (c.sam * 4 + cache_images * embedding + peak) / GB + CUDA_CONTEXT_GB
+def sam_embedding_bytes(dtype_bytes: int = 2) -> int:
+    """One cached image embedding: the encoder's output, kept in its dtype (bf16) by SAMStage."""
+    return math.prod(SAM_EMBEDDING) * dtype_bytes
+
+
+def sam_replica_gb(c: Counts, cache_images: int, batch: int) -> float:
+    """One SAM serve replica: the encoder in bf16, prompt encoder + mask decoder in float32 (ppcr/precision.py),
+    the bf16 embedding cache, and the global-attention peak of one encode call, which stacks up to
+    max_batch_size new images (segment_anything materialises heads x T^2 scores and their softmax, bf16)."""
+    weights = c.sam_encoder * 2 + (c.sam - c.sam_encoder) * 4
+    peak = batch * 2 * c.sam_heads * c.sam_tokens**2 * 2
+    return (weights + cache_images * sam_embedding_bytes() + peak) / GB + CUDA_CONTEXT_GB
+
+
+# ----------------------------------------------------------------------------- work per serve call
+
+
+def load_serve_config(path: Path = SERVE_CONFIG) -> tuple[dict, dict[str, dict]]:
+    """(application args, deployment options by name) of a Serve config."""
+    app = yaml.safe_load(Path(path).read_text())["applications"][0]
+    return app["args"], {d["name"]: d for d in app["deployments"]}
+
+
+def serve_call(
+    c: Counts, args: dict, deployments: dict[str, dict], gpu: Gpu = L20, mfu: float = MFU
+) -> dict[str, float]:
+    """The work of one MLLM forward and one full @serve.batch call, and a request's worst-case wait.
+
+    A batch is max_batch_size requests of up to max_expressions expressions each: that many sequences, each
+    run through the language model twice (LoRA A, LoRA B), in forwards of at most max_sequences_per_forward
+    sequences, plus one CLIP encode per request. A replica accepts max_ongoing_requests requests; the one
+    admitted last waits for the batch being computed and then for its own batches:
+    ceil(max_ongoing_requests / max_batch_size) full batches in the worst case. The SAM encode of the same
+    request runs meanwhile on a SAM replica (same rule, max_batch_size images per call); the mask decoder after
+    both (a few GFLOP per prompt) is left out. Requests still waiting in a caller's max_queued_requests queue
+    (not yet on any replica) are overload: they are answered 503/504, and the autoscaler adds replicas."""
+    rate = gpu.bf16_tflops * 1e12 * mfu
+    batch, per_request = args["max_batch_size"], args["max_expressions"]
+    chunk = args.get("max_sequences_per_forward") or batch * per_request  # absent: the whole batch at once
+    sequences = batch * per_request
+    forward = min(chunk, sequences) * LLM_PASSES * llm_pass_flops(c)
+    full = sequences * LLM_PASSES * llm_pass_flops(c) + batch * clip_flops(c)
+    waited = math.ceil(deployments["MLLM"]["max_ongoing_requests"] / batch)
+    sam_waited = math.ceil(deployments["SAM"]["max_ongoing_requests"] / batch)
+    sam_batch_s = batch * sam_encoder_flops(c) / rate
+    worst = max(waited * full / rate, sam_waited * sam_batch_s)
+    return {
+        "sequences_per_batch": sequences,
+        "forwards_per_batch": math.ceil(sequences / chunk),
+        "forward_pflop": forward / 1e15,
+        "batch_pflop": full / 1e15,
+        "forward_s": forward / rate,
+        "batch_s": full / rate,
+        "batches_waited": waited,
+        "sam_batch_s": sam_batch_s,
+        "sam_worst_case_s": sam_waited * sam_batch_s,
+        "worst_case_s": worst,
+        "request_timeout_s": float(args["request_timeout_s"]),
+    }
 
 
 def replicas_per_gpu(replica_gb: float, gpu: Gpu = L20) -> int:
@@ -238,7 +313,7 @@ def plan() -> dict:
     """Every number docs/capacity.md quotes, from the shipped configs and the code."""
     train = yaml.safe_load((REPO / "configs/train/ppcr_llava7b.yaml").read_text())
     zero = yaml.safe_load((REPO / "configs/deepspeed/zero2.yaml").read_text())["zero_optimization"]
-    serve = yaml.safe_load((REPO / "serve_configs/llava7b_l20.yaml").read_text())["applications"][0]["args"]
+    serve, deployments = load_serve_config()
     d, t = train["distributed"], train["train"]
     c = parameter_counts()
     gpus = d["num_workers"]
@@ -250,10 +325,25 @@ def plan() -> dict:
         "train_gpu_gb": mem,
         "train_gpu_total_gb": {mb: sum(v.values()) for mb, v in mem.items()},
         "host_ram_per_worker_gb": host_ram_per_worker_gb(c),
-        "mllm_replica_gb": mllm_replica_gb(c, serve["max_batch_size"]),
-        "sam_replica_gb": sam_replica_gb(c, serve["cache_images"]),
-        "mllm_per_l20": replicas_per_gpu(mllm_replica_gb(c, serve["max_batch_size"])),
-        "sam_per_l20": replicas_per_gpu(sam_replica_gb(c, serve["cache_images"])),
+        "serve": serve,
+        "mllm_replica_gb": mllm_replica_gb(c, serve["max_sequences_per_forward"]),
+        "sam_replica_gb": sam_replica_gb(c, serve["cache_images"], serve["max_batch_size"]),
+        "mllm_per_l20": replicas_per_gpu(mllm_replica_gb(c, serve["max_sequences_per_forward"])),
+        "sam_per_l20": replicas_per_gpu(sam_replica_gb(c, serve["cache_images"], serve["max_batch_size"])),
+        "sam_embedding_mb": sam_embedding_bytes() / 1e6,
+        "serve_call": {g.name: serve_call(c, serve, deployments, g) for g in (L20, H200)},
+        # The limits shipped before max_sequences_per_forward: 16 x 16 sequences in one forward, 32 ongoing.
+        "serve_call_before": serve_call(
+            c,
+            {**serve, "max_batch_size": 16, "max_expressions": 16, "max_sequences_per_forward": None},
+            {**deployments, "MLLM": {**deployments["MLLM"], "max_ongoing_requests": 32}},
+        ),
+        "serve_call_before_mfu50": serve_call(
+            c,
+            {**serve, "max_batch_size": 16, "max_expressions": 16, "max_sequences_per_forward": None},
+            {**deployments, "MLLM": {**deployments["MLLM"], "max_ongoing_requests": 32}},
+            mfu=0.5,
+        ),
         "tflop": {
             "llm_pass": llm_pass_flops(c) / 1e12,
             "clip": clip_flops(c) / 1e12,
@@ -265,8 +355,9 @@ def plan() -> dict:
             "L20": request_bound(c, L20),
             "H200": request_bound(c, H200),
             "L20 MLLM only": mllm_bound(c, L20),
-            "L20 SAM fp32": sam_bound(c, L20),
-            "H200 SAM fp32": sam_bound(c, H200),
+            "L20 SAM bf16": sam_bound(c, L20),
+            "H200 SAM bf16": sam_bound(c, H200),
+            "H200 SAM fp32 (not served)": sam_bound(c, H200, "fp32"),
         },
         "steps": t["steps"],
         "batch": t["batch_size"],
@@ -286,10 +377,34 @@ def main() -> None:
     print(f"host RAM per worker at start-up: {p['host_ram_per_worker_gb']:.1f} GB")
     print(f"MLLM replica {p['mllm_replica_gb']:.1f} GB -> {p['mllm_per_l20']} per L20")
     print(f"SAM replica {p['sam_replica_gb']:.1f} GB -> {p['sam_per_l20']} per L20")
+    print(f"  (cached image embedding {p['sam_embedding_mb']:.1f} MB in bf16)")
     for k, v in p["tflop"].items():
         print(f"TFLOP {k}: {v:.1f}")
     for k, v in p["req_s"].items():
         print(f"req/s bound {k}: {v:.1f}")
+    s = p["serve"]
+    print(
+        f"serve call ({SERVE_CONFIG.name}): max_batch_size {s['max_batch_size']} x max_expressions "
+        f"{s['max_expressions']}, max_sequences_per_forward {s['max_sequences_per_forward']}, at {MFU:.0%} MFU"
+    )
+    for name, v in p["serve_call"].items():
+        print(
+            f"  {name}: forward of {s['max_sequences_per_forward']} sequences {v['forward_pflop']:.2f} PFLOP "
+            f"{v['forward_s']:.1f} s; batch of {v['sequences_per_batch']} sequences ({v['forwards_per_batch']} "
+            f"forwards) {v['batch_pflop']:.2f} PFLOP {v['batch_s']:.1f} s; worst case {v['batches_waited']} "
+            f"batches {v['worst_case_s']:.1f} s vs request_timeout_s {v['request_timeout_s']:g} s"
+        )
+    v = p["serve_call"]["L20"]
+    print(
+        f"  L20 SAM encode call of {s['max_batch_size']} images {v['sam_batch_s']:.2f} s; "
+        f"worst case {v['sam_worst_case_s']:.1f} s"
+    )
+    b = p["serve_call_before"]
+    print(
+        f"  before (16 x 16 in one forward, 32 ongoing), L20: batch {b['batch_pflop']:.2f} PFLOP "
+        f"{b['batch_s']:.1f} s ({p['serve_call_before_mfu50']['batch_s']:.1f} s at 50% MFU); "
+        f"worst case {b['batches_waited']} batches {b['worst_case_s']:.1f} s"
+    )
     print(
         f"wall time {p['steps']} steps x batch {p['batch']} on {p['gpus']} x L20 at {MFU:.0%} MFU: {p['train_hours']:.2f} h"
     )

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs/capacity.md"
@@ -69,8 +70,9 @@ def test_doc_quotes_the_computed_flops_and_bounds(plan):
     assert f"**{r['L20']:.1f} req/s**" in text and f"**{r['H200']:.1f} req/s**" in text
     assert f"| {r['L20 MLLM only']:.1f} req/s |" in text
     assert (
-        f"| {r['L20 SAM fp32']:.1f} images/s |" in text and f"| {r['H200 SAM fp32']:.1f} images/s |" in text
+        f"| {r['L20 SAM bf16']:.1f} images/s |" in text and f"| {r['H200 SAM bf16']:.1f} images/s |" in text
     )
+    assert f"| {r['H200 SAM fp32 (not served)']:.1f} images/s |" in text  # the contrast
     assert f"**{f['train_expression']:.1f} TFLOP**" in text
     assert (plan["steps"], plan["batch"], plan["gpus"]) == (2500, 8, 4)
     assert f"**{plan['train_hours']:.2f} h**" in text
@@ -101,3 +103,109 @@ def test_gpu_batch_config_loads_and_fits_four_l20s():
     cfg = load_batch_config(REPO / "configs/batch/llava7b_l20.yaml")
     assert cfg.mllm.device == "cuda" and cfg.sam.device == "cuda"
     assert cfg.demand()["GPU"] == 4  # the four L20s of the training cluster
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_sam_memory_and_bound_follow_the_dtype_policy(capacity, plan):
+    from ppcr.config import load_config
+    from ppcr.precision import _keeps_float32
+
+    # The production preset runs SAM's encoder in bf16; only the prompt encoder and mask decoder stay fp32.
+    assert load_config("llava-1.5-7b").model.dtype == "bfloat16"
+    assert not _keeps_float32("segmentation.sam.image_encoder.blocks.0.attn.qkv.weight")
+    assert _keeps_float32("segmentation.sam.mask_decoder.iou_token.weight")
+    c = plan["counts"]
+    assert c.fp32 > c.sam - c.sam_encoder  # LoRA and heads are float32 too
+    assert capacity.sam_embedding_bytes() == 256 * 64 * 64 * 2  # SAMStage caches the encoder's bf16 output
+    assert plan["req_s"]["H200 SAM bf16"] / plan["req_s"]["L20 SAM bf16"] == pytest.approx(989 / 119.5)
+    assert plan["req_s"]["H200 SAM bf16"] > 10 * plan["req_s"]["H200 SAM fp32 (not served)"]
+
+
+def test_replica_memory_follows_the_serve_limits(capacity, plan):
+    c, serve = plan["counts"], plan["serve"]
+    # Activations are per forward (max_sequences_per_forward), the SAM attention peak per encode call.
+    assert plan["mllm_replica_gb"] == pytest.approx(
+        capacity.mllm_replica_gb(c, serve["max_sequences_per_forward"])
+    )
+    assert capacity.mllm_replica_gb(c, 64) > plan["mllm_replica_gb"] + 5
+    assert capacity.sam_replica_gb(c, 256, 16) > plan["sam_replica_gb"]
+    assert (
+        plan["mllm_replica_gb"] < capacity.L20.memory_gb and plan["sam_replica_gb"] < capacity.L20.memory_gb
+    )
+
+
+def test_shipped_limits_keep_the_worst_case_under_the_request_timeout(capacity, plan):
+    c = plan["counts"]
+    kuberay = yaml.safe_load((REPO / "deploy/kuberay/rayservice.yaml").read_text())["spec"]["serveConfigV2"]
+    for source in (capacity.SERVE_CONFIG, kuberay):
+        raw = yaml.safe_load(source.read_text()) if isinstance(source, Path) else yaml.safe_load(source)
+        app = raw["applications"][0]
+        args, deployments = app["args"], {d["name"]: d for d in app["deployments"]}
+        assert args["max_sequences_per_forward"] < args["max_batch_size"] * args["max_expressions"]
+        assert raw["http_options"]["request_timeout_s"] >= args["request_timeout_s"]
+        for gpu in (capacity.L20, capacity.H200):
+            call = capacity.serve_call(c, args, deployments, gpu)
+            assert call["worst_case_s"] <= args["request_timeout_s"], (gpu.name, call)
+
+
+def test_worst_case_check_catches_the_old_limits(capacity, plan):
+    c = plan["counts"]
+    args, deployments = capacity.load_serve_config()
+    old = {**args, "max_batch_size": 16, "max_expressions": 16, "max_sequences_per_forward": None}
+    assert capacity.serve_call(c, old, deployments)["worst_case_s"] > args["request_timeout_s"]
+    # Each limit counts: more ongoing requests per replica, or longer requests, break the bound too.
+    crowded = {**deployments, "MLLM": {**deployments["MLLM"], "max_ongoing_requests": 32}}
+    assert capacity.serve_call(c, args, crowded)["worst_case_s"] > args["request_timeout_s"]
+    longer = {**args, "max_expressions": 16}
+    assert capacity.serve_call(c, longer, deployments)["worst_case_s"] > args["request_timeout_s"]
+    # Chunking bounds one forward, not the batch: the batch's FLOPs do not depend on it.
+    whole = capacity.serve_call(c, {**args, "max_sequences_per_forward": None}, deployments)
+    assert whole["batch_pflop"] == pytest.approx(plan["serve_call"]["L20"]["batch_pflop"])
+    assert whole["forward_pflop"] == pytest.approx(4 * plan["serve_call"]["L20"]["forward_pflop"])
+
+
+def test_doc_quotes_the_serve_call_arithmetic(plan):
+    text = DOC.read_text()
+    l20, h200 = plan["serve_call"]["L20"], plan["serve_call"]["H200"]
+    assert (
+        f"one forward of 16 sequences ({l20['forward_pflop']:.2f} PFLOP) | {l20['forward_s']:.1f} s | {h200['forward_s']:.1f} s |"
+        in text
+    )
+    assert f"({l20['batch_pflop']:.2f} PFLOP) | {l20['batch_s']:.1f} s | {h200['batch_s']:.1f} s |" in text
+    assert (
+        f"{l20['batches_waited']} batches | **{l20['worst_case_s']:.1f} s** | **{h200['worst_case_s']:.1f} s** |"
+        in text
+    )
+    assert f"{l20['sam_batch_s']:.2f} s on an L20" in text and f"{l20['sam_worst_case_s']:.1f} s)" in text
+    before = plan["serve_call_before"]
+    assert f"**{before['batch_pflop']:.2f} PFLOP**, **{before['batch_s']:.1f} s**" in text
+    assert f"({plan['serve_call_before_mfu50']['batch_s']:.1f} s at 50 %)" in text
+    assert f"{before['worst_case_s']:.1f} s for a request" in text
+    s = plan["serve"]
+    assert (
+        f"({s['max_batch_size']} × {s['max_expressions']} sequences per batch, {s['max_sequences_per_forward']} per forward"
+        in text
+    )
+    assert f"{plan['sam_embedding_mb']:.1f} MB each" in text
+
+
+def test_serving_doc_quotes_the_same_arithmetic(plan):
+    text = (REPO / "docs/serving.md").read_text()
+    l20, h200 = plan["serve_call"]["L20"], plan["serve_call"]["H200"]
+    before = plan["serve_call_before"]
+    s = plan["serve"]
+    for quoted in (
+        f"{l20['forward_pflop']:.2f} PFLOP, {l20['forward_s']:.1f} s on an L20, {h200['forward_s']:.1f} s on an H200",
+        f"{l20['batch_pflop']:.2f} PFLOP, {l20['batch_s']:.1f} s on an",
+        f"({h200['batch_s']:.1f} s on an H200)",
+        f"2 × {l20['batch_s']:.1f} ≈ {l20['worst_case_s']:.1f} s on an L20, under `request_timeout_s: {s['request_timeout_s']}`",
+        f"{l20['sam_batch_s']:.2f} s per call",
+        f"{before['batch_pflop']:.2f} PFLOP, {before['batch_s']:.1f} s on an L20",
+        f"({plan['serve_call_before_mfu50']['batch_s']:.1f} s at 50 %)",
+        "| `max_sequences_per_forward` |",
+        f"{plan['sam_embedding_mb']:.1f} MB each",
+    ):
+        assert quoted in text, quoted
+    assert l20["batches_waited"] == 2 and l20["forwards_per_batch"] == 4
