@@ -368,33 +368,36 @@ def decode_stage(table: pa.Table, clip_size: int, sam_size: int) -> pa.Table:
     return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
 
-def _load_model(checkpoint: str, overrides: dict | None, device: str, threads: int):
+def _load_model(checkpoint: str, overrides: dict | None, device: str, threads: int, part: str):
+    """The one part ("mllm" or "sam") an actor runs: the other is never built (docs/architecture.md)."""
     import torch
 
     from .checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
-    return load_checkpoint(checkpoint, overrides=overrides, device=device)
+    return load_checkpoint(checkpoint, overrides=overrides, device=device, parts=(part,))
 
 
 class MLLMStage:
     """Actor: stages 1 + 2 (`PPCRModel.reason`) for every valid expression of a batch of image rows."""
 
     def __init__(self, checkpoint: str, overrides: dict | None, device: str, threads: int, max_expr: int):
-        self.model = _load_model(checkpoint, overrides, device, threads)
+        self.model = _load_model(checkpoint, overrides, device, threads, "mllm")
         self.max_expr = max_expr
 
     def _reason(self, rows: list[dict], pairs: list[tuple[int, int]]):
         """pairs: (row, expression) -> (prompts (P, D), boxes (P, 4) or None) as numpy."""
         import torch
 
+        from .inference import group_images
+
         m = self.model
         c = m.clip_size
-        images = sorted({i for i, _ in pairs})
-        row_of = {i: k for k, i in enumerate(images)}
+        first, index = group_images([i for i, _ in pairs])
+        images = [pairs[k][0] for k in first]
         clip = torch.stack([_f32(rows[i]["clip"], (3, c, c)) for i in images]).to(m.device)
         hw = torch.tensor([rows[i]["hw"] for i in images], dtype=torch.long, device=m.device)
-        index = torch.tensor([row_of[i] for i, _ in pairs], dtype=torch.long, device=m.device)
+        index = index.to(m.device)
         texts = [rows[i]["texts"][j] for i, j in pairs]
         with torch.no_grad():
             r = m.reason(clip, index, texts, hw)
@@ -457,7 +460,7 @@ class SAMStage:
         oracle_box: bool = False,
         evaluation: bool = False,
     ):
-        self.model = _load_model(checkpoint, overrides, device, threads)
+        self.model = _load_model(checkpoint, overrides, device, threads, "sam")
         self.counter = counter
         self.oracle_box = oracle_box
         self.schema = EVAL_RESULT_SCHEMA if evaluation else RESULT_SCHEMA
@@ -468,7 +471,7 @@ class SAMStage:
         import torch
 
         from .data.refer import encode_mask
-        from .geometry import normalize_box, output_box
+        from .inference import ground_truth_boxes, segmentations
 
         m = self.model
         s, d = m.sam_size, m.cfg.prompt_dim
@@ -481,9 +484,7 @@ class SAMStage:
             index += [i] * len(ok)
             prompts.append(_f32(r["prompts"], (len(ok), d)))
             if self.oracle_box:
-                h, w = r["hw"]
-                gt = np.stack([normalize_box(np.asarray(r["gt_boxes"][j]), (h, w)) for j in ok])
-                boxes.append(torch.tensor(gt, dtype=torch.float32).clamp(0, 1))  # as batching.collate
+                boxes.append(ground_truth_boxes([r["gt_boxes"][j] for j in ok], [r["hw"]] * len(ok)))
             elif r["boxes"]:
                 boxes.append(_f32(r["boxes"], (len(ok), 4)))
         index_t = torch.tensor(index, dtype=torch.long, device=m.device)
@@ -495,10 +496,8 @@ class SAMStage:
                 ray.get(self.counter.add.remote(len(rows)))
             _, iou, logits = m.segment(emb, index_t, prompt_t, box_t, hw, sam_hw)
         out: list[list[tuple]] = [[] for _ in rows]
-        for k, i in enumerate(index):
-            mask = (logits[k] > 0).cpu().numpy()
-            box = output_box(None if box_t is None else box_t[k], mask)
-            out[i].append((encode_mask(mask), [float(v) for v in box], float(iou[k])))
+        for i, seg in zip(index, segmentations(logits, box_t, iou)):
+            out[i].append((encode_mask(seg.mask), [float(v) for v in seg.box], seg.score))
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -589,9 +588,7 @@ def _model_sizes(checkpoint: str | Path, overrides: dict | None) -> tuple[int, i
     """(clip_size, sam_size) from the checkpoint's config, without building the model."""
     from .checkpoint import load_model_config
 
-    cfg = load_model_config(checkpoint)
-    for key, value in (overrides or {}).items():
-        setattr(cfg, key, value)
+    cfg = load_model_config(checkpoint, overrides)  # validates the overrides before any actor starts
     return cfg.vision.image_size, cfg.sam.image_size
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .geometry import normalize_box, preprocess_image
+from .geometry import preprocess_image
+from .inference import ground_truth_boxes, group_images
 
 
 @dataclass
@@ -61,35 +62,30 @@ def collate(items: Sequence[Item], clip_size: int, sam_size: int) -> Batch:
     """Preprocess each distinct image once; ground truth is kept only if every item has it."""
     if not items:
         raise ValueError("cannot collate an empty list of items")
-    rows: dict[Hashable, int] = {}
+    first, index = group_images([it.key for it in items])
     clip, sam, hw, in_hw = [], [], [], []
-    index = []
-    for it in items:
-        if it.key not in rows:
-            rows[it.key] = len(rows)
-            c, s, size_in_sam = preprocess_image(it.image, clip_size, sam_size)
-            clip.append(c)
-            sam.append(s)
-            hw.append(it.image.shape[:2])
-            in_hw.append(size_in_sam)
-        index.append(rows[it.key])
+    for i in first:
+        c, s, size_in_sam = preprocess_image(items[i].image, clip_size, sam_size)
+        clip.append(c)
+        sam.append(s)
+        hw.append(items[i].image.shape[:2])
+        in_hw.append(size_in_sam)
     has_gt = all(it.gt_mask is not None and it.gt_box is not None for it in items)
     gt_masks = gt_boxes = None
     if has_gt:
-        gt_masks, boxes = [], []
+        gt_masks = []
         for it in items:
             h, w = it.image.shape[:2]
             if it.gt_mask.shape != (h, w):
                 raise ValueError(f"ground-truth mask {it.gt_mask.shape} does not match image {(h, w)}")
             gt_masks.append(torch.from_numpy(np.ascontiguousarray(it.gt_mask, dtype=bool)))
-            boxes.append(normalize_box(it.gt_box, (h, w)))
-        gt_boxes = torch.tensor(np.stack(boxes), dtype=torch.float32).clamp(0, 1)
+        gt_boxes = ground_truth_boxes([it.gt_box for it in items], [it.image.shape[:2] for it in items])
     return Batch(
         clip_pixels=torch.stack(clip),
         sam_pixels=torch.stack(sam),
         original_hw=torch.tensor(hw, dtype=torch.long),
         sam_input_hw=torch.tensor(in_hw, dtype=torch.long),
-        image_index=torch.tensor(index, dtype=torch.long),
+        image_index=index,
         expressions=[it.expression for it in items],
         gt_masks=gt_masks,
         gt_boxes=gt_boxes,

@@ -8,14 +8,16 @@ rebuild it from (a random-init tiny base). Loading never unpickles: safetensors 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig, from_dict, to_dict
-from .model import PPCRModel
+from .config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
+from .model import PART_PREFIXES, PARTS, PPCRModel
 from .precision import configure_device
 from .weights import check_keys
 
@@ -48,6 +50,10 @@ def _saved_names(model: PPCRModel) -> list[str]:
 
 def save_checkpoint(model: PPCRModel, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Write an inference checkpoint to `out_dir` (atomically per file); returns the folder."""
+    if model.parts != PARTS:
+        raise ValueError(
+            f"save_checkpoint needs the whole model; this one was built with parts={model.parts}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -64,47 +70,64 @@ def save_checkpoint(model: PPCRModel, out_dir: str | Path, extra: dict | None = 
     return out
 
 
-def load_model_config(ckpt_dir: str | Path) -> ModelConfig:
+def load_model_config(ckpt_dir: str | Path, overrides: dict | None = None) -> ModelConfig:
+    """The ModelConfig a checkpoint was trained with, `overrides` merged in before validation.
+
+    overrides: ModelConfig fields as plain values / nested dicts, e.g. {"spatial_prompt": "none",
+    "sam": {"checkpoint": "/models/sam_vit_h_4b8939.pth"}}; validated like any config file
+    (ConfigError naming the key). Raises FileNotFoundError for a folder without config.yaml.
+    """
     ckpt = Path(ckpt_dir)
     if not (ckpt / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"not a ppcr checkpoint: {ckpt} has no {CONFIG_FILE}")
     data = yaml.safe_load((ckpt / CONFIG_FILE).read_text()) or {}
     if "model" not in data:
         raise ConfigError(f"{ckpt / CONFIG_FILE}: missing top-level 'model'")
-    cfg = from_dict(ModelConfig, data["model"])
-    cfg.tokenizer_path = str(ckpt / TOKENIZER_DIR)
+    merged = deep_merge(data["model"], overrides or {})
+    try:
+        cfg = from_dict(ModelConfig, merged, "model")
+    except ConfigError as exc:
+        where = f"{ckpt}: model overrides {overrides}" if overrides else str(ckpt / CONFIG_FILE)
+        raise ConfigError(f"{where}: {exc}") from None
+    if not (overrides or {}).get("tokenizer_path"):
+        cfg.tokenizer_path = str(ckpt / TOKENIZER_DIR)
     return cfg
 
 
 def load_checkpoint(
-    ckpt_dir: str | Path, overrides: dict | None = None, device: str | torch.device = "cpu"
+    ckpt_dir: str | Path,
+    overrides: dict | None = None,
+    device: str | torch.device = "cpu",
+    parts: Sequence[str] = PARTS,
 ) -> PPCRModel:
-    """Rebuild the model from a checkpoint folder. `overrides` are ModelConfig fields (e.g. spatial_prompt
-    is fixed by training, but paths to base weights may be moved)."""
+    """Rebuild the model (only `parts`: "mllm" = stages 1 + 2, "sam" = stage 3) from a checkpoint folder
+    and move it to `device`. `overrides`: see `load_model_config` (e.g. base weights moved since training).
+
+    Reads only the tensors of the built parts (safetensors, no unpickling); every one of them must be
+    in the file with its shape (WeightsError otherwise).
+    """
     ckpt = Path(ckpt_dir)
-    cfg = load_model_config(ckpt)
-    for key, value in (overrides or {}).items():
-        if not hasattr(cfg, key):
-            raise ConfigError(f"unknown model override {key!r}")
-        setattr(cfg, key, value)
+    cfg = load_model_config(ckpt, overrides)
     weights = ckpt / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint weights missing: {weights}")
-    model = PPCRModel(cfg)  # dtypes per ppcr/precision.py; copy_ below keeps them
-    state = load_file(str(weights))
+    model = PPCRModel(cfg, parts=parts)  # dtypes per ppcr/precision.py; copy_ below keeps them
     params = model.state_dict()  # live tensors (parameters and buffers), copied into in place
-    check_keys(
-        weights,
-        "a checkpoint of this model (config mismatch?)",
-        missing=set(_saved_names(model)) - set(state),
-        unexpected=set(state) - set(params),
-        mismatched=[
-            (k, v.shape, params[k].shape)
-            for k, v in state.items()
-            if k in params and v.shape != params[k].shape
-        ],
-    )
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
+    built = tuple(prefix for part in model.parts for prefix in PART_PREFIXES[part])
+    with safe_open(str(weights), framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith(built)]
+        check_keys(
+            weights,
+            "a checkpoint of this model (config mismatch?)",
+            missing=set(_saved_names(model)) - set(keys),
+            unexpected=set(keys) - set(params),
+            mismatched=[
+                (k, tuple(f.get_slice(k).get_shape()), tuple(params[k].shape))
+                for k in keys
+                if k in params and tuple(f.get_slice(k).get_shape()) != tuple(params[k].shape)
+            ],
+        )
+        with torch.no_grad():
+            for name in keys:
+                params[name].copy_(f.get_tensor(name))
     return model.to(configure_device(device)).eval()

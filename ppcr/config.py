@@ -347,9 +347,9 @@ def validate(obj: Any, prefix: str = "") -> None:
             )
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Build dataclass `cls` from a plain dict, validating every key."""
-    return _from_dict(cls, data, "")
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, validating every key (errors name `prefix.key`)."""
+    return _from_dict(cls, data, prefix)
 
 
 def to_dict(obj: Any) -> dict:
@@ -367,10 +367,10 @@ def to_dict(obj: Any) -> dict:
     return conv(dataclasses.asdict(obj))
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for k, v in override.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -397,7 +397,7 @@ def _resolve_base(data: dict, source: str) -> dict:
         return data
     if base not in preset_names():
         raise ConfigError(f"{source}: base must be one of {', '.join(preset_names())}; got {base!r}")
-    return _deep_merge(_resolve_base(read_yaml(PRESET_DIR / f"{base}.yaml"), base), data)
+    return deep_merge(_resolve_base(read_yaml(PRESET_DIR / f"{base}.yaml"), base), data)
 
 
 def load_config(path_or_preset: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -409,7 +409,7 @@ def load_config(path_or_preset: str | Path, overrides: dict | None = None) -> Ru
         data, source = read_yaml(name), name
     data = _resolve_base(data, source)
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     try:
         return from_dict(RunConfig, data)
     except ConfigError as exc:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig, _deep_merge, from_dict, read_yaml, to_dict
+from .config import ConfigError, RunConfig, deep_merge, from_dict, read_yaml, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED_TAG = "deepspeed"
@@ -50,7 +50,7 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     `distributed.deepspeed`, with every "auto" filled from the run config (see the file's header)."""
     d, t = cfg.distributed, cfg.train
     path = _resolve(d.deepspeed_config)
-    ds = _deep_merge(read_yaml(path), d.deepspeed)
+    ds = deep_merge(read_yaml(path), d.deepspeed)
     accum = t.batch_size // (d.micro_batch_size * d.num_workers)
     max_lr: float | list[float] = t.lr if t.head_lr_mult == 1.0 else [t.lr, t.lr * t.head_lr_mult]
     auto = {

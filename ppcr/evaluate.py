@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from .batching import collate
 from .data.refer import decode_rle
 from .data.shards import ExpressionSample, iter_expressions, read_image_rows
-from .geometry import denormalize_box, mask_to_box, output_box
+from .geometry import denormalize_box, mask_to_box
+from .inference import predict_torch
 from .metrics import RISMetrics
 from .model import PPCRModel
 from .train import ImageCache, to_item
@@ -51,12 +52,9 @@ def evaluate_split(
     for chunk in _chunks(samples, batch_size):
         items = [to_item(s, cache) for s in chunk]
         batch = collate(items, model.clip_size, model.sam_size).to(model.device)
-        out = model(batch, oracle_box=oracle_box)
-        box = out.sam_box  # what SAM was given: the predicted box, or the GT box as the oracle
-        for i, item in enumerate(items):
-            pred_mask = (out.mask_logits[i] > 0).cpu().numpy()
-            pred_box = output_box(None if box is None else box[i], pred_mask)
-            metrics.update(pred_mask, item.gt_mask, pred_box, item.gt_box)
+        # The box of each answer is what SAM was given: the predicted box, or the GT box as the oracle.
+        for item, seg in zip(items, predict_torch(model, batch, oracle_box=oracle_box)):
+            metrics.update(seg.mask, item.gt_mask, seg.box, item.gt_box)
         bar.update(len(items))
     bar.close()
     return metrics.compute()

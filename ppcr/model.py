@@ -9,6 +9,7 @@ training, evaluation, serving and batch jobs.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -50,31 +51,68 @@ class Reasoning(NamedTuple):
     semantic_heatmap: torch.Tensor | None
 
 
+# What a process may build: "mllm" = stages 1 + 2 (LLaVA, both LoRA branches, projection, box head),
+# "sam" = stage 3 (SAM). A Serve MLLM replica builds only "mllm", a SAM replica or batch SAM actor only
+# "sam" (at 7B, the LLaVA half is ~14 GB that a SAM process never needs).
+PARTS = ("mllm", "sam")
+# State-dict prefixes of each part (checkpoint.load_checkpoint reads only the built parts' tensors).
+PART_PREFIXES = {"mllm": ("mllm.", "semantic.", "spatial."), "sam": ("segmentation.",)}
+
+
 class PPCRModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parts: Sequence[str] = PARTS):
+        """Build `parts` of PPCR (default both) from `cfg`; the others stay None.
+
+        Each part is initialised from its own random stream (one draw from the caller's generator, +k
+        for the k-th part), so a part built alone gets the same random weights as in the whole model.
+        Raises ValueError for an unknown or empty `parts`.
+        """
         super().__init__()
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown or not parts:
+            raise ValueError(f"parts must be a non-empty subset of {PARTS}; got {tuple(parts)}")
         self.cfg = cfg
-        self.mllm = MLLM(cfg)
-        self.semantic = SemanticStage(self.mllm, cfg.prompt_dim)
-        self.spatial = (
-            SpatialStage(self.mllm, cfg.spatial_prompt, cfg.box_head, cfg.attention_head_layers)
-            if cfg.spatial_prompt != "none"
-            else None
-        )
-        self.segmentation = SegmentationStage(cfg.sam, cfg.prompt_dim)
+        self.parts = tuple(p for p in PARTS if p in parts)
+        self.mllm: MLLM | None = None
+        self.semantic: SemanticStage | None = None
+        self.spatial: SpatialStage | None = None
+        self.segmentation: SegmentationStage | None = None
+        base = int(torch.randint(0, 2**31, ()))
+        for k, part in enumerate(PARTS):
+            if part not in self.parts:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(base + k)
+                if part == "mllm":
+                    self.mllm = MLLM(cfg)
+                    self.semantic = SemanticStage(self.mllm, cfg.prompt_dim)
+                    if cfg.spatial_prompt != "none":
+                        self.spatial = SpatialStage(
+                            self.mllm, cfg.spatial_prompt, cfg.box_head, cfg.attention_head_layers
+                        )
+                else:
+                    self.segmentation = SegmentationStage(cfg.sam, cfg.prompt_dim)
         apply_dtype_policy(self, cfg.dtype)
+
+    def _require(self, part: str, what: str) -> None:
+        if part not in self.parts:
+            raise RuntimeError(
+                f"{what} needs the {part!r} part; this model was built with parts={self.parts}"
+            )
 
     @property
     def clip_size(self) -> int:
-        return self.mllm.llava.config.vision_config.image_size
+        """CLIP input side in pixels (the LLaVA config equals the preset's: mllm.check_llava_config)."""
+        return self.cfg.vision.image_size
 
     @property
     def sam_size(self) -> int:
-        return self.segmentation.image_size
+        """SAM's square input frame in pixels."""
+        return self.cfg.sam.image_size
 
     @property
     def device(self) -> torch.device:
-        return next(self.semantic.parameters()).device
+        return next(self.parameters()).device
 
     def patch_centers(self) -> torch.Tensor | None:
         """(T, 2) patch centres used by the attention box head's heatmap target; None for other heads."""
@@ -97,6 +135,7 @@ class PPCRModel(nn.Module):
         max_sequences: at most this many expressions per language-model forward (larger batches run
         in consecutive chunks with the same results): bounds the work, and the latency, of one call.
         """
+        self._require("mllm", "reason (stages 1 + 2)")
         # Vision tower + projector once per image, gathered per expression for both stages.
         feats = self.mllm.image_features(clip_pixels)
         hw = original_hw.to(image_index.device)
@@ -164,6 +203,7 @@ class PPCRModel(nn.Module):
         image_embeddings: (N, C, h, w) from `segmentation.encode`; image_index: (B,) its row per prompt;
         box: (B, 4) normalized XYXY in the original frame, or None; original_hw / sam_input_hw: (N, 2).
         """
+        self._require("sam", "segment (stage 3)")
         box_frame = None
         if box is not None:
             hw = original_hw[image_index]

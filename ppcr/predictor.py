@@ -13,7 +13,6 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,17 +20,12 @@ import torch
 from .batching import Item, collate
 from .checkpoint import load_checkpoint
 from .config import RunConfig, load_config
-from .geometry import as_rgb_array, output_box
+from .geometry import as_rgb_array
+from .inference import Segmentation, predict_torch
 from .model import PPCRModel
 from .prompts import clean_expression
 
 ImageLike = np.ndarray | bytes  # H×W×3 uint8, PIL image or encoded bytes
-
-
-class Segmentation(NamedTuple):
-    mask: np.ndarray  # bool (H, W), original size
-    box: np.ndarray  # (4,) float64 pixel XYXY, original frame
-    score: float  # SAM's predicted IoU of `mask`
 
 
 def image_key(image: np.ndarray) -> str:
@@ -101,10 +95,4 @@ class Segmenter:
 
     def _run(self, items: list[Item], image_embeddings: torch.Tensor | None = None) -> list[Segmentation]:
         batch = collate(items, self.model.clip_size, self.model.sam_size).to(self.model.device)
-        out = self.model(batch, image_embeddings=image_embeddings, max_sequences=self.batch_size)
-        results = []
-        for i in range(len(items)):
-            mask = (out.mask_logits[i] > 0).cpu().numpy()
-            box = output_box(None if out.box is None else out.box[i], mask)
-            results.append(Segmentation(mask=mask, box=box, score=float(out.iou_pred[i])))
-        return results
+        return predict_torch(self.model, batch, image_embeddings, max_sequences=self.batch_size)

@@ -21,7 +21,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -59,10 +58,10 @@ from .geometry import (
     ImageTooLargeError,
     clip_preprocess,
     decode_image,
-    output_box,
     sam_input_size,
     sam_preprocess,
 )
+from .inference import group_images, segmentations
 from .predictor import image_key
 from .prompts import clean_expression
 
@@ -119,10 +118,11 @@ def resolve_settings(args: dict | None) -> ServeSettings:
     return s
 
 
-def load_serving_model(s: ServeSettings):
-    """The PPCRModel a replica serves: the checkpoint, or the random-init preset (seeded, so every
-    replica of every deployment holds the same weights) with a loud warning."""
-    from .checkpoint import load_checkpoint, load_model_config
+def load_serving_model(s: ServeSettings, parts: tuple[str, ...]):
+    """The part of the PPCRModel a replica serves ("mllm" or "sam": only that part is built and
+    loaded), from the checkpoint, or the random-init preset (seeded, so every replica of every
+    deployment holds the same weights) with a loud warning."""
+    from .checkpoint import load_checkpoint
 
     torch.set_num_threads(max(1, s.torch_threads))
     if s.checkpoint is not None:
@@ -130,16 +130,15 @@ def load_serving_model(s: ServeSettings):
         if s.mllm_path is not None:
             overrides["mllm_path"] = s.mllm_path
         if s.sam_checkpoint is not None:
-            sam = load_model_config(s.checkpoint).sam
-            overrides["sam"] = dataclasses.replace(sam, checkpoint=s.sam_checkpoint)
-        return load_checkpoint(s.checkpoint, overrides=overrides, device=s.device)
+            overrides["sam"] = {"checkpoint": s.sam_checkpoint}
+        return load_checkpoint(s.checkpoint, overrides=overrides, device=s.device, parts=parts)
     from .config import load_config
     from .model import PPCRModel
 
     logger.warning(RANDOM_INIT_WARNING)
     warnings.warn(RANDOM_INIT_WARNING, stacklevel=2)
     torch.manual_seed(0)
-    return PPCRModel(load_config(s.preset).model).to(s.device).eval()
+    return PPCRModel(load_config(s.preset).model, parts=parts).to(s.device).eval()
 
 
 # _BATCHING: the batch handlers compute on the replica's user event loop instead of in a thread.
@@ -173,8 +172,7 @@ class MLLMStage:
 
     def __init__(self, settings: dict):
         self.s = ServeSettings(**settings)
-        self.model = load_serving_model(self.s)
-        self.model.segmentation = None  # this replica never runs SAM: free it
+        self.model = load_serving_model(self.s, parts=("mllm",))  # never builds SAM
         self.device = torch.device(self.s.device)
         self.reason.set_max_batch_size(self.s.max_batch_size)
         self.reason.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
@@ -189,20 +187,14 @@ class MLLMStage:
     @torch.no_grad()
     def _reason(self, keys, images, expressions) -> list[dict]:
         t0 = time.perf_counter()
-        rows: dict[str, int] = {}
-        clip, hw, index, texts = [], [], [], []
-        for key, image, exprs in zip(keys, images, expressions):
-            if key not in rows:
-                rows[key] = len(rows)
-                clip.append(clip_preprocess(image, self.model.clip_size))
-                hw.append(image.shape[:2])
-            index += [rows[key]] * len(exprs)
-            texts += exprs
+        per_expr = [(key, image) for key, image, exprs in zip(keys, images, expressions) for _ in exprs]
+        first, index = group_images([key for key, _ in per_expr])
+        distinct = [per_expr[i][1] for i in first]
         out = self.model.reason(
-            torch.stack(clip).to(self.device),
-            torch.tensor(index, device=self.device),
-            texts,
-            torch.tensor(hw, dtype=torch.long),
+            torch.stack([clip_preprocess(im, self.model.clip_size) for im in distinct]).to(self.device),
+            index.to(self.device),
+            [t for exprs in expressions for t in exprs],
+            torch.tensor([im.shape[:2] for im in distinct], dtype=torch.long),
             max_sequences=self.s.max_sequences_per_forward,
         )
         sem = out.semantic_prompt.float().cpu().numpy()
@@ -229,8 +221,7 @@ class SAMStage:
 
     def __init__(self, settings: dict):
         self.s = ServeSettings(**settings)
-        self.model = load_serving_model(self.s)
-        self.model.mllm = self.model.semantic = self.model.spatial = None  # never runs the MLLM: free it
+        self.model = load_serving_model(self.s, parts=("sam",))  # never builds LLaVA
         self.device = torch.device(self.s.device)
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         for method in (self.encode, self.decode):
@@ -302,11 +293,10 @@ class SAMStage:
             torch.tensor([tuple(hw) for hw in hws], dtype=torch.long),
             torch.tensor([tuple(e["sam_input_hw"]) for e in encoded], dtype=torch.long),
         )
-        found = []
-        for j in range(len(masks)):
-            mask = (masks[j] > 0).cpu().numpy()
-            px = output_box(None if box is None else box[j], mask)
-            found.append({"box": px, "mask": encode_mask(mask), "score": float(iou[j])})
+        found = [
+            {"box": seg.box, "mask": encode_mask(seg.mask), "score": seg.score}
+            for seg in segmentations(masks, box, iou)
+        ]
         ms = (time.perf_counter() - t0) * 1000
         results, start = [], 0
         for e, s in zip(encoded, semantic):

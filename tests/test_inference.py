@@ -1,0 +1,128 @@
+"""The inference runtime (ppcr/inference.py) and per-stage loading: a process builds only the part it
+runs, and the parts together answer exactly as the whole model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.modeling import Sam
+
+from ppcr.batching import Item, collate
+from ppcr.checkpoint import load_checkpoint, save_checkpoint
+from ppcr.cli import main
+from ppcr.config import ConfigError, load_config
+from ppcr.inference import (
+    MASK_THRESHOLD,
+    binarize,
+    ground_truth_boxes,
+    group_images,
+    predict_torch,
+    segmentations,
+)
+from ppcr.model import PPCRModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = PPCRModel(load_config("tiny").model)
+    with torch.no_grad():  # away from init (lora_B starts at zero)
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return save_checkpoint(model, tmp_path_factory.mktemp("inference") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    items = []
+    for key, (h, w), expr in [("a", (60, 90), "the red circle"), ("b", (100, 70), "the blue square")]:
+        img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        items.append(Item(key, img, expr, np.ones((h, w), bool), np.array([5.0, 10, 50, 40])))
+    items.append(Item("a", items[0].image, "the thing on the right", items[0].gt_mask, items[0].gt_box))
+    cfg = load_config("tiny").model
+    return collate(items, cfg.vision.image_size, cfg.sam.image_size)
+
+
+def test_group_images_keeps_first_seen_order():
+    first, index = group_images(["x", "y", "x", "z", "y"])
+    assert first == [0, 1, 3] and index.tolist() == [0, 1, 0, 2, 1]
+
+
+def test_ground_truth_boxes_are_normalized_and_clamped():
+    boxes = ground_truth_boxes(
+        [np.array([10, 20, 50, 40]), np.array([-5, 0, 300, 10])], [(40, 100), (10, 200)]
+    )
+    torch.testing.assert_close(boxes, torch.tensor([[0.1, 0.5, 0.5, 1.0], [0.0, 0.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="2 boxes but 1 image sizes"):
+        ground_truth_boxes([np.zeros(4), np.zeros(4)], [(1, 1)])
+
+
+def test_masks_are_cut_at_sams_own_threshold():
+    assert MASK_THRESHOLD == Sam.mask_threshold
+    logits = torch.tensor([[MASK_THRESHOLD - 1e-3, MASK_THRESHOLD + 1e-3]])
+    assert binarize(logits).tolist() == [[False, True]]
+    segs = segmentations([torch.full((4, 6), 5.0)], torch.tensor([[0.0, 0.0, 0.5, 1.0]]), torch.tensor([0.7]))
+    assert segs[0].mask.all() and segs[0].box.tolist() == [0.0, 0.0, 3.0, 4.0]
+    assert segs[0].score == pytest.approx(0.7)
+
+
+def test_each_part_builds_only_its_modules(ckpt):
+    mllm = load_checkpoint(ckpt, parts=("mllm",))
+    sam = load_checkpoint(ckpt, parts=("sam",))
+    assert mllm.segmentation is None and not any(k.startswith("segmentation.") for k in mllm.state_dict())
+    assert sam.mllm is None and sam.semantic is None and sam.spatial is None
+    assert all(k.startswith("segmentation.") for k in sam.state_dict())
+    assert mllm.device == sam.device == torch.device("cpu")  # a half-built model still knows its device
+    with pytest.raises(RuntimeError, match=r"reason \(stages 1 \+ 2\) needs the 'mllm' part"):
+        sam.reason(
+            torch.zeros(1, 3, 112, 112), torch.zeros(1, dtype=torch.long), ["x"], torch.tensor([[1, 1]])
+        )
+    with pytest.raises(ValueError, match="needs the whole model"):
+        save_checkpoint(sam, ckpt.parent / "partial")
+    with pytest.raises(ValueError, match="parts must be a non-empty subset"):
+        load_checkpoint(ckpt, parts=("llava",))
+
+
+def test_the_two_parts_together_answer_as_the_whole_model(ckpt, batch):
+    whole = load_checkpoint(ckpt)
+    mllm, sam = load_checkpoint(ckpt, parts=("mllm",)), load_checkpoint(ckpt, parts=("sam",))
+    expected = predict_torch(whole, batch)
+    with torch.no_grad():
+        r = mllm.reason(batch.clip_pixels, batch.image_index, batch.expressions, batch.original_hw)
+        emb = sam.segmentation.encode(batch.sam_pixels)
+        _, iou, logits = sam.segment(
+            emb, batch.image_index, r.semantic_prompt, r.box, batch.original_hw, batch.sam_input_hw
+        )
+    for want, got in zip(expected, segmentations(logits, r.box, iou)):
+        np.testing.assert_array_equal(want.mask, got.mask)
+        np.testing.assert_allclose(want.box, got.box, rtol=1e-6)
+        assert want.score == pytest.approx(got.score, rel=1e-6)
+
+
+def test_a_part_built_alone_has_the_whole_models_random_weights():
+    cfg = load_config("tiny").model
+    torch.manual_seed(0)
+    whole = PPCRModel(cfg).state_dict()
+    torch.manual_seed(0)
+    sam = PPCRModel(cfg, parts=("sam",)).state_dict()
+    torch.manual_seed(0)
+    mllm = PPCRModel(cfg, parts=("mllm",)).state_dict()
+    for part in (sam, mllm):
+        for name, tensor in part.items():
+            torch.testing.assert_close(tensor, whole[name], rtol=0, atol=0)
+
+
+def test_overrides_are_validated_like_a_config_file(ckpt, capsys):
+    with pytest.raises(ConfigError, match="model.spatial_prompt must be one of"):
+        load_checkpoint(ckpt, overrides={"spatial_prompt": "foo"})
+    with pytest.raises(ConfigError, match="unknown key model.box_hed"):
+        load_checkpoint(ckpt, overrides={"box_hed": "mlp"})
+    with pytest.raises(ConfigError, match="model.sam.checkpoint must be a string"):
+        load_checkpoint(ckpt, overrides={"sam": {"checkpoint": 3}})
+    args = ["evaluate", "--checkpoint", str(ckpt), "--shards", str(ckpt), "--spatial-prompt", "foo"]
+    assert main(args) == 2
+    assert "model.spatial_prompt must be one of" in capsys.readouterr().err
