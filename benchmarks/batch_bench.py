@@ -1,4 +1,4 @@
-"""The Ray Data batch job (ppcr.batch_pipeline.run_batch) side by side with a plain single-process loop,
+"""The Ray Data batch job (ppcr.batch.run_batch) side by side with a plain single-process loop,
 on the tiny preset (random weights: speed does not depend on them) and a RefCOCO-like manifest.
 
     python benchmarks/batch_bench.py [--images 100] [--ratio 7] [--scale 5] [--cpus 4] [--mllm-actors 2]
@@ -35,12 +35,12 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ppcr.batch_pipeline import (
+from ppcr.batch import (
     BatchConfig,
     MLLMStage,
     SAMStage,
     StageConfig,
-    _f32,
+    decode_f32,
     decode_stage,
     group_by_image,
     read_manifest,
@@ -189,7 +189,7 @@ def stage_cpu_seconds(checkpoint: Path, manifest: Path, cfg: BatchConfig, ratio:
         for block in blocks:
             dec = decode_stage(block, model.clip_size, model.sam_size)
             s = model.sam_size
-            px = torch.stack([_f32(b, (3, s, s)) for b in dec["sam"].to_pylist()])
+            px = torch.stack([decode_f32(b, (3, s, s)) for b in dec["sam"].to_pylist()])
             c = time.process_time()
             model.segmentation.encode(px)
             enc += time.process_time() - c

@@ -90,7 +90,7 @@ def main() -> None:
     from ppcr.config import load_config
     from ppcr.model import PPCRModel
     from ppcr.predictor import Segmenter
-    from ppcr.serve_app import free_port, start, wait_healthy
+    from ppcr.serve import free_port, start, wait_healthy
 
     torch.set_num_threads(1)  # the replicas' setting (ServeSettings.torch_threads)
     ckpt = a.checkpoint

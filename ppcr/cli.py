@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
-from .config import ConfigError
+from .config import ConfigError, InputError, SpatialPrompt
 from .ray_cluster import ResourceError
 
 
@@ -38,15 +39,11 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
+    from .config import from_dict
     from .data.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(
-        num_images=a.images,
-        seed=a.seed,
-        min_objects=a.min_objects,
-        max_objects=a.max_objects,
-        relations=not a.no_relations,
-    )
+    fields = dict(num_images=a.images, seed=a.seed, min_objects=a.min_objects, max_objects=a.max_objects)
+    cfg = from_dict(SynthConfig, {**fields, "relations": not a.no_relations}, "synth")
     summary = synthesize(a.out, cfg)
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -59,7 +56,7 @@ def cmd_prepare(a: argparse.Namespace) -> int:
         from .data.distributed_prepare import prepare_shards_ray
         from .ray_cluster import init_ray
 
-        init_ray(quiet=False)
+        init_ray(address=a.address, num_cpus=a.num_cpus, quiet=False)
         report, parts = prepare_shards_ray(*source, **common, concurrency=a.concurrency)
         extra = {"parts_written": parts["written"], "parts_already_done": parts["skipped"]}
     else:
@@ -92,7 +89,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"trained {result.steps} steps in {result.seconds:.0f}s; checkpoint: {result.checkpoint}")
         return 0
     from .distributed_train import run_training
+    from .ray_cluster import init_ray
 
+    init_ray(address=a.address, num_cpus=a.num_cpus, quiet=False)  # run_training reuses this Ray
     result = run_training(cfg, out=a.out, resume=a.resume)
     shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
     print(json.dumps({"steps": result.steps, "run": result.run_dir, "metrics": shown}, indent=2))
@@ -114,9 +113,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .report import write_report
 
     overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else {}
+    if not a.ray and (a.config or a.set):
+        raise InputError("--config / --set size the --ray pipeline (BatchConfig); add --ray or drop them")
     if a.ray:
         if a.device != "cpu":
-            raise ValueError(
+            raise InputError(
                 "--device is for in-process evaluation; with --ray, --batch-config places the stages"
             )
         return _evaluate_ray(a, {**overrides, **_dtype_override(a)} or None)
@@ -137,13 +138,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _evaluate_ray(a: argparse.Namespace, overrides: dict | None) -> int:
-    """`ppcr evaluate --ray`: every split in one Ray Data pipeline (ppcr.batch_pipeline)."""
-    from .batch_pipeline import evaluate_shards, load_batch_config
+    """`ppcr evaluate --ray`: every split in one Ray Data pipeline (ppcr.batch)."""
+    from .batch import evaluate_shards, load_batch_config
     from .data.shards import shard_dir
     from .ray_cluster import init_ray
     from .report import write_report
 
-    cfg = load_batch_config(a.batch_config)
+    cfg = load_batch_config(a.config, _overrides(a.set))
     init_ray(address=a.address, num_cpus=a.num_cpus)
     dirs = [shard_dir(a.shards, a.dataset, a.split_by, split) for split in a.splits]
     per_split = evaluate_shards(a.checkpoint, dirs, cfg, overrides, oracle_box=a.oracle_box)
@@ -160,7 +161,7 @@ def _evaluate_ray(a: argparse.Namespace, overrides: dict | None) -> int:
 
 
 def cmd_batch(a: argparse.Namespace) -> int:
-    from .batch_pipeline import load_batch_config, run_batch
+    from .batch import load_batch_config, run_batch
     from .ray_cluster import init_ray
 
     overrides = _overrides(a.set)
@@ -169,7 +170,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
     cfg = load_batch_config(a.config, overrides)
     init_ray(address=a.address, num_cpus=a.num_cpus)
     summary = run_batch(
-        a.input, a.output, a.checkpoint, cfg, retry_errors=a.retry_errors, progress=not a.no_progress
+        a.input, a.out, a.checkpoint, cfg, retry_errors=a.retry_errors, progress=not a.no_progress
     )
     print(f"ppcr batch: {summary}", file=sys.stderr)
     print(json.dumps(summary.as_dict()))
@@ -209,19 +210,15 @@ def cmd_segment(a: argparse.Namespace) -> int:
     data = path.read_bytes()
     image = decode_image(data, str(path))
     if a.server:
-        from .data.refer import decode_rle
-        from .serve_client import segment_remote
-
-        if a.checkpoint:
-            raise ValueError("--checkpoint is for in-process use; the server at --server has its own")
         import requests
 
-        from .serve_client import ServerError
+        from .data.refer import decode_rle
+        from .serve.client import ServerError, segment_remote
 
         try:
             answer = segment_remote(a.server, data, a.expression)
         except (ServerError, requests.RequestException) as exc:
-            raise ValueError(f"--server {a.server}: {exc}") from exc
+            raise InputError(f"--server {a.server}: {exc}") from exc
         mask, box, score = decode_rle(answer["mask"]), answer["box"], answer["score"]
     else:
         from .predictor import Segmenter
@@ -247,11 +244,11 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .serve_app import start
+    from .serve import start
 
     args = {"checkpoint": a.checkpoint} if a.checkpoint else {}
     print(f"ppcr serve: http://{a.host}:{a.port}/ (Ctrl-C stops; for a Serve config: serve run FILE)")
-    start(args, host=a.host, port=a.port, blocking=True, ray_address=a.address)
+    start(args, host=a.host, port=a.port, blocking=True, ray_address=a.address, num_cpus=a.num_cpus)
     return 0
 
 
@@ -290,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run as a Ray Data job: parallel, resumable, bad records always reported to errors.jsonl",
     )
     s.add_argument("--concurrency", type=int, default=2, help="--ray: writer actors")
+    _add_ray_args(s)
     s.set_defaults(fn=cmd_prepare)
 
     s = sub.add_parser(
@@ -317,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="--local only: stop after this many seconds (still saves)",
     )
+    _add_ray_args(s)
     _add_overrides(s)
     s.set_defaults(fn=cmd_train)
 
@@ -336,22 +335,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-by", default="unc")
     s.add_argument("--splits", nargs="+", default=["val", "testA", "testB"])
     s.add_argument("--oracle-box", action="store_true", help="give SAM the ground-truth box (Table 3 oracle)")
-    s.add_argument("--spatial-prompt", default=None)
+    s.add_argument(
+        "--spatial-prompt",
+        default=None,
+        choices=get_args(SpatialPrompt),
+        help="ablation: the spatial template (default: the checkpoint's; model.spatial_prompt)",
+    )
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--out", default="eval_out")
-    s.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (ppcr.batch_pipeline)")
+    s.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (ppcr.batch)")
     s.add_argument(
-        "--batch-config", default=None, help="with --ray: BatchConfig YAML (actor pools, batch sizes)"
+        "--config",
+        "--batch-config",
+        dest="config",
+        default=None,
+        help="with --ray: BatchConfig YAML (actor pools, batch sizes), e.g. configs/batch/cpu.yaml",
     )
     _add_device_args(s)
     _add_ray_args(s)
+    _add_overrides(s)
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("batch", help="offline batch segmentation of a manifest or shards (Ray Data)")
     s.add_argument(
         "--input", required=True, help="manifest (.parquet/.jsonl/.csv: image, expression[, id]) or shards"
     )
-    s.add_argument("--output", required=True, help="folder for results/, errors/ (re-runs resume here)")
+    s.add_argument(
+        "--out",
+        "--output",
+        dest="out",
+        required=True,
+        help="folder for results/, errors/ (re-runs resume here)",
+    )
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--config", default=None, help="BatchConfig YAML (actor pools, batch sizes)")
     s.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png")
@@ -364,8 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment one image, in-process or on a server (--server)")
     s.add_argument("image")
     s.add_argument("expression")
-    s.add_argument("--checkpoint", default=None, help="inference checkpoint (default: untrained tiny preset)")
-    s.add_argument("--server", default=None, help="URL of a running `ppcr serve`, e.g. http://127.0.0.1:8000")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument(
+        "--checkpoint", default=None, help="inference checkpoint (default: untrained tiny preset)"
+    )
+    where.add_argument(
+        "--server", default=None, help="URL of a running `ppcr serve`, e.g. http://127.0.0.1:8000"
+    )
     s.add_argument("--out", default=None, help="write an overlay PNG")
     _add_device_args(s)
     s.set_defaults(fn=cmd_segment)
@@ -378,9 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument(
-        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)"
-    )
+    _add_ray_args(s)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="synthesise data, train the tiny preset, evaluate, draw overlays")
@@ -391,11 +409,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause (bad config, input, files, weights, cluster size): one line, exit code 2."""
+    from .data.refer import ReferDataError
+    from .geometry import ImageDecodeError
+    from .weights import WeightsError
+
+    return (
+        ConfigError,
+        InputError,
+        FileNotFoundError,
+        ResourceError,
+        WeightsError,
+        ImageDecodeError,
+        ReferDataError,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    EXPECTED_ERRORS = _expected_errors()
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError, ResourceError) as exc:
+    except EXPECTED_ERRORS as exc:  # anything else is a bug: its traceback is shown
         print(f"ppcr {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

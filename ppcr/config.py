@@ -28,6 +28,11 @@ class ConfigError(ValueError):
     """A config file or value is invalid; the message names the key."""
 
 
+class InputError(ValueError):
+    """A user-supplied input is invalid (an expression, a manifest, a shard file, a combination of
+    command-line flags); the message names it. The CLI reports it in one line with exit code 2."""
+
+
 @dataclass
 class VisionConfig:
     """CLIP vision tower (LLaVA-1.5 uses ViT-L/14 at 336 px, 24 layers)."""
@@ -292,6 +297,14 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     obj = cls(**kwargs)
     validate(obj, prefix)
+    own_check = getattr(obj, "validate", None)  # dataclasses outside this module (e.g. SynthConfig)
+    if callable(own_check):
+        try:
+            own_check()
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}: {exc}" if prefix else str(exc)) from None
     return obj
 
 

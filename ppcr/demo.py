@@ -48,7 +48,7 @@ class DemoSettings:
     train_minutes: float = 13.0
     steps: int = 2000
     overlays: int = 12
-    served: int = 3  # val images segmented over HTTP at the end (ppcr.serve_app.demo_serving)
+    served: int = 3  # val images segmented over HTTP at the end (ppcr.serve.demo_serving)
     eval_splits: tuple[str, ...] = ("val", "testA", "testB")
 
 
@@ -141,14 +141,14 @@ def _serve_step(ckpt: Path, val: Path, out_file: Path, count: int) -> None:
     reported, not raised: the trained checkpoint and report above are the demo's product."""
     import json
 
-    from .serve_app import demo_serving
+    from .serve import demo_serving
 
     _say(f"then: serving {ckpt} with Ray Serve and segmenting {count} val images over HTTP")
     samples = [(x.image_bytes, x.text) for _, x in zip(range(count), iter_expressions(val))]
     try:
         answers = demo_serving(ckpt, samples)
     except Exception as exc:  # the demo must finish: say loudly what failed, and go on
-        _say(f"    serving FAILED ({type(exc).__name__}: {exc}); see ppcr/serve_app.py")
+        _say(f"    serving FAILED ({type(exc).__name__}: {exc}); see ppcr/serve/")
         return
     rows = [
         {

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import collate
+from .config import InputError
 from .data.refer import decode_rle
 from .data.shards import ExpressionSample, iter_expressions, read_image_rows
 from .geometry import denormalize_box, mask_to_box
@@ -70,7 +71,7 @@ def mean_training_box(train_dir: str | Path) -> np.ndarray:
             total += k * np.asarray(ref["bbox"]) / scale
             n += k
     if n == 0:
-        raise ValueError(f"no training boxes in {train_dir}")
+        raise InputError(f"no training boxes in {train_dir}")
     return total / n
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .batching import Item, collate
 from .checkpoint import load_checkpoint
-from .config import RunConfig, load_config
+from .config import InputError, RunConfig, load_config
 from .geometry import as_rgb_array
 from .inference import Segmentation, predict_torch
 from .model import PPCRModel
@@ -60,7 +60,7 @@ class Segmenter:
     def segment_batch(self, images: Sequence, expressions: Sequence[str]) -> list[Segmentation]:
         """One result per (image, expression) pair; identical images are encoded once."""
         if len(images) != len(expressions):
-            raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
+            raise InputError(f"{len(images)} images but {len(expressions)} expressions")
         arrays = [as_rgb_array(im, f"image {i}") for i, im in enumerate(images)]
         texts = [clean_expression(e) for e in expressions]
         keys = [image_key(a) for a in arrays]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 
+from .config import InputError
+
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "[SEG]"
 BOX_TOKEN = "[BOX]"
@@ -54,18 +56,18 @@ SPATIAL_ANSWER = f"{BOX_TOKEN}."
 
 
 def clean_expression(expression: str, max_chars: int | None = None) -> str:
-    """Strip and validate a referring expression; raise ValueError on an empty one (or one longer than
+    """Strip and validate a referring expression; raise InputError on an empty one (or one longer than
     `max_chars` after whitespace is collapsed, when given: servers bound what a client may send)."""
     if not isinstance(expression, str):
         raise TypeError(f"expression must be a string; got {type(expression).__name__}")
     text = " ".join(expression.split())
     if not text:
-        raise ValueError("expression is empty")
+        raise InputError("expression is empty")
     if max_chars is not None and len(text) > max_chars:
-        raise ValueError(f"expression is {len(text)} characters long; at most {max_chars} are accepted")
+        raise InputError(f"expression is {len(text)} characters long; at most {max_chars} are accepted")
     for tok in SPECIAL_TOKENS:
         if tok in text:
-            raise ValueError(f"expression must not contain the reserved token {tok!r}")
+            raise InputError(f"expression must not contain the reserved token {tok!r}")
     return text
 
 

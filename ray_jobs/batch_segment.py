@@ -1,10 +1,10 @@
 """Offline batch segmentation with Ray Data: manifest or shards in, Parquet masks out.
 
-    python ray_jobs/batch_segment.py --input manifest.jsonl --output out/ --checkpoint demo_out/checkpoint
+    python ray_jobs/batch_segment.py --input manifest.jsonl --out out/ --checkpoint demo_out/checkpoint
     RAY_ADDRESS=auto python ray_jobs/batch_segment.py ... --config batch.yaml --set mllm.concurrency=4
 
-Same as `ppcr batch`; the pipeline is `ppcr.batch_pipeline.run_batch`. Re-run with the same
---output to finish an interrupted job.
+Same as `ppcr batch`; the pipeline is `ppcr.batch.run_batch`. Re-run with the same
+--out to finish an interrupted job.
 """
 
 import sys

@@ -4,7 +4,7 @@ across workers; per-split JSON plus report.json / report.md.
     python ray_jobs/evaluate.py --checkpoint demo_out/checkpoint --shards demo_out/shards \
         --dataset synthref --splits val testA testB --out eval_out [--oracle-box]
 
-Same as `ppcr evaluate --ray`; the pipeline is `ppcr.batch_pipeline.evaluate_shards`, whose numbers
+Same as `ppcr evaluate --ray`; the pipeline is `ppcr.batch.evaluate_shards`, whose numbers
 equal the single-process `ppcr.evaluate.evaluate_split` (`ppcr evaluate` without --ray).
 """
 

@@ -98,7 +98,7 @@ def test_bucket_memory_follows_the_deepspeed_config(capacity):
 
 
 def test_gpu_batch_config_loads_and_fits_four_l20s():
-    from ppcr.batch_pipeline import load_batch_config
+    from ppcr.batch import load_batch_config
 
     cfg = load_batch_config(REPO / "configs/batch/llava7b_l20.yaml")
     assert cfg.mllm.device == "cuda" and cfg.sam.device == "cuda"

@@ -34,7 +34,7 @@ from ppcr.data.refer import decode_rle  # noqa: E402
 from ppcr.model import PPCRModel  # noqa: E402
 from ppcr.predictor import Segmenter  # noqa: E402
 from ppcr.ray_cluster import init_ray  # noqa: E402
-from ppcr.serve_app import HTTPError, Pipeline, free_port, make_app, resolve_settings, wait_healthy  # noqa: E402
+from ppcr.serve import HTTPError, Pipeline, free_port, make_app, resolve_settings, wait_healthy  # noqa: E402
 
 APP = "ppcr-test"
 LIMITS = {

@@ -11,7 +11,7 @@ pytest.importorskip("ray.serve")
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from ppcr.serve_app import ServeSettings, build_app, make_app, resolve_settings  # noqa: E402
+from ppcr.serve import ServeSettings, build_app, make_app, resolve_settings  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).parent.parent / "serve_configs").glob("*.yaml"))
 
@@ -28,7 +28,7 @@ def test_config_parses_and_builds_the_app(path, monkeypatch):
     assert "host" in raw["http_options"], "a shipped config says where it binds (Serve's default is 0.0.0.0)"
     assert f"host: {raw['http_options']['host']}" in path.read_text()
     for app in schema.applications:
-        assert app.import_path == "ppcr.serve_app:build_app"
+        assert app.import_path == "ppcr.serve:build_app"
         settings = resolve_settings(app.args)  # unknown or mistyped args are errors
         assert isinstance(settings, ServeSettings)
         # What `serve run` itself calls (a private helper: it enforces the one-`args`-parameter rule).

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..config import InputError
 from .refer import ReferDataError, ReferDataset, ReferRef, decode_rle
 
 __all__ = [
@@ -279,15 +280,15 @@ def validate_shard_schema(path: str | Path) -> None:
     # Iterate in schema order (not set order) so the reported column is deterministic.
     for name in SHARD_SCHEMA.names:
         if name not in got:
-            raise ValueError(f"{path}: missing column {name!r} (expected {expected[name].type})")
+            raise InputError(f"{path}: missing column {name!r} (expected {expected[name].type})")
     for name in schema.names:
         if name not in expected:
-            raise ValueError(f"{path}: unexpected column {name!r} ({got[name].type})")
+            raise InputError(f"{path}: unexpected column {name!r} ({got[name].type})")
     for name, f in expected.items():
         if not got[name].equals(f):
-            raise ValueError(f"{path}: column {name!r} is {got[name]}, expected {f}")
+            raise InputError(f"{path}: column {name!r} is {got[name]}, expected {f}")
     if schema.names != SHARD_SCHEMA.names:
-        raise ValueError(f"{path}: column order {schema.names} != {SHARD_SCHEMA.names}")
+        raise InputError(f"{path}: column order {schema.names} != {SHARD_SCHEMA.names}")
 
 
 def _part_files(split_dir: str | Path) -> list[Path]:

@@ -19,18 +19,18 @@ import ray
 import torch
 from PIL import Image
 
-from ppcr.batch_pipeline import (
+from ppcr.batch import (
     BatchConfig,
     MLLMStage,
     SAMStage,
     StageConfig,
-    _shard_rows_to_images,
     decode_stage,
     group_by_image,
     load_batch_config,
     metrics_stage,
     read_manifest,
     run_batch,
+    shard_rows_to_images,
 )
 from ppcr.checkpoint import load_checkpoint, save_checkpoint
 from ppcr.cli import main
@@ -132,13 +132,13 @@ def test_group_by_image_keeps_first_appearance_order(manifest):
 def test_shard_rows_become_image_rows_without_done_sentences(val_dir):
     shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))])
     sent_ids = [str(s["sent_id"]) for r in shard["refs"].to_pylist() for ref in r for s in ref["sentences"]]
-    images = _shard_rows_to_images(shard, split="val", with_gt=False, done=None)
+    images = shard_rows_to_images(shard, split="val", with_gt=False, done=None)
     assert len(images) == len(shard) and sum(len(x) for x in images["ids"].to_pylist()) == len(sent_ids)
     assert images["gt_boxes"].null_count == len(images)  # batch input carries no ground truth
     # Everything of the first image done: it disappears; one more sentence done: it is skipped.
     first = images["ids"][0].as_py()
     done = pa.array(first + [sent_ids[-1]])
-    rest = _shard_rows_to_images(shard, split="val", with_gt=True, done=done)
+    rest = shard_rows_to_images(shard, split="val", with_gt=True, done=done)
     assert len(rest) == len(shard) - 1
     kept = [i for ids in rest["ids"].to_pylist() for i in ids]
     assert sorted(kept) == sorted(set(sent_ids) - set(done.to_pylist()))
@@ -231,7 +231,7 @@ def test_resume_redoes_only_lost_rows(first_run, manifest, checkpoint, tmp_path,
     victim.write_bytes(victim.read_bytes()[:100])  # truncated mid-write
     with pytest.warns(UserWarning, match="unreadable"):
         rc = main(
-            ["batch", "--input", str(manifest[0]), "--output", str(out), "--checkpoint", str(checkpoint)]
+            ["batch", "--input", str(manifest[0]), "--out", str(out), "--checkpoint", str(checkpoint)]
             + ["--no-progress", "--overlays", "--set", "sam.batch_size=2"]
         )
     assert rc == 0
@@ -274,7 +274,7 @@ def test_oracle_box_through_the_stage_functions(val_dir, checkpoint):
     functions and classes the actor pools run, without Ray's start-up cost."""
     model = load_checkpoint(checkpoint)
     shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))])
-    images = _shard_rows_to_images(shard, split="val", with_gt=True, done=None)
+    images = shard_rows_to_images(shard, split="val", with_gt=True, done=None)
     decoded = decode_stage(images, model.clip_size, model.sam_size)
     reasoned = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=7)(decoded)
     rows = SAMStage(str(checkpoint), None, "cpu", 1, None, oracle_box=True, evaluation=True)(reasoned)
@@ -286,3 +286,12 @@ def test_oracle_box_through_the_stage_functions(val_dir, checkpoint):
     assert got["BoxAcc@0.5"] == 1.0 and got["count"] == want["count"]
     for k in want:  # other batch compositions (7 expressions per MLLM call) move logits by ~1e-7
         assert got[k] == pytest.approx(want[k], abs=1e-6), k
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs" / "batch").glob("*.yaml"))
+)
+def test_every_shipped_batch_config_loads(path):
+    cfg = load_batch_config(path)
+    assert cfg.demand()["CPU"] > 0
+    assert path.read_text().startswith("#")  # the launch command in the header

@@ -1,0 +1,227 @@
+"""What the pipeline reads and passes on: output folder names, the Arrow schemas between stages,
+manifest and shard readers (one row per image, all of its expressions)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from ..config import InputError
+from ..storage import filesystem_for, is_uri
+
+RESULTS_DIR = "results"
+ERRORS_DIR = "errors"
+OVERLAYS_DIR = "overlays"
+
+# ----------------------------------------------------------------------------- schemas
+
+LIST_STR = pa.list_(pa.string())
+_RLE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
+_BOX = pa.list_(pa.float64())
+
+#: Image rows entering the decode stage. gt_* / split / height / width only for shard input.
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("image", pa.string()),
+        ("image_bytes", pa.binary()),
+        ("ids", LIST_STR),
+        ("expressions", LIST_STR),
+        ("split", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("gt_boxes", pa.list_(_BOX)),
+        ("gt_masks", pa.list_(_RLE)),
+    ]
+)
+PASSED_COLUMNS = ["image", "ids", "expressions", "split", "gt_boxes", "gt_masks"]
+#: After decode: preprocessed pixels as raw float32 bytes (shapes come from the model config).
+DECODED_SCHEMA = pa.schema(
+    [IMAGE_SCHEMA.field(n) for n in PASSED_COLUMNS]
+    + [
+        ("texts", LIST_STR),  # cleaned expressions, null where the expression is invalid
+        ("errors", LIST_STR),  # per expression: null, or why it cannot be segmented
+        ("clip", pa.binary()),
+        ("sam", pa.binary()),
+        ("hw", pa.list_(pa.int32())),
+        ("sam_hw", pa.list_(pa.int32())),
+    ]
+)
+#: After the MLLM: the prompts of the expressions still without error, in order (E × D and E × 4).
+REASONED_SCHEMA = pa.schema(list(DECODED_SCHEMA) + [("prompts", pa.binary()), ("boxes", pa.binary())])
+#: One row per expression: what `write_parquet` writes (`output` names the folder: results / errors).
+RESULT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.string()),
+        ("expression", pa.string()),
+        ("box", _BOX),  # pixel XYXY of the original image
+        ("mask", _RLE),  # COCO compressed RLE, size [H, W], as in the shard format
+        ("score", pa.float64()),  # SAM's predicted IoU
+        ("error", pa.string()),
+        ("output", pa.string()),
+    ]
+)
+_EVAL_FIELDS = [("split", pa.string()), ("gt_box", _BOX), ("gt_mask", _RLE)]
+EVAL_RESULT_SCHEMA = pa.schema(list(RESULT_SCHEMA) + _EVAL_FIELDS)
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def read_bytes(location: str) -> bytes:
+    """File bytes of a local path or of any URI pyarrow's filesystems read (s3://, gs://, file://, ...)."""
+    if not location:
+        raise InputError("image path is empty")
+    if is_uri(location):
+        filesystem, path = filesystem_for(location)
+        with filesystem.open_input_stream(path) as f:
+            return f.read()
+    return Path(location).read_bytes()
+
+
+def read_manifest(path: str | Path) -> pa.Table:
+    """A manifest (.parquet, .jsonl/.json lines, .csv) as a table of string columns id, image, expression.
+
+    `id` defaults to a hash of image and expression (stable when the manifest is reordered; identical
+    pairs share it and are segmented once). Relative local image paths resolve against the manifest's
+    folder. Duplicate explicit ids raise InputError (a re-run could not tell them apart).
+    """
+    path = str(path)
+    suffix = path.rsplit(".", 1)[-1].lower()
+    from pyarrow import csv as pacsv
+    from pyarrow import json as pajson
+
+    filesystem, inner = filesystem_for(path)
+    if suffix == "parquet":
+        table = pq.read_table(inner, filesystem=filesystem)
+    elif suffix in ("jsonl", "json", "csv"):
+        with filesystem.open_input_stream(inner) as f:
+            if suffix == "csv":
+                opts = pacsv.ConvertOptions(
+                    column_types={"id": pa.string(), "image": pa.string(), "expression": pa.string()}
+                )
+                table = pacsv.read_csv(f, convert_options=opts)
+            else:
+                table = pajson.read_json(f)
+    else:
+        raise InputError(f"{path}: manifest must be .parquet, .jsonl or .csv")
+    missing = [c for c in ("image", "expression") if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: manifest lacks column(s) {missing} (has {table.column_names})")
+    image = pc.fill_null(table["image"].cast(pa.string()), "")
+    expression = pc.fill_null(table["expression"].cast(pa.string()), "")
+    if not is_uri(path):
+        base = Path(inner).parent
+        image = pa.array(
+            [
+                p if (not p or is_uri(p) or Path(p).is_absolute()) else str(base / p)
+                for p in image.to_pylist()
+            ],
+            pa.string(),
+        )
+    if "id" in table.column_names:
+        ids = table["id"].cast(pa.string())
+        if ids.null_count:
+            raise InputError(f"{path}: {ids.null_count} row(s) have no id")
+        if pc.count_distinct(ids).as_py() != len(ids):
+            raise InputError(f"{path}: ids are not unique")
+    else:
+        ids = pa.array(
+            [
+                hashlib.blake2b(f"{i}\0{e}".encode(), digest_size=12).hexdigest()
+                for i, e in zip(image.to_pylist(), expression.to_pylist())
+            ],
+            pa.string(),
+        )
+    out = pa.table({"id": ids, "image": image, "expression": expression})
+    if "id" not in table.column_names:
+        out = out.group_by("id", use_threads=False).aggregate([("image", "first"), ("expression", "first")])
+        out = out.rename_columns(["id", "image", "expression"])
+    return out
+
+
+def group_by_image(manifest: pa.Table) -> pa.Table:
+    """Manifest rows -> IMAGE_SCHEMA rows, one per distinct image, in order of first appearance."""
+    t = manifest.append_column("_order", pa.array(np.arange(len(manifest))))
+    g = t.group_by("image", use_threads=False).aggregate(
+        [("id", "list"), ("expression", "list"), ("_order", "min")]
+    )
+    g = g.sort_by("_order_min")
+    n = len(g)
+    return pa.table(
+        {
+            "image": g["image"],
+            "image_bytes": pa.nulls(n, pa.binary()),
+            "ids": g["id_list"],
+            "expressions": g["expression_list"],
+            "split": pa.nulls(n, pa.string()),
+            "height": pa.nulls(n, pa.int32()),
+            "width": pa.nulls(n, pa.int32()),
+            "gt_boxes": pa.nulls(n, pa.list_(_BOX)),
+            "gt_masks": pa.nulls(n, pa.list_(_RLE)),
+        },
+        schema=IMAGE_SCHEMA,
+    )
+
+
+def shard_split_dirs(path: str | Path) -> list[Path]:
+    """Shard split folders under `path`: `path` itself if it holds part files, else its sub-folders that do."""
+    p = Path(path)
+    if any(p.glob("part-*.parquet")):
+        return [p]
+    return sorted(d for d in p.iterdir() if d.is_dir() and any(d.glob("part-*.parquet")))
+
+
+def shard_rows_to_images(table: pa.Table, split: str, with_gt: bool, done: pa.Array | None) -> pa.Table:
+    """Shard rows (SHARD_SCHEMA) -> IMAGE_SCHEMA rows; ids are sentence ids; done ids are dropped."""
+    done_set = set(done.to_pylist()) if done is not None else set()
+    rows = []
+    for r in table.to_pylist():
+        ids, exprs, boxes, masks = [], [], [], []
+        for ref in r["refs"]:
+            for s in ref["sentences"]:
+                sid = str(s["sent_id"])
+                if sid in done_set:
+                    continue
+                ids.append(sid)
+                exprs.append(s["text"])
+                boxes.append(list(ref["bbox"]))
+                masks.append({"size": list(ref["mask"]["size"]), "counts": ref["mask"]["counts"]})
+        if ids:
+            rows.append(
+                {
+                    "image": r["file_name"],
+                    "image_bytes": r["image"],
+                    "ids": ids,
+                    "expressions": exprs,
+                    "split": split,
+                    "height": r["height"],
+                    "width": r["width"],
+                    "gt_boxes": boxes if with_gt else None,
+                    "gt_masks": masks if with_gt else None,
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA)
+
+
+def shard_dataset(split_dirs: Sequence[Path], with_gt: bool, done: pa.Array | None) -> ray.data.Dataset:
+    parts = []
+    for d in split_dirs:
+        files = [str(f) for f in sorted(d.glob("part-*.parquet"))]
+        ds = ray.data.read_parquet(files).select_columns(["file_name", "height", "width", "image", "refs"])
+        parts.append(
+            ds.map_batches(
+                shard_rows_to_images,
+                batch_format="pyarrow",
+                batch_size=None,
+                fn_kwargs={"split": d.name, "with_gt": with_gt, "done": done},
+            )
+        )
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

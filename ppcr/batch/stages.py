@@ -1,0 +1,293 @@
+"""The pipeline's stages: decode + preprocess (CPU tasks), MLLM and SAM (actor pools), overlays, metrics.
+
+The model stages call the inference runtime (ppcr/inference.py) and `PPCRModel.reason` / `segment`;
+each actor builds only the model part it runs (`load_checkpoint(parts=...)`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from .io import (
+    DECODED_SCHEMA,
+    ERRORS_DIR,
+    EVAL_RESULT_SCHEMA,
+    LIST_STR,
+    OVERLAYS_DIR,
+    PASSED_COLUMNS,
+    REASONED_SCHEMA,
+    RESULT_SCHEMA,
+    RESULTS_DIR,
+    read_bytes,
+)
+
+# ----------------------------------------------------------------------------- stages
+
+
+def decode_f32(buf: bytes, shape: tuple[int, ...]):
+    import torch
+
+    # Object-store buffers are read-only; torch needs its own copy.
+    return torch.from_numpy(np.frombuffer(buf, dtype=np.float32).reshape(shape).copy())
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def decode_stage(table: pa.Table, clip_size: int, sam_size: int) -> pa.Table:
+    """CPU task: read + decode each image once, preprocess for CLIP and SAM, validate expressions."""
+    from ..geometry import decode_image, preprocess_image
+    from ..prompts import clean_expression
+
+    out = []
+    for r in table.to_pylist():
+        texts, errors = [], []
+        for e in r["expressions"]:
+            try:
+                texts.append(clean_expression(e))
+                errors.append(None)
+            except (TypeError, ValueError) as exc:
+                texts.append(None)
+                errors.append(f"bad expression: {exc}")
+        clip = sam = b""
+        hw = sam_hw = [0, 0]
+        image_error = None
+        if any(err is None for err in errors):
+            try:
+                data = r["image_bytes"] if r["image_bytes"] is not None else read_bytes(r["image"])
+                expected = None if r["height"] is None else (r["height"], r["width"])
+                img = decode_image(data, r["image"], expected_hw=expected)
+                hw = list(img.shape[:2])
+                clip_t, sam_t, in_hw = preprocess_image(img, clip_size, sam_size)
+                sam_hw = list(in_hw)
+                clip = clip_t.numpy().astype(np.float32).tobytes()
+                sam = sam_t.numpy().astype(np.float32).tobytes()
+            except Exception as exc:  # missing file, corrupt bytes, size mismatch, ...
+                image_error = f"bad image: {_error_text(exc)}"
+        if image_error is not None:
+            errors = [err or image_error for err in errors]
+            texts = [None] * len(texts)
+        out.append(
+            {**{k: r[k] for k in PASSED_COLUMNS}, "texts": texts, "errors": errors, "clip": clip, "sam": sam}
+            | {"hw": hw, "sam_hw": sam_hw}
+        )
+    return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+
+def _load_model(checkpoint: str, overrides: dict | None, device: str, threads: int, part: str):
+    """The one part ("mllm" or "sam") an actor runs: the other is never built (docs/architecture.md)."""
+    import torch
+
+    from ..checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    return load_checkpoint(checkpoint, overrides=overrides, device=device, parts=(part,))
+
+
+class MLLMStage:
+    """Actor: stages 1 + 2 (`PPCRModel.reason`) for every valid expression of a batch of image rows."""
+
+    def __init__(self, checkpoint: str, overrides: dict | None, device: str, threads: int, max_expr: int):
+        self.model = _load_model(checkpoint, overrides, device, threads, "mllm")
+        self.max_expr = max_expr
+
+    def _reason(self, rows: list[dict], pairs: list[tuple[int, int]]):
+        """pairs: (row, expression) -> (prompts (P, D), boxes (P, 4) or None) as numpy."""
+        import torch
+
+        from ..inference import group_images
+
+        m = self.model
+        c = m.clip_size
+        first, index = group_images([i for i, _ in pairs])
+        images = [pairs[k][0] for k in first]
+        clip = torch.stack([decode_f32(rows[i]["clip"], (3, c, c)) for i in images]).to(m.device)
+        hw = torch.tensor([rows[i]["hw"] for i in images], dtype=torch.long, device=m.device)
+        index = index.to(m.device)
+        texts = [rows[i]["texts"][j] for i, j in pairs]
+        with torch.no_grad():
+            r = m.reason(clip, index, texts, hw)
+        box = None if r.box is None else r.box.float().cpu().numpy()
+        return r.semantic_prompt.float().cpu().numpy(), box
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        pairs = [(i, j) for i, r in enumerate(rows) for j, err in enumerate(r["errors"]) if err is None]
+        prompts: dict[tuple[int, int], np.ndarray] = {}
+        boxes: dict[tuple[int, int], np.ndarray | None] = {}
+        for start in range(0, len(pairs), self.max_expr):
+            chunk = pairs[start : start + self.max_expr]
+            try:
+                p, b = self._reason(rows, chunk)
+                results = [(pair, p[k], None if b is None else b[k]) for k, pair in enumerate(chunk)]
+            except Exception:
+                results = []
+                for pair in chunk:  # isolate the failing expression(s); the others still run
+                    try:
+                        p, b = self._reason(rows, [pair])
+                        results.append((pair, p[0], None if b is None else b[0]))
+                    except Exception as exc:
+                        rows[pair[0]]["errors"][pair[1]] = f"MLLM stage failed: {_error_text(exc)}"
+            for pair, p, b in results:
+                prompts[pair], boxes[pair] = p, b
+        for i, r in enumerate(rows):
+            ok = [(i, j) for j, err in enumerate(r["errors"]) if err is None]
+            r["prompts"] = np.stack([prompts[k] for k in ok]).astype(np.float32).tobytes() if ok else b""
+            has_box = ok and boxes[ok[0]] is not None
+            r["boxes"] = np.stack([boxes[k] for k in ok]).astype(np.float32).tobytes() if has_box else b""
+        return pa.Table.from_pylist(rows, schema=REASONED_SCHEMA)
+
+
+@ray.remote(num_cpus=0)
+class EncoderCounter:
+    """How many images the SAM image encoder has embedded (summed over the SAM actors)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def total(self) -> int:
+        return self.n
+
+
+class SAMStage:
+    """Actor: stage 3. Encodes each image of the batch once (`segmentation.encode`), then decodes every
+    prompt of it (`PPCRModel.segment`); emits one RESULT row per expression, errors included."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        overrides: dict | None,
+        device: str,
+        threads: int,
+        counter,
+        oracle_box: bool = False,
+        evaluation: bool = False,
+    ):
+        self.model = _load_model(checkpoint, overrides, device, threads, "sam")
+        self.counter = counter
+        self.oracle_box = oracle_box
+        self.schema = EVAL_RESULT_SCHEMA if evaluation else RESULT_SCHEMA
+        self.evaluation = evaluation
+
+    def _segment(self, rows: list[dict]) -> list[list[tuple]]:
+        """For each row, (mask bool H×W, box pixel XYXY, score) per expression without error."""
+        import torch
+
+        from ..data.refer import encode_mask
+        from ..inference import ground_truth_boxes, segmentations
+
+        m = self.model
+        s, d = m.sam_size, m.cfg.prompt_dim
+        sam = torch.stack([decode_f32(r["sam"], (3, s, s)) for r in rows]).to(m.device)
+        hw = torch.tensor([r["hw"] for r in rows], dtype=torch.long, device=m.device)
+        sam_hw = torch.tensor([r["sam_hw"] for r in rows], dtype=torch.long, device=m.device)
+        index, prompts, boxes = [], [], []
+        for i, r in enumerate(rows):
+            ok = [j for j, err in enumerate(r["errors"]) if err is None]
+            index += [i] * len(ok)
+            prompts.append(decode_f32(r["prompts"], (len(ok), d)))
+            if self.oracle_box:
+                boxes.append(ground_truth_boxes([r["gt_boxes"][j] for j in ok], [r["hw"]] * len(ok)))
+            elif r["boxes"]:
+                boxes.append(decode_f32(r["boxes"], (len(ok), 4)))
+        index_t = torch.tensor(index, dtype=torch.long, device=m.device)
+        prompt_t = torch.cat(prompts).to(m.device)
+        box_t = torch.cat(boxes).to(m.device) if boxes else None
+        with torch.no_grad():
+            emb = m.segmentation.encode(sam)
+            if self.counter is not None:  # None when the stage is called in-process (benchmarks)
+                ray.get(self.counter.add.remote(len(rows)))
+            _, iou, logits = m.segment(emb, index_t, prompt_t, box_t, hw, sam_hw)
+        out: list[list[tuple]] = [[] for _ in rows]
+        for i, seg in zip(index, segmentations(logits, box_t, iou)):
+            out[i].append((encode_mask(seg.mask), [float(v) for v in seg.box], seg.score))
+        return out
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        work = [r for r in rows if any(err is None for err in r["errors"])]
+        segs: dict[int, list[tuple]] = {}
+        if work:
+            try:
+                segs = dict(zip(map(id, work), self._segment(work)))
+            except Exception:
+                for r in work:  # isolate the failing image; the others still run
+                    try:
+                        segs[id(r)] = self._segment([r])[0]
+                    except Exception as exc:
+                        r["errors"] = [err or f"SAM stage failed: {_error_text(exc)}" for err in r["errors"]]
+        out = []
+        for r in rows:
+            done = iter(segs.get(id(r), []))
+            for j, (rid, expr, err) in enumerate(zip(r["ids"], r["expressions"], r["errors"])):
+                rec = {"id": rid, "image": r["image"], "expression": expr, "error": err}
+                if err is None:
+                    rec["mask"], rec["box"], rec["score"] = next(done)
+                rec["output"] = ERRORS_DIR if err else RESULTS_DIR
+                if self.evaluation:
+                    rec["split"] = r["split"]
+                    rec["gt_box"] = r["gt_boxes"][j]
+                    rec["gt_mask"] = r["gt_masks"][j]
+                out.append(rec)
+        return pa.Table.from_pylist(out, schema=self.schema)
+
+
+def _safe_name(rid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", rid)[:150] or "_"
+
+
+def overlay_stage(table: pa.Table, out_dir: str) -> pa.Table:
+    """CPU task: draw `<out>/overlays/<id>.png` for the result rows (each image decoded once per batch)."""
+    from ..data.refer import decode_rle
+    from ..geometry import decode_image
+    from ..visualize import save_overlay
+
+    cache: dict[str, np.ndarray] = {}
+    for r in table.to_pylist():
+        if r["error"] is not None:
+            continue
+        if r["image"] not in cache:
+            cache[r["image"]] = decode_image(read_bytes(r["image"]), r["image"])
+        save_overlay(
+            Path(out_dir) / OVERLAYS_DIR / f"{_safe_name(r['id'])}.png",
+            image=cache[r["image"]],
+            mask=decode_rle(r["mask"]),
+            box=r["box"],
+            expression=r["expression"],
+            score=r["score"],
+        )
+    return table
+
+
+def metrics_stage(table: pa.Table) -> pa.Table:
+    """CPU task: RISMetrics of a batch of evaluation rows, one state per split (merged in the driver)."""
+    from ..data.refer import decode_rle
+    from ..metrics import RISMetrics
+
+    per: dict[str, RISMetrics] = {}
+    errors: dict[str, list[str]] = {}
+    for r in table.to_pylist():
+        if r["error"] is not None:
+            errors.setdefault(r["split"], []).append(f"{r['id']}: {r['error']}")
+            continue
+        per.setdefault(r["split"], RISMetrics()).update(
+            decode_rle(r["mask"]), decode_rle(r["gt_mask"]), r["box"], r["gt_box"]
+        )
+    splits = sorted(set(per) | set(errors))
+    return pa.table(
+        {
+            "split": splits,
+            "state": [json.dumps(per[s].state_dict()) if s in per else None for s in splits],
+            "errors": [errors.get(s, []) for s in splits],
+        },
+        schema=pa.schema([("split", pa.string()), ("state", pa.string()), ("errors", LIST_STR)]),
+    )

@@ -1,0 +1,38 @@
+"""Online serving with Ray Serve (docs/serving.md): an HTTP ingress and two model deployments.
+
+    app.py          the FastAPI ingress, the request pipeline, build_app / make_app, start
+    deployments.py  MLLM (stages 1 + 2) and SAM (stage 3) replicas, batching concurrent requests
+    schema.py       the HTTP contract: response models, errors, request parsing
+    settings.py     ServeSettings (the `args:` of a Serve config) and the model part a replica loads
+    client.py       segment_remote: the Python client of the HTTP API
+
+Launch: `serve run serve_configs/tiny_cpu.yaml` (import_path `ppcr.serve:build_app`) or `ppcr serve`.
+"""
+
+_LAZY = {
+    "Pipeline": "app",
+    "build_app": "app",
+    "demo_serving": "app",
+    "free_port": "app",
+    "make_app": "app",
+    "start": "app",
+    "wait_healthy": "app",
+    "ServerError": "client",
+    "segment_remote": "client",
+    "HTTPError": "schema",
+    "ServeSettings": "settings",
+    "load_serving_model": "settings",
+    "resolve_settings": "settings",
+}
+
+
+def __getattr__(name: str):
+    # Lazy: the HTTP client (`ppcr segment --server`) must not import Ray Serve, FastAPI or torch.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,369 @@
+"""Online serving with Ray Serve: an HTTP ingress and two model deployments, joined by DeploymentHandles.
+
+    Ingress (FastAPI)  validate -> decode image once -> content hash
+      ├── SAM.encode(key, image)          SAM image encoder, LRU cache of embeddings by content hash
+      ├── MLLM.reason(key, image, exprs)  stages 1 + 2: semantic prompt + normalized box (one LLaVA, two LoRAs)
+      └── SAM.decode(encoded, prompts)    stage 3: prompt encoder + mask decoder -> COCO RLE, pixel box
+
+The ingress starts the SAM encoding and the MLLM stages together and hands the encode response to the
+decode call (Serve resolves it in the object store), so latency ≈ max(MLLM, SAM encode) + decode.
+Both model deployments batch concurrent requests with `@serve.batch` and scale on their own
+`autoscaling_config`. Overload is refused by Serve's `max_queued_requests` (503 + Retry-After), never
+queued without bound. The deployments hold no model logic: they call `PPCRModel.reason`,
+`SegmentationStage.encode` and `PPCRModel.segment`, the code that training and evaluation run.
+
+Launch: `serve run serve_configs/tiny_cpu.yaml`, or `ppcr serve --checkpoint DIR`. HTTP API: `docs/serving.md`.
+"""
+
+import asyncio
+import contextlib
+import io
+import logging
+import socket
+import time
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    ReplicaUnavailableError,
+)
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from ..geometry import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+)
+from ..predictor import image_key
+from ..prompts import clean_expression
+from .deployments import MLLMStage, SAMStage
+from .schema import (
+    ERROR_RESPONSES,
+    REQUEST_BODY,
+    HTTPError,
+    SegmentResponse,
+    parse_json,
+    parse_multipart,
+    read_body,
+    unavailable,
+)
+from .settings import RANDOM_INIT_WARNING, ServeSettings, resolve_settings
+
+logger = logging.getLogger("ppcr.serve")
+
+
+# FastAPI must see `Request` itself in the routes of the class: no `from __future__ import annotations`.
+
+fastapi_app = FastAPI(
+    title="ppcr referring image segmentation",
+    description="POST an image and a referring expression, get the object's mask (COCO RLE) and box.",
+    version="1",
+)
+
+
+@fastapi_app.exception_handler(HTTPError)
+async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not bad input (input is validated before any model runs): logged, and still JSON.
+    logger.exception("internal error on %s", request.url.path)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+_PAGE = resources.files("ppcr").joinpath("web/index.html")
+
+
+# Defined above the deployments: Serve pickles their classes when decorated, with the globals then
+# defined.
+def _example_png() -> bytes:
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (160, 120), (128, 128, 128))
+    draw = ImageDraw.Draw(im)
+    draw.ellipse((20, 30, 70, 80), fill=(220, 30, 30))
+    draw.rectangle((95, 40, 140, 95), fill=(30, 60, 220))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Pipeline:
+    """The composition behind the HTTP routes: validate, decode once, MLLM ∥ SAM encode, then SAM decode."""
+
+    def __init__(self, mllm: DeploymentHandle, sam: DeploymentHandle, settings: dict):
+        self.mllm, self.sam = mllm, sam
+        self.s = ServeSettings(**settings)
+
+    def health(self) -> dict:
+        out = {
+            "status": "ok",
+            "checkpoint": self.s.checkpoint,
+            "preset": None if self.s.checkpoint else self.s.preset,
+            "limits": {
+                k: getattr(self.s, k)
+                for k in (
+                    "max_body_bytes",
+                    "max_pixels",
+                    "max_aspect_ratio",
+                    "max_expression_chars",
+                    "max_expressions",
+                )
+            },
+        }
+        if self.s.checkpoint is None:
+            out["warning"] = RANDOM_INIT_WARNING
+        return out
+
+    async def segment(self, raw: bytes, expressions: list, overlap: bool = True) -> dict:
+        """Encoded image bytes + expressions -> {"results": [...], "timings_ms", ...}; raises HTTPError.
+
+        overlap=False runs SAM encoding before the MLLM instead of beside it (the benchmark's baseline).
+        """
+        t0 = time.perf_counter()
+        if not 1 <= len(expressions) <= self.s.max_expressions:
+            raise HTTPError(422, f"{len(expressions)} expressions; send 1 to {self.s.max_expressions}")
+        texts = []
+        for i, e in enumerate(expressions):
+            if not isinstance(e, str):
+                raise HTTPError(400, f"expression {i} must be a string; got {type(e).__name__}")
+            try:
+                texts.append(clean_expression(e, max_chars=self.s.max_expression_chars))
+            except ValueError as exc:
+                raise HTTPError(422, f"expression {i}: {exc}") from None
+        try:
+            image = await asyncio.to_thread(decode_image, raw, "image", self.s.max_pixels)
+        except ImageTooLargeError as exc:
+            raise HTTPError(413, str(exc)) from None
+        except ImageDecodeError as exc:
+            raise HTTPError(422, str(exc)) from None
+        h, w = image.shape[:2]
+        if max(h, w) > self.s.max_aspect_ratio * min(h, w):
+            raise HTTPError(422, f"image is {w}x{h}: aspect ratio over {self.s.max_aspect_ratio:g}")
+        key = await asyncio.to_thread(image_key, image)
+        t_decoded = time.perf_counter()
+        pending: list[DeploymentResponse] = []
+        deadline = t0 + self.s.request_timeout_s
+
+        async def wait(response: DeploymentResponse):
+            try:
+                return await asyncio.wait_for(response, max(0.0, deadline - time.perf_counter()))
+            except asyncio.TimeoutError:
+                raise HTTPError(
+                    504, f"model stages did not answer within {self.s.request_timeout_s:g} s"
+                ) from None
+
+        try:
+            encoded = self.sam.encode.remote(key, image)
+            pending.append(encoded)
+            if not overlap:
+                await wait(encoded)
+            reasoning = self.mllm.reason.remote(key, image, texts)
+            pending.append(reasoning)
+            r = await wait(reasoning)
+            decoded = self.sam.decode.remote(encoded, r["semantic"], r["box"], (h, w))
+            pending.append(decoded)
+            d = await wait(decoded)
+        except BackPressureError:
+            raise unavailable("a model deployment's queue is full") from None
+        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+            raise unavailable(f"a model replica is unavailable ({type(exc).__name__})") from None
+        except RayServeException as exc:
+            # The decode call takes the encode response as its argument; when the SAM replica that
+            # encoded dies, Serve wraps its ActorDiedError as an "upstream actor died" RayServeException.
+            if not isinstance(exc.__cause__, RayActorError):
+                raise
+            raise unavailable(f"a model replica is unavailable ({type(exc.__cause__).__name__})") from None
+        finally:
+            for response in pending:
+                # Frees the replicas after a timeout or an error. On a call that already failed, cancel()
+                # re-raises its error, which would replace the 503 above with a 500: nothing to free there.
+                with contextlib.suppress(Exception):
+                    response.cancel()
+        results = [
+            {"box": [round(float(v), 2) for v in f["box"]], "mask": f["mask"], "score": round(f["score"], 5)}
+            for f in d["results"]
+        ]
+        return {
+            "results": results,
+            "timings_ms": {
+                "decode_image": round((t_decoded - t0) * 1000, 2),
+                "mllm": round(r["ms"], 2),
+                "sam_encode": 0.0 if d["cache_hit"] else round(d["encode_ms"], 2),
+                "sam_decode": round(d["decode_ms"], 2),
+                "total": round((time.perf_counter() - t0) * 1000, 2),
+            },
+            "sam_cache_hit": d["cache_hit"],
+            "batch_sizes": {"mllm": r["batch"], **d["batch"]},
+        }
+
+
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=32,
+    max_queued_requests=32,
+    backpressure_config={"retry_after_s": 1},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+)
+@serve.ingress(fastapi_app)
+class Ingress:
+    def __init__(self, mllm: DeploymentHandle, sam: DeploymentHandle, settings: dict):
+        self.pipeline = Pipeline(mllm, sam, settings)
+        self.s = self.pipeline.s
+        self.page = _PAGE.read_text(encoding="utf-8")
+
+    @fastapi_app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @fastapi_app.get("/example.png", include_in_schema=False)
+    async def example(self) -> Response:
+        """A small synthetic image for trying the page (and for its browser test)."""
+        return Response(_example_png(), media_type="image/png")
+
+    @fastapi_app.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness of the ingress and what it serves; `warning` is set when no checkpoint is served."""
+        return self.pipeline.health()
+
+    @fastapi_app.post(
+        "/v1/segment",
+        response_model=SegmentResponse,
+        response_model_exclude_none=True,
+        responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": REQUEST_BODY},
+    )
+    async def segment_http(self, request: Request) -> dict:
+        """Segment the object each expression refers to. JSON `{"image": base64, "expression": str}` or
+        multipart (`image` file + `expression` field); `expressions` (a list) for several on one image."""
+        body = await read_body(request, self.s.max_body_bytes)
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("application/json"):
+            raw, exprs, many = parse_json(body)
+        elif ctype.startswith("multipart/form-data"):
+            raw, exprs, many = parse_multipart(body, ctype)
+        else:
+            raise HTTPError(415, f"content type {ctype!r}: send application/json or multipart/form-data")
+        out = await self.pipeline.segment(raw, exprs)
+        if not many:
+            out.update(out.pop("results")[0])
+        return out
+
+    async def segment(self, raw: bytes, expressions: list, overlap: bool = True) -> dict:
+        """`Pipeline.segment` for DeploymentHandle callers (the benchmark compares overlap on/off)."""
+        return await self.pipeline.segment(raw, expressions, overlap)
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve application builder (`import_path: ppcr.serve:build_app`, `args:` = ServeSettings)."""
+    return make_app(args)
+
+
+def make_app(args: dict | None = None, options: dict[str, dict] | None = None) -> serve.Application:
+    """The application for Python callers (tests, the demo, the benchmark). options: deployment options
+    by name ("Ingress", "MLLM", "SAM"), which a Serve config sets in its `deployments:` list instead."""
+    s = resolve_settings(args)
+    if s.checkpoint is None:
+        logger.warning(RANDOM_INIT_WARNING)
+    elif not Path(s.checkpoint).is_dir():
+        logger.warning(
+            "checkpoint %s is not a folder on this node; replicas will fail to start", s.checkpoint
+        )
+    settings = asdict(s)
+    opts = options or {}
+    unknown = set(opts) - {"Ingress", "MLLM", "SAM"}
+    if unknown:
+        raise ValueError(f"unknown deployment(s) {sorted(unknown)}; the app has Ingress, MLLM, SAM")
+    ingress, mllm, sam = (d.options(**opts.get(d.name, {})) for d in (Ingress, MLLMStage, SAMStage))
+    return ingress.bind(mllm.bind(settings), sam.bind(settings), settings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Starting the app from Python (`ppcr serve`, the demo, tests).
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(
+    args: dict | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = "ppcr",
+    blocking: bool = False,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    options: dict[str, dict] | None = None,
+) -> str:
+    """Start Ray (ppcr.ray_cluster) and Serve on host:port, run the app; returns its base URL."""
+    from ..ray_cluster import init_ray, require_resources
+
+    init_ray(address=ray_address, num_cpus=num_cpus)
+    require_resources({"CPU": 2.0}, "the ppcr serving app (one MLLM and one SAM replica)")
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(make_app(args, options), name=name, route_prefix="/", blocking=blocking)
+    return f"http://{host}:{port}"
+
+
+def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            r = requests.get(f"{url}/healthz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+def demo_serving(checkpoint: str | Path, samples: list[tuple[bytes, str]]) -> list[dict]:
+    """Serve `checkpoint` on a free local port, segment each (encoded image, expression) over HTTP,
+    shut Serve down; returns the JSON answers (what `ppcr demo` shows at its end)."""
+    import ray
+
+    from .client import segment_remote
+
+    started_ray = not ray.is_initialized()
+    one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+    options = {"Ingress": one, "MLLM": one, "SAM": one}
+    url = start(
+        {"checkpoint": str(checkpoint)}, port=free_port(), name="ppcr-demo", num_cpus=4, options=options
+    )
+    try:
+        wait_healthy(url)
+        return [segment_remote(url, image, expression) for image, expression in samples]
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+__all__ = [
+    "ServeSettings",
+    "MLLMStage",
+    "SAMStage",
+    "Ingress",
+    "build_app",
+    "make_app",
+    "start",
+    "demo_serving",
+]

@@ -1,0 +1,166 @@
+"""The HTTP contract: response models, errors (HTTPError -> a JSON body), request parsing (JSON or multipart)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from email import policy
+from email.parser import BytesParser
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, Field
+
+# ---------------------------------------------------------------------------------------------------
+# HTTP ingress.
+
+
+class RLE(BaseModel):
+    size: list[int] = Field(description="[height, width] of the original image")
+    counts: str = Field(description="COCO compressed RLE (column-major), as pycocotools writes it")
+
+
+class Found(BaseModel):
+    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the original image")
+    mask: RLE
+    score: float = Field(description="SAM's predicted IoU of the mask")
+
+
+class SegmentResponse(BaseModel):
+    """One expression: box, mask, score at the top level. Several (`expressions`): a `results` list."""
+
+    box: list[float] | None = None
+    mask: RLE | None = None
+    score: float | None = None
+    results: list[Found] | None = None
+    timings_ms: dict[str, float] = Field(
+        description="decode_image, mllm, sam_encode (0 on a cache hit), sam_decode (replica compute) and total"
+    )
+    sam_cache_hit: bool
+    batch_sizes: dict[str, int] = Field(description="requests in the @serve.batch call each stage ran")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what}
+    for code, what in {
+        400: "malformed request: not JSON/multipart, missing field, bad base64, wrong types",
+        413: "body over max_body_bytes, or image over max_pixels (checked before decoding)",
+        415: "content type other than application/json or multipart/form-data",
+        422: "undecodable or zero-size image, unsupported image mode, empty or over-long expression",
+        503: "overloaded or a model replica unavailable; retry after the Retry-After header",
+        504: "the model stages did not answer within request_timeout_s",
+    }.items()
+}
+
+REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "description": "base64 of the encoded image file"},
+                    "expression": {"type": "string"},
+                    "expressions": {"type": "array", "items": {"type": "string"}},
+                },
+                "description": "exactly one of expression / expressions",
+            }
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary"},
+                    "expression": {"type": "string", "description": "repeat the field for several"},
+                },
+            }
+        },
+    },
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPError(400, f"bad Content-Length header {declared!r}")
+        if int(declared) > limit:
+            raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():  # chunked bodies have no Content-Length: count as they come
+        body += chunk
+        if len(body) > limit:
+            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> tuple[bytes, Any, bool]:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, "JSON body must be an object with 'image' and 'expression'")
+    unknown = set(data) - {"image", "expression", "expressions"}
+    if unknown:
+        raise HTTPError(400, f"unknown field(s) {sorted(unknown)}; expected image, expression(s)")
+    image = data.get("image")
+    if not isinstance(image, str) or not image:
+        raise HTTPError(400, "'image' must be a non-empty base64 string of the encoded image file")
+    if image.startswith("data:") and "," in image:  # tolerate a data URL
+        image = image.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(image, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPError(400, f"'image' is not valid base64: {exc}") from None
+    if ("expression" in data) == ("expressions" in data):
+        raise HTTPError(400, "give exactly one of 'expression' (a string) or 'expressions' (a list)")
+    if "expression" in data:
+        return raw, [data["expression"]], False
+    exprs = data["expressions"]
+    if not isinstance(exprs, list):
+        raise HTTPError(400, "'expressions' must be a list of strings")
+    return raw, exprs, True
+
+
+def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, Any, bool]:
+    # The stdlib email parser reads multipart/form-data; it spares a python-multipart dependency.
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    msg = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart():
+        raise HTTPError(400, "multipart body could not be parsed (missing or wrong boundary?)")
+    image, exprs = None, []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name == "image":
+            image = payload
+        elif name in ("expression", "expressions"):
+            try:
+                exprs.append(payload.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise HTTPError(400, "'expression' field is not UTF-8 text") from None
+        else:
+            raise HTTPError(400, f"unknown form field {name!r}; expected image, expression")
+    if image is None:
+        raise HTTPError(400, "multipart body has no 'image' file field")
+    if not exprs:
+        raise HTTPError(400, "multipart body has no 'expression' field")
+    return image, exprs, len(exprs) > 1
+
+
+def unavailable(what: str) -> HTTPError:
+    return HTTPError(503, f"{what}; retry shortly", headers={"Retry-After": "1"})

@@ -1,0 +1,89 @@
+"""What the Serve application builder takes (`args:` of a Serve config) and the model a replica loads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import from_dict
+
+logger = logging.getLogger("ppcr.serve")
+
+CHECKPOINT_ENV = "PPCR_CHECKPOINT"
+RANDOM_INIT_WARNING = (
+    "NO CHECKPOINT: serving the randomly initialised tiny preset, masks are meaningless. "
+    f"Set {CHECKPOINT_ENV}=DIR (or args.checkpoint) to serve a trained model."
+)
+
+
+@dataclass
+class ServeSettings:
+    """What the application builder takes (`args:` of a Serve config); every deployment gets a copy."""
+
+    checkpoint: str | None = None  # inference checkpoint folder; None: $PPCR_CHECKPOINT, else random tiny
+    mllm_path: str | None = None  # base LLaVA folder, if moved since training (else the checkpoint's)
+    sam_checkpoint: str | None = None  # base SAM .pth, if moved since training (else the checkpoint's)
+    preset: str = "tiny"  # used only without a checkpoint (random init, seed 0 in every replica)
+    device: str = "cpu"  # "cuda" on GPU replicas
+    torch_threads: int = 1  # intra-op threads per replica (replicas share the cores)
+    max_batch_size: int = 8  # requests per @serve.batch call (each request may carry several expressions)
+    batch_wait_timeout_s: float = 0.0  # see _BATCHING
+    cache_images: int = 64  # SAM embeddings kept per SAM replica (LRU by image content hash)
+    max_body_bytes: int = 16 * 2**20
+    max_pixels: int = 4096 * 4096  # checked from the image header, before decoding (decompression bombs)
+    max_aspect_ratio: float = 20.0  # long side / short side; beyond it SAM's resize has a 0-pixel side
+    max_expression_chars: int = 256
+    max_expressions: int = 16  # per request
+    # Language-model sequences (expressions) per forward; a batch of max_batch_size x max_expressions
+    # runs in chunks of this many. docs/serving.md has the arithmetic behind the shipped values.
+    max_sequences_per_forward: int = 32
+    request_timeout_s: float = 30.0  # ingress deadline for the model calls -> 504
+
+
+def resolve_settings(args: dict | None) -> ServeSettings:
+    """Validate builder args (unknown keys and wrong types are errors) and resolve the checkpoint."""
+    s = from_dict(ServeSettings, dict(args or {}))
+    if s.checkpoint is None and os.environ.get(CHECKPOINT_ENV):
+        s.checkpoint = os.environ[CHECKPOINT_ENV]
+    if s.checkpoint is not None:
+        s.checkpoint = str(Path(s.checkpoint).expanduser().resolve())
+    for name in (
+        "max_batch_size",
+        "cache_images",
+        "max_body_bytes",
+        "max_pixels",
+        "max_expressions",
+        "max_sequences_per_forward",
+    ):
+        if getattr(s, name) < 1:
+            raise ValueError(f"serve setting {name} must be >= 1; got {getattr(s, name)}")
+    return s
+
+
+def load_serving_model(s: ServeSettings, parts: tuple[str, ...]):
+    """The part of the PPCRModel a replica serves ("mllm" or "sam": only that part is built and
+    loaded), from the checkpoint, or the random-init preset (seeded, so every replica of every
+    deployment holds the same weights) with a loud warning."""
+    from ..checkpoint import load_checkpoint
+
+    torch.set_num_threads(max(1, s.torch_threads))
+    if s.checkpoint is not None:
+        overrides: dict[str, Any] = {}
+        if s.mllm_path is not None:
+            overrides["mllm_path"] = s.mllm_path
+        if s.sam_checkpoint is not None:
+            overrides["sam"] = {"checkpoint": s.sam_checkpoint}
+        return load_checkpoint(s.checkpoint, overrides=overrides, device=s.device, parts=parts)
+    from ..config import load_config
+    from ..model import PPCRModel
+
+    logger.warning(RANDOM_INIT_WARNING)
+    warnings.warn(RANDOM_INIT_WARNING, stacklevel=2)
+    torch.manual_seed(0)
+    return PPCRModel(load_config(s.preset).model, parts=parts).to(s.device).eval()
