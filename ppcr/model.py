@@ -77,7 +77,7 @@ class PPCRModel(nn.Module):
         self.semantic: SemanticStage | None = None
         self.spatial: SpatialStage | None = None
         self.segmentation: SegmentationStage | None = None
-        base = int(torch.randint(0, 2**31, ()))
+        base = int(torch.randint(0, 2**31, (), device="cpu"))  # also under a `with torch.device(...)`
         for k, part in enumerate(PARTS):
             if part not in self.parts:
                 continue

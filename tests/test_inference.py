@@ -123,6 +123,9 @@ def test_overrides_are_validated_like_a_config_file(ckpt, capsys):
         load_checkpoint(ckpt, overrides={"box_hed": "mlp"})
     with pytest.raises(ConfigError, match="model.sam.checkpoint must be a string"):
         load_checkpoint(ckpt, overrides={"sam": {"checkpoint": 3}})
+    # The CLI refuses it even earlier, with the same choices (argparse exits with code 2).
     args = ["evaluate", "--checkpoint", str(ckpt), "--shards", str(ckpt), "--spatial-prompt", "foo"]
-    assert main(args) == 2
-    assert "model.spatial_prompt must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "invalid choice: 'foo' (choose from 'semantic', 'expression+semantic'" in capsys.readouterr().err
