@@ -48,3 +48,38 @@ def one_thread():
 def cfg():
     """The tiny preset's RunConfig."""
     return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(cfg):
+    """The tiny preset, random init (seed 0), in eval mode: one per test module (tests may train it)."""
+    from ppcr.model import PPCRModel
+
+    torch.manual_seed(0)
+    return PPCRModel(cfg.model).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """An inference checkpoint of the random tiny preset (seed 0), shared read-only by the session."""
+    from ppcr.checkpoint import save_checkpoint
+    from ppcr.model import PPCRModel
+
+    torch.manual_seed(0)
+    return save_checkpoint(
+        PPCRModel(load_config("tiny").model).eval(), tmp_path_factory.mktemp("tiny") / "ckpt"
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray cluster of 4 logical CPUs for the module (reused if one is running), shut down after."""
+    import ray
+
+    from ppcr.ray_cluster import init_ray
+
+    was = ray.is_initialized()
+    total = init_ray(num_cpus=4, object_store_mb=400, quiet=False)
+    yield total
+    if not was:
+        ray.shutdown()

@@ -15,8 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
-import torch
 from PIL import Image
 
 from ppcr.batch import (
@@ -32,33 +30,26 @@ from ppcr.batch import (
     run_batch,
     shard_rows_to_images,
 )
-from ppcr.checkpoint import load_checkpoint, save_checkpoint
+from ppcr.checkpoint import load_checkpoint
 from ppcr.cli import main
-from ppcr.config import ConfigError, load_config
+from ppcr.config import ConfigError
 from ppcr.data.refer import decode_rle
 from ppcr.data.shards import shard_dir
 from ppcr.evaluate import evaluate_split
 from ppcr.metrics import RISMetrics
-from ppcr.model import PPCRModel
 from ppcr.predictor import Segmenter
-from ppcr.ray_cluster import init_ray
 
 EXPRESSIONS = ["the red circle", "the object on the left", "the big blue square"]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    was = ray.is_initialized()
-    init_ray(num_cpus=4, object_store_mb=300)
-    yield
-    if not was:
-        ray.shutdown()
+def local_ray(ray_local):
+    return ray_local
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_checkpoint(PPCRModel(load_config("tiny").model).eval(), tmp_path_factory.mktemp("ckpt"))
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +213,7 @@ def test_rerun_does_no_new_work(first_run, manifest, checkpoint):
     assert sorted(p.name for p in out.rglob("*.parquet")) == before
 
 
+@pytest.mark.slow  # a second and a third Ray Data job
 def test_resume_redoes_only_lost_rows(first_run, manifest, checkpoint, tmp_path, capsys):
     """A part file cut short by a crash is dropped and its rows redone; `ppcr batch` is the entry point."""
     out = tmp_path / "out"
@@ -247,6 +239,7 @@ def test_resume_redoes_only_lost_rows(first_run, manifest, checkpoint, tmp_path,
     assert ow == w and oh > h  # the image plus the expression banner
 
 
+@pytest.mark.slow  # a second and a third Ray Data job
 def test_distributed_evaluate_equals_single_process(local_ray, synth_data, checkpoint, tmp_path, capsys):
     shards = synth_data[2]
     rc = main(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from ppcr.cli import main
 from ppcr.predictor import Segmenter
 from ppcr.report import load_report
+
+pytestmark = pytest.mark.slow  # trains the tiny preset for minutes
 
 
 def test_quick_demo_leaves_checkpoint_report_and_overlays(tmp_path, capsys):

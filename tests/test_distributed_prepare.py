@@ -67,6 +67,7 @@ def test_same_rows_as_the_local_conversion_and_bad_records_reported(bad_data, tm
             assert 1 <= pq.ParquetFile(f).metadata.num_rows <= ROWS
 
 
+@pytest.mark.slow  # a second Ray Data job
 def test_rerun_does_only_unfinished_parts(bad_data, tmp_path):
     refer_root, images, _ = bad_data
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ from ppcr.config import ConfigError, load_config
 from ppcr.data.streaming import RowsToBatch
 from ppcr.distributed_train import check_before_launch, deepspeed_config, export_inference, run_training
 from ppcr.evaluate import evaluate_split
-from ppcr.ray_cluster import ResourceError, init_ray
+from ppcr.ray_cluster import ResourceError
 
 STEPS, FAIL_AT, CKPT_EVERY = 30, 15, 10
 REPO = Path(__file__).resolve().parents[1]
@@ -44,13 +44,6 @@ def _cfg(shards, storage, name="run", **dist):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    init_ray(num_cpus=4, object_store_mb=400, quiet=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def trained(synth_data, tmp_path_factory, ray_local):
     storage = tmp_path_factory.mktemp("ray_runs")
     cfg = _cfg(synth_data[2], storage, evaluate_split="val", fail_at_step=FAIL_AT)
@@ -59,6 +52,7 @@ def trained(synth_data, tmp_path_factory, ray_local):
     return cfg, result, log, storage
 
 
+@pytest.mark.slow  # Ray Train + DeepSpeed runs (30 steps, a worker crash, a resume)
 def test_zero2_training_lowers_the_loss_and_survives_a_worker_crash(trained):
     cfg, result, log, storage = trained
     assert result.steps == STEPS, log
@@ -71,6 +65,7 @@ def test_zero2_training_lowers_the_loss_and_survives_a_worker_crash(trained):
     assert 0 <= log[-1]["data_wait_fraction"] < 1 and log[-1]["samples_per_s"] > 0
 
 
+@pytest.mark.slow  # Ray Train + DeepSpeed runs (30 steps, a worker crash, a resume)
 def test_deepspeed_zero2_partitions_optimizer_state_across_ranks(trained):
     cfg, result, log, storage = trained
     assert log[-1]["zero_stage"] == 2
@@ -90,6 +85,7 @@ def test_deepspeed_zero2_partitions_optimizer_state_across_ranks(trained):
     )
 
 
+@pytest.mark.slow  # Ray Train + DeepSpeed runs (30 steps, a worker crash, a resume)
 def test_exported_checkpoint_evaluates_like_the_model_in_memory(trained, val_dir):
     cfg, result, log, storage = trained
     model = load_checkpoint(result.checkpoint)
@@ -100,6 +96,7 @@ def test_exported_checkpoint_evaluates_like_the_model_in_memory(trained, val_dir
     assert meta["steps"] == STEPS and meta["trainer"] == "ray-train+deepspeed"
 
 
+@pytest.mark.slow  # Ray Train + DeepSpeed runs (30 steps, a worker crash, a resume)
 def test_resume_continues_a_finished_run(trained, tmp_path):
     cfg, result, log, storage = trained
     more = _cfg(cfg.data.shards_root, storage)
@@ -206,6 +203,7 @@ def test_every_shipped_training_config_loads_with_its_deepspeed_config(path):
     assert ds["train_batch_size"] == d.micro_batch_size * ds["gradient_accumulation_steps"] * d.num_workers
 
 
+@pytest.mark.slow  # a Ray Data stream over two shard sets
 def test_training_stream_mixes_data_sets_by_weight(synth_data, ray_local, tmp_path):
     from ppcr.data.shards import iter_expressions, shard_dir
     from ppcr.data.streaming import ROW_COLUMNS, training_dataset

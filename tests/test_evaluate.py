@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from ppcr.config import load_config
 from ppcr.data.shards import iter_expressions, read_image_rows
 from ppcr.evaluate import evaluate_baselines, evaluate_split, mean_training_box
-from ppcr.model import PPCRModel
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return PPCRModel(load_config("tiny").model).eval()
+def model(tiny_model):
+    return tiny_model
 
 
 def test_every_expression_is_evaluated(model, val_dir):

@@ -36,6 +36,7 @@ def test_tiny_gpu_check_trains_and_measures_inference(tmp_path):
     assert "gpu_check: OK" in printed and "latency per request" in printed
 
 
+@pytest.mark.slow  # a second run of the script
 def test_tiny_gpu_check_without_deepspeed_uses_torch_adamw(tmp_path):
     result, _ = _run(tmp_path, "--no-deepspeed", "--batches", "2")
     assert result["training"]["optimizer"] == "torch AdamW" and result["training"]["loss_finite"]

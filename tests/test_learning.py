@@ -16,6 +16,8 @@ from ppcr.evaluate import evaluate_baselines, evaluate_split
 from ppcr.model import PPCRModel
 from ppcr.train import train
 
+pytestmark = pytest.mark.slow  # trains the tiny preset for minutes
+
 STEPS = 400
 # The bar. Measured here (2 cores, 163 s of training): BoxAcc 0.453, mIoU 0.562 vs all-objects 0.402.
 BOX_ACC_MIN = 0.3

@@ -12,7 +12,6 @@ import torch
 from ppcr.batching import Item, collate
 from ppcr.config import load_config
 from ppcr.losses import ppcr_loss
-from ppcr.model import PPCRModel
 from ppcr.spatial_stage import AttentionBoxHead, MLPBoxHead, SpatialStage
 
 SIZES = {"a": (60, 90), "b": (100, 70)}  # (H, W): one landscape, one portrait, neither square
@@ -22,9 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model(cfg):
-    torch.manual_seed(0)
-    return PPCRModel(cfg.model).eval()
+def model(tiny_model):
+    return tiny_model
 
 
 def _image(key: str) -> np.ndarray:

@@ -153,6 +153,7 @@ def test_ppcr_segment_runs_a_bf16_checkpoint_and_casts_on_request(bf16_run, phot
 # ---- DeepSpeed's own bf16 cast under Ray Train --------------------------------------------------------
 
 
+@pytest.mark.slow  # a Ray Train + DeepSpeed job
 def test_deepspeed_bf16_trains_and_exports(synth_data, tmp_path, one_thread):
     """`ppcr train --num-workers 1 --set distributed.deepspeed.bf16.enabled=true` over the float32
     tiny preset: DeepSpeed casts the parameters itself; the exported heads show it did."""

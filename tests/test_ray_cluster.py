@@ -5,12 +5,8 @@ from ppcr.ray_cluster import ResourceError, init_ray, require_resources
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    was = ray.is_initialized()
-    total = init_ray(num_cpus=4, object_store_mb=256)
-    yield total
-    if not was:
-        ray.shutdown()
+def local_ray(ray_local):
+    return ray_local
 
 
 def test_local_cluster_is_sized_as_asked(local_ray):

@@ -22,16 +22,12 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import requests
-import torch
 from PIL import Image
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from ppcr.checkpoint import save_checkpoint  # noqa: E402
-from ppcr.config import load_config  # noqa: E402
 from ppcr.data.refer import decode_rle  # noqa: E402
-from ppcr.model import PPCRModel  # noqa: E402
 from ppcr.predictor import Segmenter  # noqa: E402
 from ppcr.ray_cluster import init_ray  # noqa: E402
 from ppcr.serve import HTTPError, Pipeline, free_port, make_app, resolve_settings, wait_healthy  # noqa: E402
@@ -68,9 +64,8 @@ def _b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_checkpoint(PPCRModel(load_config("tiny").model), tmp_path_factory.mktemp("serve") / "ckpt")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +354,7 @@ def test_concurrent_requests_are_batched_and_overload_is_503(url):
     assert max(seen) > 1, f"no request was batched: {seen}"
 
 
+@pytest.mark.slow  # starts a headless Chromium
 def test_web_page_in_headless_chromium(url, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -396,6 +392,7 @@ def test_cli_segment_with_server(url, tmp_path, capsys):
     assert "server answered 422" in err and "expression is empty" in err
 
 
+@pytest.mark.slow  # kills a replica and waits for Serve to replace it
 def test_killed_sam_replica_is_replaced(url):
     """Last in the module: kills the SAM replica's process under load."""
     handle = serve.get_deployment_handle("SAM", APP)
