@@ -2,6 +2,7 @@
 replicas and batch actors did before per-stage loading) vs only the part it runs.
 
     python benchmarks/stage_memory.py [--checkpoint DIR]   # default: a random tiny checkpoint
+    python benchmarks/stage_memory.py --sam-size vit_b     # tiny LLaVA + a real-size SAM ViT-B
 
 Each variant loads the checkpoint in a fresh process (torch and transformers imported in all of them,
 so the differences are the model's) and reports ru_maxrss. Results: docs/benchmarks.md.
@@ -36,6 +37,9 @@ def measure(checkpoint: str, parts: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None)
+    p.add_argument(
+        "--sam-size", default="tiny", choices=["tiny", "vit_b"], help="SAM of the generated checkpoint"
+    )
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         ckpt = a.checkpoint
@@ -46,8 +50,16 @@ def main() -> None:
             from ppcr.config import load_config
             from ppcr.model import PPCRModel
 
+            over = {}
+            if a.sam_size != "tiny":  # SAM's registry sizes take 1024 px, patch 16, 256-d prompts
+                over = {
+                    "model": {
+                        "sam": {"size": a.sam_size, "image_size": 1024, "patch_size": 16},
+                        "prompt_dim": 256,
+                    }
+                }
             torch.manual_seed(0)
-            ckpt = str(save_checkpoint(PPCRModel(load_config("tiny").model), f"{d}/ckpt"))
+            ckpt = str(save_checkpoint(PPCRModel(load_config("tiny", overrides=over).model), f"{d}/ckpt"))
         rows = {
             name: measure(ckpt, parts)
             for name, parts in (("whole", "mllm,sam"), ("mllm", "mllm"), ("sam", "sam"))

@@ -8,6 +8,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from .config import LossConfig
 from .geometry import normalized_to_clip_square
+from .inference import MASK_THRESHOLD
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -26,7 +27,7 @@ def heatmap_targets(gt_boxes: torch.Tensor, hw: torch.Tensor, centers: torch.Ten
 
 
 def _mask_iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    pred = logits > 0
+    pred = logits > MASK_THRESHOLD
     union = (pred | gt).sum()
     return (pred & gt).sum() / union if union > 0 else torch.ones((), device=logits.device)
 
