@@ -221,7 +221,8 @@ def train_gpu_gb(c: Counts, gpus: int, micro_batch: int, zero: dict) -> dict[str
 
 
 def host_ram_per_worker_gb(c: Counts) -> float:
-    """Start-up peak of one training worker or serve replica (every replica builds the whole model). PPCRModel
+    """Start-up peak of one training worker (it builds the whole model; a serve replica builds only its
+    part, `host_ram_replica_gb`, so this bounds it too). PPCRModel
     builds the MLLM first (LLaVA in bf16, its float32 LoRA and heads), then `build_sam` builds SAM in float32
     and loads the float32 .pth (torch.load) into it, both held at once; only afterwards does the dtype policy
     cast the encoder to bf16 (and the .pth's tensors are freed). That moment is the peak; load_checkpoint's
@@ -229,6 +230,15 @@ def host_ram_per_worker_gb(c: Counts) -> float:
     non_sam_fp32 = c.fp32 - (c.sam - c.sam_encoder)  # LoRA + heads: the float32 part outside SAM
     llava = ((c.total - c.sam - non_sam_fp32) * 2 + non_sam_fp32 * 4) / GB
     return llava + 2 * c.sam * 4 / GB + PROCESS_RAM_GB
+
+
+def host_ram_replica_gb(c: Counts) -> dict[str, float]:
+    """Start-up peak of one serve replica, which builds only its part (load_checkpoint(parts=...)): an
+    MLLM replica LLaVA (bf16) with its float32 LoRA and heads; a SAM replica SAM in float32 and the
+    float32 .pth held at once (before the encoder is cast to bf16)."""
+    non_sam_fp32 = c.fp32 - (c.sam - c.sam_encoder)
+    llava = ((c.total - c.sam - non_sam_fp32) * 2 + non_sam_fp32 * 4) / GB
+    return {"MLLM": llava + PROCESS_RAM_GB, "SAM": 2 * c.sam * 4 / GB + PROCESS_RAM_GB}
 
 
 def mllm_replica_gb(c: Counts, sequences_per_forward: int) -> float:
@@ -325,6 +335,7 @@ def plan() -> dict:
         "train_gpu_gb": mem,
         "train_gpu_total_gb": {mb: sum(v.values()) for mb, v in mem.items()},
         "host_ram_per_worker_gb": host_ram_per_worker_gb(c),
+        "host_ram_replica_gb": host_ram_replica_gb(c),
         "serve": serve,
         "mllm_replica_gb": mllm_replica_gb(c, serve["max_sequences_per_forward"]),
         "sam_replica_gb": sam_replica_gb(c, serve["cache_images"], serve["max_batch_size"]),
@@ -375,6 +386,8 @@ def main() -> None:
         for k, v in items.items():
             print(f"  {k}: {v:.2f} GB")
     print(f"host RAM per worker at start-up: {p['host_ram_per_worker_gb']:.1f} GB")
+    r = p["host_ram_replica_gb"]
+    print(f"host RAM per serve replica at start-up: MLLM {r['MLLM']:.1f} GB, SAM {r['SAM']:.1f} GB")
     print(f"MLLM replica {p['mllm_replica_gb']:.1f} GB -> {p['mllm_per_l20']} per L20")
     print(f"SAM replica {p['sam_replica_gb']:.1f} GB -> {p['sam_per_l20']} per L20")
     print(f"  (cached image embedding {p['sam_embedding_mb']:.1f} MB in bf16)")
