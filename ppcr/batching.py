@@ -58,14 +58,15 @@ class Batch:
         )
 
 
-def collate(items: Sequence[Item], clip_size: int, sam_size: int) -> Batch:
-    """Preprocess each distinct image once; ground truth is kept only if every item has it."""
+def collate(items: Sequence[Item], clip_size: int, sam_size: int, clip_mode: str = "pad") -> Batch:
+    """Preprocess each distinct image once; ground truth is kept only if every item has it.
+    clip_mode: the model's `clip_preprocess` ("pad" | "crop")."""
     if not items:
         raise ValueError("cannot collate an empty list of items")
     first, index = group_images([it.key for it in items])
     clip, sam, hw, in_hw = [], [], [], []
     for i in first:
-        c, s, size_in_sam = preprocess_image(items[i].image, clip_size, sam_size)
+        c, s, size_in_sam = preprocess_image(items[i].image, clip_size, sam_size, clip_mode)
         clip.append(c)
         sam.append(s)
         hw.append(items[i].image.shape[:2])

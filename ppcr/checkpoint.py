@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from .config import ConfigError, ModelConfig, deep_merge, from_dict, to_dict
 from .model import PART_PREFIXES, PARTS, PPCRModel
 from .precision import configure_device
-from .weights import check_keys
+from .weights import WeightsError, check_keys
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -34,12 +34,15 @@ _ALWAYS_PARTS = ("lora_", "embed_tokens", "lm_head")
 def _saved_names(model: PPCRModel) -> list[str]:
     """State-dict keys an inference checkpoint holds, chosen by design rather than by requires_grad
     flags (which evaluation passes may toggle). Components built from scratch are saved whole,
-    buffers included (SAM's random Fourier matrix is a buffer)."""
+    buffers included (SAM's random Fourier matrix is a buffer); so are the base tensors listed in
+    `model.base_overrides` (values that differ from the `mllm_path` folder, e.g. a converted GLaMM's)."""
     cfg = model.cfg
+    overrides = set(cfg.base_overrides)
     names = []
     for name in model.state_dict():
         if (
-            name.startswith(_ALWAYS)
+            name in overrides
+            or name.startswith(_ALWAYS)
             or any(part in name for part in _ALWAYS_PARTS)
             or (name.startswith("mllm.") and cfg.mllm_path is None)
             or (name.startswith("segmentation.") and cfg.sam.checkpoint is None)
@@ -63,6 +66,7 @@ def save_checkpoint(model: PPCRModel, out_dir: str | Path, extra: dict | None = 
     tmp.replace(out / WEIGHTS_FILE)
     cfg = to_dict(model.cfg)
     cfg["tokenizer_path"] = None  # resolved to the saved tokenizer on load
+    cfg["init_weights"] = None  # a training-time input, already inside these weights
     (out / CONFIG_FILE).write_text(yaml.safe_dump({"model": cfg}, sort_keys=False))
     model.mllm.tokenizer.save_pretrained(out / TOKENIZER_DIR)
     if extra:
@@ -131,3 +135,68 @@ def load_checkpoint(
             for name in keys:
                 params[name].copy_(f.get_tensor(name))
     return model.to(configure_device(device)).eval()
+
+
+def load_init_weights(model: PPCRModel, ckpt_dir: str | Path) -> list[str]:
+    """Warm start: copy a ppcr checkpoint's tensors into `model` (just built, before any optimizer or
+    DeepSpeed wraps it), strictly. Returns the names loaded.
+
+    Every tensor in the file must be a tensor of `model` with the same shape, every tensor the model's
+    own checkpoints hold (`_saved_names`) must be in the file, the LoRA settings (r, alpha, targets)
+    must be equal (the same B·A means another weight under another scale), and the special tokens
+    must have the same ids in both tokenizers: WeightsError naming the file otherwise. Base tensors the
+    checkpoint overrides (`base_overrides`) are adopted, so the run's own checkpoints keep them.
+    """
+    if model.parts != PARTS:
+        raise ValueError(f"a warm start needs the whole model; this one was built with parts={model.parts}")
+    ckpt = Path(ckpt_dir)
+    src = load_model_config(ckpt)
+    weights = ckpt / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"model.init_weights: checkpoint weights missing: {weights}")
+    lora, want = (
+        (src.lora.r, src.lora.alpha, src.lora.target_modules),
+        (
+            model.cfg.lora.r,
+            model.cfg.lora.alpha,
+            model.cfg.lora.target_modules,
+        ),
+    )
+    if lora != want:
+        raise WeightsError(
+            f"{ckpt / CONFIG_FILE}: model.lora (r, alpha, target_modules) {lora} != this run's {want}"
+        )
+    from .mllm import build_tokenizer, special_tokens
+
+    theirs = build_tokenizer(src)
+    ours = model.mllm.tokenizer
+    moved = [
+        f"{t} {theirs.convert_tokens_to_ids(t)} != {ours.convert_tokens_to_ids(t)}"
+        for t in special_tokens(model.cfg)
+        if theirs.convert_tokens_to_ids(t) != ours.convert_tokens_to_ids(t)
+    ]
+    if moved:
+        raise WeightsError(
+            f"{ckpt / TOKENIZER_DIR}: token ids differ from this run's tokenizer: {'; '.join(moved)}"
+        )
+    for name in src.base_overrides:
+        if name not in model.cfg.base_overrides:
+            model.cfg.base_overrides.append(name)
+    params = model.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+        check_keys(
+            weights,
+            "a checkpoint this run can start from (model.init_weights)",
+            missing=set(_saved_names(model)) - set(keys),
+            unexpected=set(keys) - set(params),
+            mismatched=[
+                (k, tuple(f.get_slice(k).get_shape()), tuple(params[k].shape))
+                for k in keys
+                if k in params and tuple(f.get_slice(k).get_shape()) != tuple(params[k].shape)
+            ],
+        )
+        with torch.no_grad():
+            for name in keys:
+                params[name].copy_(f.get_tensor(name))
+    return keys

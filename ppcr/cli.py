@@ -1,4 +1,4 @@
-"""`ppcr` command line: synth, prepare, train, export, evaluate, batch, segment, serve, demo."""
+"""`ppcr` command line: synth, prepare, train, export, evaluate, batch, segment, serve, demo, convert-glamm."""
 
 from __future__ import annotations
 
@@ -96,6 +96,34 @@ def cmd_train(a: argparse.Namespace) -> int:
     shown = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}
     print(json.dumps({"steps": result.steps, "run": result.run_dir, "metrics": shown}, indent=2))
     print(f"inference checkpoint: {result.checkpoint}")
+    return 0
+
+
+# GLaMM's own reading of its weights (docs/glamm.md): what `--fidelity glamm` writes into the config.
+GLAMM_FIDELITY = {"semantic_state": "predicting", "prompt_format": "glamm", "clip_preprocess": "crop"}
+
+
+def cmd_convert_glamm(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .glamm import convert_glamm
+
+    overrides = _overrides(a.set)
+    if a.fidelity == "glamm":
+        overrides.setdefault("model", {}).update(GLAMM_FIDELITY)
+    cfg = load_config(a.config, overrides=overrides).model
+    report = convert_glamm(a.glamm, a.llava, a.out, cfg, grand=a.grand, seed=a.seed)
+    summary = {
+        "mapped": report.mapped,
+        "dropped": report.dropped,
+        "base_tensors_equal": report.base_equal,
+        "base_overrides": report.base_overrides,
+        "token_rows": report.token_rows,
+        "vocabulary": report.vocabulary_check,
+        "lora_relative_error": report.lora,
+        "fresh": report.fresh,
+    }
+    print(json.dumps(summary, indent=2))
+    print(f"ppcr checkpoint: {a.out}  (per-tensor LoRA errors in {Path(a.out) / 'meta.json'})")
     return 0
 
 
@@ -400,6 +428,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     _add_ray_args(s)
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser(
+        "convert-glamm",
+        help="convert GLaMM weights (RefSeg [+ GranD]) onto a llava-hf base into a ppcr checkpoint",
+    )
+    s.add_argument("--glamm", required=True, help="GLaMM RefSeg folder (MBZUAI/GLaMM-RefSeg): LoRA branch A")
+    s.add_argument(
+        "--grand", default=None, help="GLaMM GranD folder (MBZUAI/GLaMM-GranD-Pretrained): branch B"
+    )
+    s.add_argument("--llava", required=True, help="llava-hf folder (llava-hf/llava-1.5-7b-hf): the base")
+    s.add_argument("--out", required=True, help="the ppcr checkpoint folder to write")
+    s.add_argument("--config", default="llava-1.5-7b", help="YAML path or preset the model is built from")
+    s.add_argument(
+        "--fidelity",
+        choices=("ppcr", "glamm"),
+        default="ppcr",
+        help="glamm: the checkpoint reads [SEG] as GLaMM does (state predicting it, GLaMM prompt, crop)",
+    )
+    s.add_argument("--seed", type=int, default=0, help="seed of the fresh box head")
+    _add_overrides(s)
+    s.set_defaults(fn=cmd_convert_glamm)
 
     s = sub.add_parser("demo", help="synthesise data, train the tiny preset, evaluate, draw overlays")
     s.add_argument("--out", default="demo_out")

@@ -112,6 +112,20 @@ class ModelConfig:
     train_base: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
+    # Warm start (training only): a ppcr checkpoint folder (e.g. from `ppcr convert-glamm`) loaded
+    # strictly into the built model before the optimizer / DeepSpeed see it. Ignored by inference.
+    init_weights: str | None = None
+    # Base tensors (state-dict names under "mllm.") whose values differ from the `mllm_path` folder's and
+    # therefore travel in every checkpoint (e.g. a converted GLaMM's changed base weights; docs/glamm.md).
+    base_overrides: list[str] = field(default_factory=list)
+    # Fidelity switches (docs/glamm.md), defaults = ppcr's own behaviour. semantic_state: the [SEG]
+    # prompt is the last-layer state `at` [SEG], or the one `predicting` it (the token before, as
+    # LISA/GLaMM read it). prompt_format "glamm": the image is wrapped as GLaMM trained it ("The
+    # <im_start><image><im_end> provides an overview of the picture.\n" + question). clip_preprocess:
+    # LLaVA-1.5's pad-to-square or CLIP's resize + centre-crop (GLaMM's).
+    semantic_state: Literal["at", "predicting"] = "at"
+    prompt_format: Literal["ppcr", "glamm"] = "ppcr"
+    clip_preprocess: Literal["pad", "crop"] = "pad"
 
 
 @dataclass
@@ -334,6 +348,14 @@ def validate(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{p}semantic_grounding needs box_head: attention and a spatial stage")
         if obj.sam.size != "tiny" and obj.prompt_dim != 256:
             raise ConfigError(f"{p}prompt_dim must be 256 for SAM {obj.sam.size}")
+        if obj.prompt_format == "glamm" and obj.image_position != "before":
+            raise ConfigError(f"{p}prompt_format glamm puts the image first: needs image_position before")
+        if obj.clip_preprocess == "crop" and obj.box_head == "attention" and obj.spatial_prompt != "none":
+            # The attention head's patch frame is the padded square (geometry.clip_square_to_normalized).
+            raise ConfigError(f"{p}clip_preprocess crop needs box_head mlp (or spatial_prompt none)")
+        bad = [n for n in obj.base_overrides if not n.startswith("mllm.")]
+        if bad:
+            raise ConfigError(f"{p}base_overrides must name mllm.* base tensors; got {bad[0]!r}")
     if isinstance(obj, LossConfig):
         for f in dataclasses.fields(obj):
             if getattr(obj, f.name) < 0:

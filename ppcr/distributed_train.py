@@ -137,6 +137,9 @@ def check_before_launch(cfg: RunConfig, resume: bool) -> dict:
         split = shard_dir(cfg.data.shards_root, cfg.data.dataset, cfg.data.split_by, d.evaluate_split)
         if not split.is_dir():
             raise ConfigError(f"distributed.evaluate_split: shard folder not found: {split}")
+    if cfg.model.init_weights and not (Path(cfg.model.init_weights) / "config.yaml").is_file():
+        # Workers read it from this path: fail here, before any worker starts.
+        raise ConfigError(f"model.init_weights: not a ppcr checkpoint folder: {cfg.model.init_weights}")
     if "://" not in d.storage_path:
         run = Path(run_dir(cfg))
         exists = (run / "checkpoint_manager_snapshot.json").exists() or any(run.glob("step_*"))
@@ -396,6 +399,11 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(d.cpus_per_worker)))
     torch.manual_seed(t.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's weights)
     model = PPCRModel(cfg.model)
+    if cfg.model.init_weights:
+        from .checkpoint import load_init_weights
+
+        # Strict warm start on every rank before DeepSpeed wraps the model (a resume then overwrites it).
+        load_init_weights(model, cfg.model.init_weights)
     # Two groups as in the local loop; the heads' LR multiplier is the scheduler's per-group max LR.
     groups = [{"params": g} for g in trainable_groups(model)]
     engine, _, _, scheduler = deepspeed.initialize(

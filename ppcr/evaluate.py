@@ -52,7 +52,7 @@ def evaluate_split(
     bar = tqdm(desc=f"eval {Path(split_dir).name}", unit="expr", disable=not progress, dynamic_ncols=True)
     for chunk in _chunks(samples, batch_size):
         items = [to_item(s, cache) for s in chunk]
-        batch = collate(items, model.clip_size, model.sam_size).to(model.device)
+        batch = collate(items, model.clip_size, model.sam_size, model.clip_mode).to(model.device)
         # The box of each answer is what SAM was given: the predicted box, or the GT box as the oracle.
         for item, seg in zip(items, predict_torch(model, batch, oracle_box=oracle_box)):
             metrics.update(seg.mask, item.gt_mask, seg.box, item.gt_box)

@@ -7,6 +7,8 @@ Frames:
   right/bottom to a `sam_size` square. Boxes given to SAM's prompt encoder are in this frame.
 - *CLIP frame*: the image padded to a square with the CLIP mean colour, then resized to
   `clip_size` (LLaVA-1.5's "pad" aspect mode: nothing is cropped away, so every object stays visible).
+  `model.clip_preprocess: crop` instead resizes the short side to `clip_size` and keeps the centre
+  square (CLIP's own preprocessing, which GLaMM trained with): the margins of a long image are lost.
 """
 
 from __future__ import annotations
@@ -109,8 +111,24 @@ def sam_preprocess(image: np.ndarray, sam_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, sam_size - w, 0, sam_size - h))
 
 
-def clip_preprocess(image: np.ndarray, clip_size: int) -> torch.Tensor:
-    """H×W×3 uint8 -> (3, clip_size, clip_size) float: pad to square with the mean colour, resize, normalise."""
+CLIP_MODES = ("pad", "crop")
+
+
+def clip_preprocess(image: np.ndarray, clip_size: int, mode: str = "pad") -> torch.Tensor:
+    """H×W×3 uint8 -> (3, clip_size, clip_size) float, CLIP-normalised. mode "pad": pad to square with
+    the mean colour, then resize (LLaVA-1.5); "crop": resize the short side to clip_size, centre-crop
+    (CLIP's CLIPImageProcessor, GLaMM)."""
+    if mode == "crop":
+        h, w = image.shape[:2]
+        scale = clip_size / min(h, w)
+        size = (max(clip_size, round(w * scale)), max(clip_size, round(h * scale)))
+        img = Image.fromarray(image).resize(size, Image.BICUBIC)
+        left, top = (size[0] - clip_size) // 2, (size[1] - clip_size) // 2
+        img = img.crop((left, top, left + clip_size, top + clip_size))
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+        return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    if mode != "pad":
+        raise ValueError(f"clip mode must be one of {CLIP_MODES}; got {mode!r}")
     h, w = image.shape[:2]
     side = max(h, w)
     fill = tuple(int(round(m * 255)) for m in CLIP_MEAN)
@@ -121,11 +139,12 @@ def clip_preprocess(image: np.ndarray, clip_size: int) -> torch.Tensor:
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
-def preprocess_image(image: np.ndarray, clip_size: int, sam_size: int):
-    """One decoded image -> (CLIP pixels (3, C, C), SAM pixels (3, S, S), (h, w) inside the SAM frame)."""
+def preprocess_image(image: np.ndarray, clip_size: int, sam_size: int, clip_mode: str = "pad"):
+    """One decoded image -> (CLIP pixels (3, C, C), SAM pixels (3, S, S), (h, w) inside the SAM frame).
+    clip_mode: "pad" | "crop" (model.clip_preprocess; see clip_preprocess)."""
     h, w = image.shape[:2]
     return (
-        clip_preprocess(image, clip_size),
+        clip_preprocess(image, clip_size, clip_mode),
         sam_preprocess(image, sam_size),
         sam_input_size((h, w), sam_size),
     )

@@ -31,6 +31,7 @@ from .config import ModelConfig
 from .precision import torch_dtype
 from .prompts import (
     BOX_TOKEN,
+    GLAMM_TOKENS,
     IMAGE_TOKEN,
     SEG_TOKEN,
     SEM_TOKEN,
@@ -55,6 +56,12 @@ _TINY_CORPUS_WORDS = (
 )
 
 
+def special_tokens(cfg: ModelConfig) -> tuple[str, ...]:
+    """The tokens ppcr adds, in order: ours, then GLaMM's image wrappers under prompt_format glamm
+    (appended after ours, so switching the format never moves the ids of [SEG] / [BOX] / <sem>)."""
+    return SPECIAL_TOKENS_TO_ADD + (GLAMM_TOKENS if cfg.prompt_format == "glamm" else ())
+
+
 def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """Tokenizer with our special tokens, each a single id (asserted).
 
@@ -73,7 +80,10 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             tok.pad_token = tok.unk_token
     else:
         tok = _build_offline_bpe()
-    for token in (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN):
+    extra = special_tokens(cfg)[len(SPECIAL_TOKENS_TO_ADD) :]
+    if extra:
+        tok.add_tokens(list(extra), special_tokens=True)
+    for token in special_tokens(cfg):
         ids = tok(f"x {token}.", add_special_tokens=False).input_ids
         tid = tok.convert_tokens_to_ids(token)
         if tid is None or tid == tok.unk_token_id or ids.count(tid) != 1:
@@ -252,7 +262,7 @@ class MLLM(nn.Module):
         peft_model = get_peft_model(llava, lora, adapter_name=ADAPTERS[0])
         peft_model.add_adapter(ADAPTERS[1], lora)
         self.peft: PeftModel = peft_model
-        self.ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS_TO_ADD}
+        self.ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in special_tokens(cfg)}
         self.num_image_tokens = self._count_image_tokens()
         self._set_trainable()
         if cfg.gradient_checkpointing:
@@ -376,13 +386,20 @@ class MLLM(nn.Module):
         token: str,
         image_features: torch.Tensor,
         inserted: torch.Tensor | None = None,
+        offset: int = 0,
     ) -> StageStates:
         """One teacher-forced pass of a PPCR stage: each question with the fixed `answer`, under LoRA
-        branch `adapter`; returns the states at `token` (found by id) and at the image positions."""
+        branch `adapter`; returns the states at `token` (found by id; `offset` -1: the position before
+        it, whose output predicts it, as LISA/GLaMM read [SEG]) and at the image positions."""
         prompts, answers = [], []
         for q in questions:
             p, a = conversation(
-                q, answer, self.cfg.system_prompt, self.num_image_tokens, self.cfg.image_position == "before"
+                q,
+                answer,
+                self.cfg.system_prompt,
+                self.num_image_tokens,
+                self.cfg.image_position == "before",
+                self.cfg.prompt_format,
             )
             prompts.append(p)
             answers.append(a)
@@ -391,6 +408,6 @@ class MLLM(nn.Module):
             hidden, ce = self.language(batch, image_features, inserted=inserted)
         ids = batch.input_ids.to(hidden.device)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        token_states = hidden[rows, self.positions(ids, token)]
+        token_states = hidden[rows, self.positions(ids, token) + offset]
         image_states = hidden[ids == self.ids[IMAGE_TOKEN]].view(hidden.shape[0], -1, hidden.shape[-1])
         return StageStates(token=token_states, image=image_states, ce=ce)

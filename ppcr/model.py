@@ -106,6 +106,11 @@ class PPCRModel(nn.Module):
         return self.cfg.vision.image_size
 
     @property
+    def clip_mode(self) -> str:
+        """CLIP preprocessing, "pad" (LLaVA-1.5) or "crop" (GLaMM): model.clip_preprocess."""
+        return self.cfg.clip_preprocess
+
+    @property
     def sam_size(self) -> int:
         """SAM's square input frame in pixels."""
         return self.cfg.sam.image_size

@@ -79,7 +79,9 @@ class Segmenter:
     def set_image(self, image) -> None:
         """Decode and SAM-encode `image` once for subsequent `predict` calls."""
         arr = as_rgb_array(image)
-        batch = collate([Item(0, arr, "x")], self.model.clip_size, self.model.sam_size).to(self.model.device)
+        batch = collate(
+            [Item(0, arr, "x")], self.model.clip_size, self.model.sam_size, self.model.clip_mode
+        ).to(self.model.device)
         self._image = arr
         self._embedding = self.model.segmentation.encode(batch.sam_pixels)
 
@@ -94,5 +96,7 @@ class Segmenter:
         return out if many else out[0]
 
     def _run(self, items: list[Item], image_embeddings: torch.Tensor | None = None) -> list[Segmentation]:
-        batch = collate(items, self.model.clip_size, self.model.sam_size).to(self.model.device)
+        batch = collate(items, self.model.clip_size, self.model.sam_size, self.model.clip_mode).to(
+            self.model.device
+        )
         return predict_torch(self.model, batch, image_embeddings, max_sequences=self.batch_size)

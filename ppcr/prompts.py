@@ -17,6 +17,10 @@ SEG_TOKEN = "[SEG]"
 BOX_TOKEN = "[BOX]"
 SEM_TOKEN = "<sem>"  # placeholder replaced by the Semantic Segmentation Prompt embedding
 SPECIAL_TOKENS = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
+# GLaMM wraps the image in these (model.prompt_format: glamm); added to the tokenizer only then.
+IM_START_TOKEN = "<im_start>"
+IM_END_TOKEN = "<im_end>"
+GLAMM_TOKENS = (IM_START_TOKEN, IM_END_TOKEN)
 
 # Paper Fig. 4 (16 variants, collected from LISA/GLaMM and extended). Duplicates are as printed.
 SEMANTIC_TEMPLATES: tuple[str, ...] = (
@@ -90,15 +94,27 @@ def spatial_question(expression: str, mode: str, rng: random.Random | None = Non
 
 
 def conversation(
-    question: str, answer: str, system_prompt: str, num_image_tokens: int, image_first: bool = True
+    question: str,
+    answer: str,
+    system_prompt: str,
+    num_image_tokens: int,
+    image_first: bool = True,
+    prompt_format: str = "ppcr",
 ) -> tuple[str, str]:
     """LLaVA-1.5 (vicuna_v1) format; returns (prompt, answer) so the answer's tokens can be labelled.
 
     The `<image>` token is repeated `num_image_tokens` times, as transformers' LLaVA processor does.
     `image_first=False` puts the question before the image: in a causal LM the image tokens can then
-    attend to the expression / semantic prompt (see docs/learning.md).
+    attend to the expression / semantic prompt (see docs/learning.md). prompt_format "glamm": the image
+    is wrapped and introduced as GLaMM's training prompts do ("The <im_start><image>…<im_end> provides
+    an overview of the picture.\n"), image first.
     """
     head = f"{system_prompt} " if system_prompt else ""
     image = IMAGE_TOKEN * num_image_tokens
+    if prompt_format == "glamm":
+        image = f"The {IM_START_TOKEN}{image}{IM_END_TOKEN} provides an overview of the picture."
+        return f"{head}USER: {image}\n{question} ASSISTANT:", f" {answer}"
+    if prompt_format != "ppcr":
+        raise ValueError(f"prompt_format must be ppcr or glamm; got {prompt_format!r}")
     body = f"{image}\n{question}" if image_first else f"{question}\n{image}"
     return f"{head}USER: {body} ASSISTANT:", f" {answer}"

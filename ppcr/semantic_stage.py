@@ -17,7 +17,7 @@ from .prompts import SEG_TOKEN, SEMANTIC_ANSWER, semantic_question
 
 @dataclass
 class SemanticOutput:
-    hidden: torch.Tensor  # (B, hidden) last-layer state at [SEG]
+    hidden: torch.Tensor  # (B, hidden) last-layer state at [SEG] (or before it: model.semantic_state)
     prompt: torch.Tensor  # (B, prompt_dim) the Semantic Segmentation Prompt (SAM sparse prompt)
     ce: torch.Tensor  # scalar CE over the answer tokens
     image_states: torch.Tensor  # (B, T, hidden) last-layer states at the <image> positions
@@ -39,7 +39,9 @@ class SemanticStage(nn.Module):
     ) -> SemanticOutput:
         """image_features: (B, T, hidden), one row per expression; rng picks templates (None: fixed, for eval)."""
         questions = [semantic_question(e, rng) for e in expressions]
-        st = mllm.run_stage("semantic", questions, SEMANTIC_ANSWER, SEG_TOKEN, image_features)
+        # model.semantic_state "predicting": the state one position before [SEG] (LISA/GLaMM's reading).
+        offset = -1 if mllm.cfg.semantic_state == "predicting" else 0
+        st = mllm.run_stage("semantic", questions, SEMANTIC_ANSWER, SEG_TOKEN, image_features, offset=offset)
         # The LLM runs in model.dtype, the projection in float32 (ppcr/precision.py): cast at the boundary.
         prompt = self.projection(st.token.to(module_dtype(self.projection)))
         return SemanticOutput(hidden=st.token, prompt=prompt, ce=st.ce, image_states=st.image)

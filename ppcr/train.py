@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import Batch, Item, collate
-from .checkpoint import save_checkpoint
+from .checkpoint import load_init_weights, save_checkpoint
 from .config import RunConfig, TrainConfig, to_dict
 from .data.shards import ExpressionSample, iter_expressions, shard_dir
 from .geometry import decode_image
@@ -198,7 +198,10 @@ def train(
     torch.manual_seed(tcfg.seed)
     split = shard_dir(cfg.data.shards_root, cfg.data.dataset, cfg.data.split_by, cfg.data.train_split)
     samples = load_training_samples(split, cfg.data.max_expressions_per_image)
-    model = model or PPCRModel(cfg.model)
+    if model is None:
+        model = PPCRModel(cfg.model)
+        if cfg.model.init_weights:
+            load_init_weights(model, cfg.model.init_weights)  # strict; before the optimizer sees it
     optimizer, scheduler = build_optimizer(model, tcfg)
     rng = random.Random(tcfg.seed)
     cache = ImageCache()
@@ -214,7 +217,9 @@ def train(
         ):
             if step >= tcfg.steps or (time_budget_s is not None and time.perf_counter() - t0 > time_budget_s):
                 break
-            batch = collate([to_item(s, cache) for s in chunk], model.clip_size, model.sam_size)
+            batch = collate(
+                [to_item(s, cache) for s in chunk], model.clip_size, model.sam_size, model.clip_mode
+            )
             logs = train_step(model, batch, cfg, optimizer, rng, step)
             scheduler.step()
             for k, v in logs.items():

@@ -51,12 +51,12 @@ from .stages import EncoderCounter, MLLMStage, SAMStage, decode_stage, metrics_s
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _model_sizes(checkpoint: str | Path, overrides: dict | None) -> tuple[int, int]:
-    """(clip_size, sam_size) from the checkpoint's config, without building the model."""
+def _model_sizes(checkpoint: str | Path, overrides: dict | None) -> tuple[int, int, str]:
+    """(clip_size, sam_size, clip_mode) from the checkpoint's config, without building the model."""
     from ..checkpoint import load_model_config
 
     cfg = load_model_config(checkpoint, overrides)  # validates the overrides before any actor starts
-    return cfg.vision.image_size, cfg.sam.image_size
+    return cfg.vision.image_size, cfg.sam.image_size, cfg.clip_preprocess
 
 
 def build_pipeline(
@@ -70,7 +70,7 @@ def build_pipeline(
 ) -> ray.data.Dataset:
     """Image rows (IMAGE_SCHEMA) -> expression rows (RESULT_SCHEMA, or EVAL_RESULT_SCHEMA), lazily."""
     checkpoint = str(Path(checkpoint).resolve())
-    clip_size, sam_size = _model_sizes(checkpoint, overrides)
+    clip_size, sam_size, clip_mode = _model_sizes(checkpoint, overrides)
     decoded = images.map_batches(
         decode_stage,
         batch_format="pyarrow",
@@ -80,7 +80,7 @@ def build_pipeline(
         # would run decoding inside the MLLM actors. A task-only arg (max_calls=0 is Ray's default,
         # spelled out) keeps decoding in CPU tasks and the model actors on the model.
         max_calls=0,
-        fn_kwargs={"clip_size": clip_size, "sam_size": sam_size},
+        fn_kwargs={"clip_size": clip_size, "sam_size": sam_size, "clip_mode": clip_mode},
     )
     model = {"checkpoint": checkpoint, "overrides": overrides, "threads": cfg.torch_threads}
     reasoned = _actor_stage(decoded, MLLMStage, cfg.mllm, **model, max_expr=cfg.max_expressions)

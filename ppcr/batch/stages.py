@@ -40,7 +40,7 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def decode_stage(table: pa.Table, clip_size: int, sam_size: int) -> pa.Table:
+def decode_stage(table: pa.Table, clip_size: int, sam_size: int, clip_mode: str = "pad") -> pa.Table:
     """CPU task: read + decode each image once, preprocess for CLIP and SAM, validate expressions."""
     from ..geometry import decode_image, preprocess_image
     from ..prompts import clean_expression
@@ -64,7 +64,7 @@ def decode_stage(table: pa.Table, clip_size: int, sam_size: int) -> pa.Table:
                 expected = None if r["height"] is None else (r["height"], r["width"])
                 img = decode_image(data, r["image"], expected_hw=expected)
                 hw = list(img.shape[:2])
-                clip_t, sam_t, in_hw = preprocess_image(img, clip_size, sam_size)
+                clip_t, sam_t, in_hw = preprocess_image(img, clip_size, sam_size, clip_mode)
                 sam_hw = list(in_hw)
                 clip = clip_t.numpy().astype(np.float32).tobytes()
                 sam = sam_t.numpy().astype(np.float32).tobytes()

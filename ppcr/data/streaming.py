@@ -72,14 +72,16 @@ def shard_files(entry: MixEntry) -> list[str]:
     return [scheme + f if scheme and "://" not in f else f for f in files]
 
 
-def preprocess_images(batch: pa.Table, clip_size: int, sam_size: int, dataset: str, split_by: str) -> dict:
+def preprocess_images(
+    batch: pa.Table, clip_size: int, sam_size: int, dataset: str, split_by: str, clip_mode: str = "pad"
+) -> dict:
     """Image rows (SHARD_SCHEMA) -> one row per expression (ROW_COLUMNS), each image decoded once."""
     out: dict[str, list] = {c: [] for c in ROW_COLUMNS}
     for row in batch.to_pylist():
         name = f"{dataset}_{split_by} image {row['image_id']} ({row['file_name']})"
         image = decode_image(row["image"], name, expected_hw=(row["height"], row["width"]))
         h, w = image.shape[:2]
-        clip, sam, in_hw = preprocess_image(image, clip_size, sam_size)
+        clip, sam, in_hw = preprocess_image(image, clip_size, sam_size, clip_mode)
         clip, sam = clip.numpy(), sam.numpy()
         for ref in row["refs"]:
             box = normalize_box(np.asarray(ref["bbox"], dtype=np.float64), (h, w)).clip(0, 1)
@@ -116,7 +118,11 @@ def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | 
         rows = read.map_batches(
             preprocess_images,
             fn_kwargs=dict(
-                clip_size=clip_size, sam_size=sam_size, dataset=entry.dataset, split_by=entry.split_by
+                clip_size=clip_size,
+                sam_size=sam_size,
+                dataset=entry.dataset,
+                split_by=entry.split_by,
+                clip_mode=cfg.model.clip_preprocess,
             ),
             concurrency=max(1, int(cfg.distributed.data_cpus)),
             batch_size=4,

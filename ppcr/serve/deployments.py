@@ -76,7 +76,9 @@ class MLLMStage:
         first, index = group_images([key for key, _ in per_expr])
         distinct = [per_expr[i][1] for i in first]
         out = self.model.reason(
-            torch.stack([clip_preprocess(im, self.model.clip_size) for im in distinct]).to(self.device),
+            torch.stack(
+                [clip_preprocess(im, self.model.clip_size, self.model.clip_mode) for im in distinct]
+            ).to(self.device),
             index.to(self.device),
             [t for exprs in expressions for t in exprs],
             torch.tensor([im.shape[:2] for im in distinct], dtype=torch.long),
