@@ -391,3 +391,31 @@ def test_clip_crop_keeps_the_centre_and_pad_keeps_everything():
     assert torch.equal(batch.clip_pixels[0], crop)
     with pytest.raises(ConfigError, match="clip_preprocess crop needs box_head mlp"):
         load_config("tiny", {"model": {"clip_preprocess": "crop"}})
+
+
+def test_cli_convert_glamm_with_glamm_fidelity(fakes, tmp_path, capsys):
+    from ppcr.cli import main
+
+    root, cfg_path = fakes[0], fakes[1]
+    rc = main(
+        ["convert-glamm", "--glamm", str(root / "refseg"), "--llava", str(root / "llava")]
+        + ["--out", str(tmp_path / "c"), "--config", str(cfg_path), "--fidelity", "glamm"]
+    )
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.split("\nppcr checkpoint:")[0])
+    assert summary["token_rows"]["<im_start> (32005)"] == "<im_start> (32000)"
+    assert "no --grand" in summary["fresh"][0]
+    cfg = load_checkpoint(tmp_path / "c").cfg
+    assert (cfg.semantic_state, cfg.prompt_format, cfg.clip_preprocess) == ("predicting", "glamm", "crop")
+    rc = main(
+        [
+            "convert-glamm",
+            "--glamm",
+            str(tmp_path),
+            "--llava",
+            str(root / "llava"),
+            "--out",
+            str(tmp_path / "d"),
+        ]
+    )
+    assert rc == 2 and "pytorch_model.bin.index.json" in capsys.readouterr().err
