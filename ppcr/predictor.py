@@ -23,6 +23,7 @@ from .config import InputError, RunConfig, load_config
 from .geometry import as_rgb_array
 from .inference import Segmentation, predict_torch
 from .model import PPCRModel
+from .precision import configure_device
 from .prompts import clean_expression
 
 ImageLike = np.ndarray | bytes  # H×W×3 uint8, PIL image or encoded bytes
@@ -54,7 +55,7 @@ class Segmenter:
         warnings.warn(
             "Segmenter.from_preset: randomly initialised weights — masks are meaningless", stacklevel=2
         )
-        return cls(PPCRModel(cfg.model).to(device))
+        return cls(PPCRModel(cfg.model).to(configure_device(device)))
 
     @torch.no_grad()
     def segment_batch(self, images: Sequence, expressions: Sequence[str]) -> list[Segmentation]:
