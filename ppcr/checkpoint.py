@@ -116,13 +116,22 @@ def load_checkpoint(
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint weights missing: {weights}")
     model = PPCRModel(cfg, parts=parts)  # dtypes per ppcr/precision.py; copy_ below keeps them
-    params = model.state_dict()  # live tensors (parameters and buffers), copied into in place
     built = tuple(prefix for part in model.parts for prefix in PART_PREFIXES[part])
+    _copy_strict(model, weights, "a checkpoint of this model (config mismatch?)", prefixes=built)
+    return model.to(configure_device(device)).eval()
+
+
+def _copy_strict(model: PPCRModel, weights: Path, what: str, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """Copy the tensors of `weights` whose names start with `prefixes` into `model` in place (dtypes
+    stay the model's). Every one must be a tensor of the model with its shape, and every tensor the
+    model's own checkpoints hold (`_saved_names`) must be there: WeightsError naming the file otherwise.
+    Returns the names copied."""
+    params = model.state_dict()  # live tensors (parameters and buffers)
     with safe_open(str(weights), framework="pt") as f:
-        keys = [k for k in f.keys() if k.startswith(built)]
+        keys = [k for k in f.keys() if k.startswith(prefixes)]
         check_keys(
             weights,
-            "a checkpoint of this model (config mismatch?)",
+            what,
             missing=set(_saved_names(model)) - set(keys),
             unexpected=set(keys) - set(params),
             mismatched=[
@@ -134,7 +143,7 @@ def load_checkpoint(
         with torch.no_grad():
             for name in keys:
                 params[name].copy_(f.get_tensor(name))
-    return model.to(configure_device(device)).eval()
+    return keys
 
 
 def load_init_weights(model: PPCRModel, ckpt_dir: str | Path) -> list[str]:
@@ -182,21 +191,4 @@ def load_init_weights(model: PPCRModel, ckpt_dir: str | Path) -> list[str]:
     for name in src.base_overrides:
         if name not in model.cfg.base_overrides:
             model.cfg.base_overrides.append(name)
-    params = model.state_dict()
-    with safe_open(str(weights), framework="pt") as f:
-        keys = list(f.keys())
-        check_keys(
-            weights,
-            "a checkpoint this run can start from (model.init_weights)",
-            missing=set(_saved_names(model)) - set(keys),
-            unexpected=set(keys) - set(params),
-            mismatched=[
-                (k, tuple(f.get_slice(k).get_shape()), tuple(params[k].shape))
-                for k in keys
-                if k in params and tuple(f.get_slice(k).get_shape()) != tuple(params[k].shape)
-            ],
-        )
-        with torch.no_grad():
-            for name in keys:
-                params[name].copy_(f.get_tensor(name))
-    return keys
+    return _copy_strict(model, weights, "a checkpoint this run can start from (model.init_weights)")
