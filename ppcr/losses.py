@@ -18,18 +18,28 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> 
     return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
 
 
+def _dice_rows(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`dice_loss` of each of k masks: logits and {0,1} target (k, H, W) -> (k,)."""
+    p = logits.sigmoid().flatten(1)
+    t = target.flatten(1).float()
+    return 1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
+
+
+def _mask_iou_rows(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """IoU of each of k masks (k, H, W) with its target, at SAM's mask threshold -> (k,); an empty
+    union counts 1."""
+    pred = logits > MASK_THRESHOLD
+    inter = (pred & gt).flatten(1).sum(1)
+    union = (pred | gt).flatten(1).sum(1)
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter, dtype=torch.float32))
+
+
 def heatmap_targets(gt_boxes: torch.Tensor, hw: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """(B, T) 1 where a patch centre (square frame) lies inside the ground-truth box, else 0."""
     sq = normalized_to_clip_square(gt_boxes, hw)
     x, y = centers[:, 0][None], centers[:, 1][None]
     inside = (x >= sq[:, 0:1]) & (x <= sq[:, 2:3]) & (y >= sq[:, 1:2]) & (y <= sq[:, 3:4])
     return inside.float()
-
-
-def _mask_iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    pred = logits > MASK_THRESHOLD
-    union = (pred | gt).sum()
-    return (pred & gt).sum() / union if union > 0 else torch.ones((), device=logits.device)
 
 
 def _mass_on_target(heatmap: torch.Tensor, target: torch.Tensor) -> float:
@@ -45,17 +55,27 @@ def ppcr_loss(
     """
     terms: dict[str, torch.Tensor] = {}
     extra: dict[str, float] = {}
-    bce, dice = [], []
-    for logits, gt in zip(out.mask_logits, batch.gt_masks):
-        bce.append(F.binary_cross_entropy_with_logits(logits.float(), gt.float()))
-        dice.append(dice_loss(logits.float(), gt))
-    terms["bce"] = torch.stack(bce).mean()
+    # Per mask (mean over its pixels), then the mean over masks; computed one image at a time, since
+    # the masks of one image share its size (out.mask_groups), else one mask at a time.
+    groups = out.mask_groups
+    if groups is None:
+        groups = [(torch.tensor([i]), m[None]) for i, m in enumerate(out.mask_logits)]
+    bce, dice, actual = [], [], []
+    for rows, logits in groups:
+        logits = logits.float()
+        gt = torch.stack([batch.gt_masks[r] for r in rows.tolist()]).to(logits.device)
+        bce.append(
+            F.binary_cross_entropy_with_logits(logits, gt.float(), reduction="none").flatten(1).mean(1)
+        )
+        dice.append(_dice_rows(logits, gt))
+        with torch.no_grad():
+            actual.append(_mask_iou_rows(logits, gt))
+    terms["bce"] = torch.cat(bce).mean()
     if weights.iou > 0:
         # SAM's IoU head is the inference `score`; train it as SAM does (MSE to the actual mask IoU).
-        with torch.no_grad():
-            actual = torch.stack([_mask_iou(m, g) for m, g in zip(out.mask_logits, batch.gt_masks)])
-        terms["iou"] = F.mse_loss(out.iou_pred.float(), actual)
-    terms["dice"] = torch.stack(dice).mean()
+        order = torch.cat([rows for rows, _ in groups]).to(out.iou_pred.device)
+        terms["iou"] = F.mse_loss(out.iou_pred[order].float(), torch.cat(actual))
+    terms["dice"] = torch.cat(dice).mean()
     terms["ce"] = out.ce
     target = None
     if centers is not None and (out.heatmap is not None or out.semantic_heatmap is not None):

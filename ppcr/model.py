@@ -38,6 +38,9 @@ class PPCROutput:
     heatmap: torch.Tensor | None  # (B, T) attention-head logits over image tokens
     semantic_box: torch.Tensor | None = None  # (B, 4) auxiliary box read from the [SEG] query
     semantic_heatmap: torch.Tensor | None = None  # (B, T) its heatmap over the semantic pass's image states
+    # The same mask logits grouped by image: (rows (k,), logits (k, H, W)) per distinct image, the form
+    # the loss computes on (one op per image instead of one per expression). mask_logits are views of it.
+    mask_groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Reasoning(NamedTuple):
@@ -208,25 +211,41 @@ class PPCRModel(nn.Module):
         image_embeddings: (N, C, h, w) from `segmentation.encode`; image_index: (B,) its row per prompt;
         box: (B, 4) normalized XYXY in the original frame, or None; original_hw / sam_input_hw: (N, 2).
         """
+        low, iou, groups = self._segment_groups(
+            image_embeddings, image_index, semantic_prompt, box, original_hw, sam_input_hw
+        )
+        return low, iou, _ungroup(groups, low.shape[0])
+
+    def _segment_groups(
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        semantic_prompt: torch.Tensor,
+        box: torch.Tensor | None,
+        original_hw: torch.Tensor,
+        sam_input_hw: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """`segment` with the full-size logits grouped by image: [(rows (k,), logits (k, H, W))].
+        The prompts of one image share its sizes, so each geometry op runs once per image."""
         self._require("sam", "segment (stage 3)")
+        groups = [(img, (image_index == img).nonzero().flatten()) for img in image_index.unique().tolist()]
         box_frame = None
         if box is not None:
-            hw = original_hw[image_index]
-            box_frame = torch.stack(
-                [
-                    normalized_to_sam_frame(box[i], tuple(hw[i].tolist()), self.sam_size)
-                    for i in range(len(box))
-                ]
-            )
+            frames = [
+                normalized_to_sam_frame(box[rows], tuple(original_hw[img].tolist()), self.sam_size)
+                for img, rows in groups
+            ]
+            box_frame = torch.cat(frames)[_inverse_order(torch.cat([rows for _, rows in groups]))]
         low, iou = self.segmentation.decode(image_embeddings, image_index, semantic_prompt, box_frame)
-        masks = []
-        for i in range(low.shape[0]):
-            img = int(image_index[i])
-            masks.append(
+        masks = [
+            (
+                rows,
                 self.segmentation.upscale(
-                    low[i], tuple(sam_input_hw[img].tolist()), tuple(original_hw[img].tolist())
-                )
+                    low[rows], tuple(sam_input_hw[img].tolist()), tuple(original_hw[img].tolist())
+                ),
             )
+            for img, rows in groups
+        ]
         return low, iou, masks
 
     def forward(
@@ -268,7 +287,7 @@ class PPCRModel(nn.Module):
                 sam_box = torch.where(use_gt.unsqueeze(1), gt, box)
         if image_embeddings is None:
             image_embeddings = self.segmentation.encode(batch.sam_pixels)
-        low, iou, masks = self.segment(
+        low, iou, groups = self._segment_groups(
             image_embeddings,
             batch.image_index,
             r.semantic_prompt,
@@ -281,10 +300,27 @@ class PPCRModel(nn.Module):
             box=box,
             sam_box=sam_box,
             low_res_masks=low,
-            mask_logits=masks,
+            mask_logits=_ungroup(groups, low.shape[0]),
             iou_pred=iou,
             ce=r.ce,
             heatmap=r.heatmap,
             semantic_box=r.semantic_box,
             semantic_heatmap=r.semantic_heatmap,
+            mask_groups=groups,
         )
+
+
+def _inverse_order(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order` (x[order][_inverse_order(order)] == x)."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return inverse
+
+
+def _ungroup(groups: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[torch.Tensor]:
+    """[(rows (k,), logits (k, H, W))] per image -> n × (H, W) logits in row order (views)."""
+    out: list[torch.Tensor | None] = [None] * n
+    for rows, logits in groups:
+        for j, r in enumerate(rows.tolist()):
+            out[r] = logits[j]
+    return out

@@ -159,13 +159,20 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def write_report(out_dir: str | Path, results: Results, meta: dict | None = None) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir`` (created); returns (json_path, md_path)."""
+def write_report(
+    out_dir: str | Path, results: Results, meta: dict | None = None, warning: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir`` (created); returns (json_path, md_path).
+
+    ``warning``: a caveat that changes how every number must be read (e.g. training cut short): the
+    first thing in ``report.md`` and ``report.json``'s ``warning``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
     payload = {
         "version": REPORT_VERSION,
+        **({"warning": warning} if warning else {}),
         "meta": meta,
         "results": {
             row: {_key_str(k): dict(m) for k, m in per_col.items()} for row, per_col in results.items()
@@ -175,6 +182,12 @@ def write_report(out_dir: str | Path, results: Results, meta: dict | None = None
     json_path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
 
     lines = ["# PPCR evaluation report", ""]
+    if warning:
+        lines += [
+            f"> **WARNING** {line}".rstrip() if i == 0 else f"> {line}"
+            for i, line in enumerate(warning.splitlines())
+        ]
+        lines += [""]
     if meta:
         lines += [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
     lines += [

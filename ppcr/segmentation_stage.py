@@ -145,8 +145,11 @@ class SegmentationStage(nn.Module):
     def upscale(
         self, low_res: torch.Tensor, input_hw: tuple[int, int], original_hw: tuple[int, int]
     ) -> torch.Tensor:
-        """(4h, 4w) low-res logits -> (H, W) logits at the original size (SAM's postprocess_masks)."""
-        return self.sam.postprocess_masks(low_res[None, None], tuple(input_hw), tuple(original_hw))[0, 0]
+        """(4h, 4w) or (k, 4h, 4w) low-res logits of one image -> (H, W) or (k, H, W) logits at the
+        original size (SAM's postprocess_masks)."""
+        if low_res.dim() == 2:
+            return self.upscale(low_res[None], input_hw, original_hw)[0]
+        return self.sam.postprocess_masks(low_res[:, None], tuple(input_hw), tuple(original_hw))[:, 0]
 
 
 def _predict_masks_per_prompt(

@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +82,43 @@ class ImageCache:
         return img
 
 
+class SamEmbeddingCache:
+    """SAM image embeddings by image id across training steps.
+
+    SAM's image encoder is frozen (paper §3.4) and runs without dropout or augmentation, so an image's
+    embedding is the same at every step: computing it once per image, instead of once per step it
+    appears in, changes no number. Refuses a model whose encoder has a trainable parameter.
+    """
+
+    def __init__(self, model: PPCRModel):
+        encoder = model.segmentation.sam.image_encoder
+        trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
+        if trainable:
+            raise ValueError(
+                f"SAM's image encoder must be frozen to cache its embeddings; trainable: {trainable[:3]}"
+            )
+        self.model = model
+        self._data: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, batch: Batch, keys: Sequence) -> torch.Tensor:
+        """(N, C, h, w) embeddings of the batch's images; keys: (N,) image keys in the batch's row order.
+        Encodes only the images not seen before (in one call)."""
+        missing = [i for i, k in enumerate(keys) if k not in self._data]
+        if missing:
+            emb = self.model.segmentation.encode(batch.sam_pixels[missing])
+            for i, e in zip(missing, emb):
+                self._data[keys[i]] = e.clone()
+        return torch.stack([self._data[k] for k in keys])
+
+
+def batch_image_keys(items: Sequence[Item]) -> list:
+    """Image keys in `collate`'s row order (first appearance), for `SamEmbeddingCache.get`."""
+    return list(dict.fromkeys(it.key for it in items))
+
+
 def to_item(sample: ExpressionSample, cache: ImageCache) -> Item:
     """A shard expression as a model input with ground truth (mask bool H×W, box pixel XYXY)."""
     return Item(
@@ -133,13 +170,25 @@ def batches_forever(
 
 
 def compute_loss(
-    model: PPCRModel, batch: Batch, cfg: RunConfig, rng: random.Random, step: int, forward=None
+    model: PPCRModel,
+    batch: Batch,
+    cfg: RunConfig,
+    rng: random.Random,
+    step: int,
+    forward=None,
+    image_embeddings: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Forward all three stages and the joint loss; `forward` is the callable to run (default `model`,
-    a DeepSpeed engine wrapping it in the distributed job). Raises on a non-finite loss."""
+    a DeepSpeed engine wrapping it in the distributed job); image_embeddings: the batch's SAM
+    embeddings (N, C, h, w) if already known (`SamEmbeddingCache`). Raises on a non-finite loss."""
     model.train()
+    extra = {} if image_embeddings is None else {"image_embeddings": image_embeddings}
     out = (forward or model)(
-        batch, rng=rng, gt_box_prob=gt_box_probability(step, cfg.train), gt_box_jitter=cfg.train.gt_box_jitter
+        batch,
+        rng=rng,
+        gt_box_prob=gt_box_probability(step, cfg.train),
+        gt_box_jitter=cfg.train.gt_box_jitter,
+        **extra,
     )
     loss, logs = ppcr_loss(out, batch, cfg.loss, model.patch_centers())
     if not torch.isfinite(loss):
@@ -154,9 +203,10 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     rng: random.Random,
     step: int,
+    image_embeddings: torch.Tensor | None = None,
 ) -> dict:
     """One optimisation step: forward all three stages, joint loss, clip, step. Returns the loss terms."""
-    loss, logs = compute_loss(model, batch, cfg, rng, step)
+    loss, logs = compute_loss(model, batch, cfg, rng, step, image_embeddings=image_embeddings)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip > 0:
@@ -173,9 +223,15 @@ def train_step(
 class TrainResult:
     model: PPCRModel
     checkpoint: Path | None
-    steps: int
+    steps: int  # optimizer steps done
     seconds: float
     history: list[dict] = field(default_factory=list)
+    planned_steps: int = 0  # cfg.train.steps
+    stopped_by_time: bool = False  # the time budget ended training before planned_steps
+
+    @property
+    def complete(self) -> bool:
+        return self.steps >= self.planned_steps
 
 
 def train(
@@ -184,11 +240,15 @@ def train(
     model: PPCRModel | None = None,
     progress: bool = True,
     time_budget_s: float | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train on `cfg.data`'s train split for `cfg.train.steps` steps; save an inference checkpoint.
 
     Writes `<out_dir>/train_log.jsonl` (one line per logged step) and `<out_dir>/checkpoint/`.
-    `time_budget_s` stops early (still saving) if wall time runs out.
+    `time_budget_s` is a safety net: if wall time runs out it stops early (still saving) and the result
+    says so (`stopped_by_time`, `steps` < `planned_steps`); the amount of training is otherwise the
+    step count alone, whatever the machine's speed. `on_log` receives each logged record (with
+    `eta_s`, the seconds the remaining steps take at the average speed so far).
     """
     tcfg = cfg.train
     out = Path(out_dir or tcfg.out_dir)
@@ -205,22 +265,27 @@ def train(
     optimizer, scheduler = build_optimizer(model, tcfg)
     rng = random.Random(tcfg.seed)
     cache = ImageCache()
+    sam_cache = SamEmbeddingCache(model)
     history: list[dict] = []
     running: dict[str, float] = defaultdict(float)
     n_running = 0
     t0 = time.perf_counter()
     step = 0
+    stopped_by_time = False
     bar = tqdm(total=tcfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
     with (out / "train_log.jsonl").open("w") as log_file:
         for step, chunk in enumerate(
             batches_forever(samples, tcfg.batch_size, tcfg.seed, tcfg.group_by_image)
         ):
-            if step >= tcfg.steps or (time_budget_s is not None and time.perf_counter() - t0 > time_budget_s):
+            if step >= tcfg.steps:
                 break
-            batch = collate(
-                [to_item(s, cache) for s in chunk], model.clip_size, model.sam_size, model.clip_mode
-            )
-            logs = train_step(model, batch, cfg, optimizer, rng, step)
+            if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+                stopped_by_time = True
+                break
+            items = [to_item(s, cache) for s in chunk]
+            batch = collate(items, model.clip_size, model.sam_size, model.clip_mode)
+            embeddings = sam_cache.get(batch, batch_image_keys(items))
+            logs = train_step(model, batch, cfg, optimizer, rng, step, image_embeddings=embeddings)
             scheduler.step()
             for k, v in logs.items():
                 running[k] += v
@@ -234,11 +299,14 @@ def train(
                     "lr": scheduler.get_last_lr()[0],
                     "elapsed_s": elapsed,
                     "samples_per_s": (step + 1) * tcfg.batch_size / elapsed,
+                    "eta_s": elapsed / (step + 1) * (tcfg.steps - step - 1),
                     **avg,
                 }
                 history.append(record)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+                if on_log is not None:
+                    on_log(record)
                 bar.set_postfix({k: f"{avg[k]:.3f}" for k in ("loss", "l1", "dice") if k in avg})
                 running.clear()
                 n_running = 0
@@ -248,9 +316,18 @@ def train(
     steps_done = min(step, tcfg.steps)
     seconds = time.perf_counter() - t0
     model.eval()
+    meta = {"steps": steps_done, "planned_steps": tcfg.steps, "stopped_by_time": stopped_by_time}
     ckpt = save_checkpoint(
-        model, out / "checkpoint", extra={"steps": steps_done, "seconds": seconds, "run_config": to_dict(cfg)}
+        model, out / "checkpoint", extra={**meta, "seconds": seconds, "run_config": to_dict(cfg)}
     )
     if not all(math.isfinite(v) for r in history[-1:] for v in r.values() if isinstance(v, float)):
         raise FloatingPointError("training ended with non-finite metrics")
-    return TrainResult(model=model, checkpoint=ckpt, steps=steps_done, seconds=seconds, history=history)
+    return TrainResult(
+        model=model,
+        checkpoint=ckpt,
+        steps=steps_done,
+        seconds=seconds,
+        history=history,
+        planned_steps=tcfg.steps,
+        stopped_by_time=stopped_by_time,
+    )

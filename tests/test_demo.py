@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ppcr.cli import main
+from ppcr.demo import QUICK, run_demo
 from ppcr.predictor import Segmenter
 from ppcr.report import load_report
 
@@ -19,6 +20,8 @@ def test_quick_demo_leaves_checkpoint_report_and_overlays(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     printed = capsys.readouterr().out
     assert "1/6" in printed and "6/6" in printed  # progress is shown throughout
+    assert f"step 25/{QUICK.steps}" in printed and "min to go" in printed  # with an ETA while training
+    assert "CUT SHORT" not in printed
     results, meta = load_report(out / "report.json")
     assert {
         "PPCR (untrained)",
@@ -30,9 +33,9 @@ def test_quick_demo_leaves_checkpoint_report_and_overlays(tmp_path, capsys):
     val = ("synthref", "unc", "val")
     assert results["PPCR + GT box (oracle)"][val]["BoxAcc@0.5"] == 1.0
     assert results["PPCR (trained)"][val]["count"] == results["baseline: all objects"][val]["count"] > 0
-    assert meta["steps"] > 0
+    assert meta["steps"] == meta["planned_steps"] == QUICK.steps  # a fixed amount of training
     md = (out / "report.md").read_text()
-    assert "PPCR (trained)" in md and "mIoU" in md
+    assert "PPCR (trained)" in md and "mIoU" in md and "WARNING" not in md
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 4
     assert Image.open(overlays[0]).size[0] > 0
@@ -45,3 +48,21 @@ def test_quick_demo_leaves_checkpoint_report_and_overlays(tmp_path, capsys):
     # It ends by serving the checkpoint and segmenting a few val images over HTTP.
     served = json.loads((out / "served.json").read_text())
     assert len(served) == 3 and all(len(r["box"]) == 4 and r["mask_size"][0] > 0 for r in served)
+
+
+def test_demo_cut_short_by_its_time_bound_says_so_loudly(tmp_path, capsys):
+    """The time bound is a safety net: a run it stops says so on the console and at the top of
+    report.md, with the steps done, the steps planned and what that means for the numbers."""
+    out = tmp_path / "demo"
+    run_demo(out, quick=True, train_minutes=0.001, served=0)  # 0.06 s: one step, then the bound
+    printed = capsys.readouterr().out
+    results, meta = load_report(out / "report.json")
+    assert 0 < meta["steps"] < meta["planned_steps"] == QUICK.steps
+    said = f"{meta['steps']} of {QUICK.steps} planned steps"
+    top = (out / "report.md").read_text().split("## ")[0]  # before the first table
+    assert "WARNING" in top and "CUT SHORT" in top and said in top and "under-trained" in top
+    assert said in json.loads((out / "report.json").read_text())["warning"]
+    console = [line for line in printed.splitlines() if "WARNING" in line and "CUT SHORT" in line]
+    assert len(console) >= 2  # when training stops, and again as the last thing printed
+    assert printed.rstrip().splitlines()[-1].startswith("!")
+    assert "PPCR (trained)" in results  # the run still finishes and reports
