@@ -13,9 +13,7 @@ from .inference import MASK_THRESHOLD
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Soft Dice on sigmoid(logits) vs a {0,1} target of the same (H, W) shape."""
-    p = logits.sigmoid().flatten()
-    t = target.flatten().float()
-    return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+    return _dice_rows(logits[None], target[None], eps)[0]
 
 
 def _dice_rows(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -20,6 +20,7 @@ from .checkpoint import load_init_weights, save_checkpoint
 from .config import RunConfig, TrainConfig, to_dict
 from .data.shards import ExpressionSample, iter_expressions, shard_dir
 from .geometry import decode_image
+from .inference import group_images
 from .losses import ppcr_loss
 from .model import PPCRModel
 
@@ -115,8 +116,9 @@ class SamEmbeddingCache:
 
 
 def batch_image_keys(items: Sequence[Item]) -> list:
-    """Image keys in `collate`'s row order (first appearance), for `SamEmbeddingCache.get`."""
-    return list(dict.fromkeys(it.key for it in items))
+    """Image keys in `collate`'s row order, for `SamEmbeddingCache.get` (the same grouping collate uses)."""
+    first, _ = group_images([it.key for it in items])
+    return [items[i].key for i in first]
 
 
 def to_item(sample: ExpressionSample, cache: ImageCache) -> Item:

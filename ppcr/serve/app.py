@@ -355,15 +355,3 @@ def demo_serving(checkpoint: str | Path, samples: list[tuple[bytes, str]]) -> li
         serve.shutdown()
         if started_ray:
             ray.shutdown()
-
-
-__all__ = [
-    "ServeSettings",
-    "MLLMStage",
-    "SAMStage",
-    "Ingress",
-    "build_app",
-    "make_app",
-    "start",
-    "demo_serving",
-]

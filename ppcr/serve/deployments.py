@@ -167,8 +167,8 @@ class SAMStage:
     @torch.no_grad()
     def _decode(self, encoded, semantic, boxes, hws) -> list[dict]:
         t0 = time.perf_counter()
-        dtype = next(self.model.segmentation.parameters()).dtype
-        emb = torch.stack([_tensor(e["embedding"], self.device) for e in encoded]).to(dtype)
+        # No cast here: the decoder casts its inputs to its own dtype (ppcr/precision.py).
+        emb = torch.stack([_tensor(e["embedding"], self.device) for e in encoded])
         index = torch.tensor([i for i, s in enumerate(semantic) for _ in range(len(s))], device=self.device)
         sem = _tensor(np.concatenate(semantic), self.device)
         box = None if boxes[0] is None else _tensor(np.concatenate(boxes), self.device)
