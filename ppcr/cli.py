@@ -87,6 +87,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
         result = train(cfg, out_dir=a.out, time_budget_s=a.time_budget)
         print(f"trained {result.steps} steps in {result.seconds:.0f}s; checkpoint: {result.checkpoint}")
+        if result.stopped_by_time:  # a run the time bound cut short must not pass for a finished one
+            print(
+                f"WARNING: --time-budget {a.time_budget:g}s CUT training SHORT: {result.steps} of "
+                f"{result.planned_steps} planned steps; the checkpoint is under-trained and its learning "
+                "rate never decayed.",
+                file=sys.stderr,
+            )
         return 0
     from .distributed_train import run_training
     from .ray_cluster import init_ray

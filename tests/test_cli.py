@@ -146,3 +146,14 @@ def test_train_evaluate_segment_round_trip(tmp_path, synth_data, capsys):
 def test_segment_errors(argv, needle, capsys):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_train_local_cut_short_by_time_budget_says_so(tmp_path, synth_data, capsys):
+    """A run the --time-budget stops early still saves, and says loudly that it is under-trained."""
+    _, _, shards = synth_data
+    argv = ["train", "--local", "--config", "tiny", "--out", str(tmp_path / "run"), "--time-budget", "0"]
+    argv += ["--set", f"data.shards_root={shards}", "--set", "train.steps=3"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "CUT training SHORT" in err and "0 of 3 planned steps" in err
+    assert (tmp_path / "run" / "checkpoint").is_dir()
