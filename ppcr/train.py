@@ -50,7 +50,9 @@ def build_optimizer(
     """AdamW over trainable parameters; the heads (projection, box head, SAM decoder) may get a larger LR."""
     rest, heads = trainable_groups(model)
     groups = [{"params": rest, "lr": tcfg.lr}, {"params": heads, "lr": tcfg.lr * tcfg.head_lr_mult}]
-    opt = torch.optim.AdamW(groups, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    # fused: one kernel over all tensors instead of a Python loop per parameter — the same update,
+    # ~3x cheaper on CPU for the tiny preset's 305 small tensors (docs/learning.md, "Cost of a step").
+    opt = torch.optim.AdamW(groups, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, tcfg.warmup_steps, tcfg.steps))
     return opt, sched
 
@@ -214,7 +216,7 @@ def train_step(
     if cfg.train.grad_clip > 0:
         logs["grad_norm"] = float(
             torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip
+                [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip, foreach=True
             )
         )
     optimizer.step()
