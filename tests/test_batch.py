@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import skimage.data
 from PIL import Image
 
 from ppcr.batch import (
@@ -36,6 +37,7 @@ from ppcr.config import ConfigError
 from ppcr.data.refer import decode_rle
 from ppcr.data.shards import shard_dir
 from ppcr.evaluate import evaluate_split
+from ppcr.geometry import ImageShapeError, as_rgb_array
 from ppcr.metrics import RISMetrics
 from ppcr.predictor import Segmenter
 
@@ -109,6 +111,30 @@ def test_manifest_formats_agree_and_ids_are_checked(manifest, tmp_path):
     )
     t = read_manifest(tmp_path / "noid.jsonl")
     assert len(t) == 2 and len(set(t["id"].to_pylist())) == 2
+
+
+def test_the_decode_stage_reads_images_as_every_entry_point_does(tmp_path):
+    """A 16-bit PNG by path and by URI gets the pixels of its 8-bit original; a 1×512 strip gets the
+    shape message the library and the server give (before: SAM's resize error)."""
+    cam = skimage.data.camera()[::4, ::4]
+    Image.fromarray(cam.astype(np.uint16) * 257).save(tmp_path / "cam16.png")
+    Image.fromarray(cam).save(tmp_path / "cam8.png")
+    Image.fromarray(np.zeros((1, 512), np.uint8)).save(tmp_path / "strip.png")
+    lines = [
+        {"image": "cam16.png", "expression": "the man"},
+        {"image": (tmp_path / "cam16.png").as_uri(), "expression": "the man"},
+        {"image": "cam8.png", "expression": "the man"},
+        {"image": "strip.png", "expression": "the line"},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = decode_stage(group_by_image(read_manifest(tmp_path / "m.jsonl")), 32, 64).to_pylist()
+    assert [r["errors"] for r in rows[:3]] == [[None]] * 3
+    assert rows[0]["clip"] == rows[1]["clip"] == rows[2]["clip"]
+    assert rows[0]["sam"] == rows[1]["sam"] == rows[2]["sam"]
+    with pytest.raises(ImageShapeError) as info:
+        as_rgb_array(tmp_path / "strip.png")
+    assert rows[3]["errors"] == [f"bad image: ImageShapeError: {info.value}"]
+    assert "512x1 has an aspect ratio of 512, over 20" in rows[3]["errors"][0]
 
 
 def test_group_by_image_keeps_first_appearance_order(manifest):

@@ -75,17 +75,6 @@ EVAL_RESULT_SCHEMA = pa.schema(list(RESULT_SCHEMA) + _EVAL_FIELDS)
 # ----------------------------------------------------------------------------- input
 
 
-def read_bytes(location: str) -> bytes:
-    """File bytes of a local path or of any URI pyarrow's filesystems read (s3://, gs://, file://, ...)."""
-    if not location:
-        raise InputError("image path is empty")
-    if is_uri(location):
-        filesystem, path = filesystem_for(location)
-        with filesystem.open_input_stream(path) as f:
-            return f.read()
-    return Path(location).read_bytes()
-
-
 def read_manifest(path: str | Path) -> pa.Table:
     """A manifest (.parquet, .jsonl/.json lines, .csv) as a table of string columns id, image, expression.
 
