@@ -208,10 +208,8 @@ def as_rgb_array(image: ImageInput, name: str = "image", limits: ImageLimits | N
         arr = _high_byte(arr)  # Pillow has no 16-bit colour mode: its PNG reader keeps the high byte too
     if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
         return arr
-    try:
-        im = Image.fromarray(
-            arr
-        )  # uint8 -> L / LA / RGBA, uint16 -> I;16, bool -> 1, int32 -> I, float32 -> F
+    try:  # uint8 -> L / LA / RGBA, uint16 -> I;16, bool -> 1, int32 -> I, float32 -> F (refused)
+        im = Image.fromarray(arr)
     except TypeError:
         raise ImageDecodeError(
             f"{name}: unsupported image array dtype {arr.dtype} with shape {arr.shape}; send uint8 or "
