@@ -13,24 +13,37 @@ Frames:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from .storage import read_bytes
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
 
+# Limits on an input image's shape (`ImageLimits`), checked from its header before any pixel is decoded.
 # Decompression-bomb guard: RefCOCO images are ≤ 640 px; 64 MP is far beyond any real input.
 MAX_PIXELS = 64_000_000
+# Long side / short side. SAM's ResizeLongestSide leaves a 0-pixel side beyond 2 × sam_size (256 at the
+# tiny preset's 128); 20 keeps ≥ 51 px of the short side at SAM's 1024 and ≥ 6 px at 128.
+MAX_ASPECT_RATIO = 20.0
+MIN_SIDE = 1
 
-
-# Modes with no faithful 8-bit RGB reading: PIL's convert("RGB") clips 32-bit float to black.
-UNSUPPORTED_MODES = {"F": "32-bit float"}
+# Pillow modes read faithfully as 8-bit RGB by `convert("RGB")` (alpha dropped, palette expanded, CMYK
+# inverted naively as Pillow does). 16-bit modes are read by `_high_byte`; every other mode is refused.
+_CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_SUPPORTED = "send 8- or 16-bit grayscale, RGB or RGBA, palette or CMYK"
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageDecodeError(ValueError):
@@ -41,60 +54,168 @@ class ImageTooLargeError(ImageDecodeError):
     """The image header announces more pixels than allowed (checked before any pixel is decoded)."""
 
 
-def decode_image(
-    data: bytes,
-    name: str = "image",
-    max_pixels: int | None = None,
-    expected_hw: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Encoded bytes -> H×W×3 uint8 RGB (EXIF orientation applied; gray/RGBA/CMYK/16-bit converted).
+class ImageShapeError(ImageDecodeError):
+    """The image has a side under `ImageLimits.min_side` or an aspect ratio over `max_aspect_ratio`."""
 
-    max_pixels: refuse images whose header announces more pixels (default `MAX_PIXELS`), before
-    decoding them, so a small compressed file cannot expand into gigabytes (a decompression bomb).
-    expected_hw: the (height, width) its record (a shard row) states; ValueError if it decodes otherwise.
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What image shapes every entry point takes (Segmenter, prepare, evaluate, batch, the server).
+
+    max_pixels: width × height; max_aspect_ratio: long side / short side; min_side: pixels.
+    The server sets max_pixels and max_aspect_ratio from its settings; everything else uses the defaults.
     """
-    if not data:
-        raise ImageDecodeError(f"{name}: empty image bytes")
-    limit = MAX_PIXELS if max_pixels is None else max_pixels
+
+    max_pixels: int = MAX_PIXELS
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+    min_side: int = MIN_SIDE
+
+    def __post_init__(self) -> None:
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be >= 1; got {self.min_side}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1; got {self.max_pixels}")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1; got {self.max_aspect_ratio}")
+
+
+def check_image_shape(
+    height: int, width: int, name: str = "image", limits: ImageLimits | None = None
+) -> None:
+    """Refuse an image shape outside `limits` (default `ImageLimits()`), with one message everywhere.
+
+    Raises ImageTooLargeError (over max_pixels) or ImageShapeError (a side under min_side, aspect ratio
+    over max_aspect_ratio); both name the image, its width x height and the limits.
+    """
+    lim = limits or ImageLimits()
+    if min(height, width) < lim.min_side:
+        problem, error = f"has a side under {lim.min_side} pixel(s)", ImageShapeError
+    elif height * width > lim.max_pixels:
+        problem, error = f"exceeds {lim.max_pixels} pixels", ImageTooLargeError
+    elif max(height, width) > lim.max_aspect_ratio * min(height, width):
+        ratio = max(height, width) / min(height, width)
+        problem, error = f"has an aspect ratio of {ratio:.4g}, over {lim.max_aspect_ratio:g}", ImageShapeError
+    else:
+        return
+    raise error(
+        f"{name}: {width}x{height} {problem} (sizes are width x height; images must have sides of at "
+        f"least {lim.min_side} pixel(s), a long side at most {lim.max_aspect_ratio:g} times the short "
+        f"side and at most {lim.max_pixels} pixels)"
+    )
+
+
+def _high_byte(arr: np.ndarray) -> np.ndarray:
+    """16-bit samples -> 8-bit: the high byte, as Pillow reads 16-bit colour PNGs (65535 -> 255)."""
+    return (arr.astype(np.uint16, copy=False) >> 8).astype(np.uint8)
+
+
+def pil_to_rgb(im: Image.Image, name: str = "image") -> np.ndarray:
+    """A PIL image of any mode -> H×W×3 uint8 RGB of the *displayed* image; the one conversion every
+    input kind (path, URI, bytes, PIL image, array) goes through.
+
+    The EXIF Orientation tag is applied (`ImageOps.exif_transpose`: the image as viewers and annotation
+    tools show it). 16-bit grayscale (I;16*) and 32-bit integer (I) pixels in 0..65535 keep their high
+    byte, as Pillow itself reads 16-bit colour PNGs (I is how Pillow opens 16-bit PGM, and opened 16-bit
+    PNG before it had I;16). Modes without a faithful 8-bit reading (32-bit float, I outside 0..65535,
+    LAB, ...) raise ImageDecodeError naming the image and the mode.
+    """
+    mode = im.mode
+    if mode not in _CONVERTIBLE_MODES | _SIXTEEN_BIT_MODES | {"I"}:
+        kind = {"F": " (32-bit float)", "I;16S": " (signed 16-bit)"}.get(mode, "")
+        raise ImageDecodeError(f"{name}: unsupported image mode {mode!r}{kind}; {_SUPPORTED}")
+    if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    if mode in _CONVERTIBLE_MODES:
+        return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+    arr = np.asarray(im)
+    if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise ImageDecodeError(
+            f"{name}: unsupported image mode 'I' with pixels in {arr.min()}..{arr.max()}: 32-bit "
+            f"integers are read as 16-bit, 0..65535; {_SUPPORTED}"
+        )
+    return np.repeat(_high_byte(arr)[..., None], 3, axis=2)
+
+
+@contextlib.contextmanager
+def _decode_errors(name: str):
+    """PIL's zoo of exception types for corrupt or hostile files -> ImageDecodeError naming the image."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > limit:
-                raise ImageTooLargeError(f"{name}: {im.width}x{im.height} exceeds {limit} pixels")
-            if im.mode in UNSUPPORTED_MODES:
-                raise ImageDecodeError(
-                    f"{name}: unsupported image mode {im.mode!r} ({UNSUPPORTED_MODES[im.mode]}); "
-                    "send 8- or 16-bit RGB, RGBA, grayscale, palette or CMYK"
-                )
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray((arr * (255.0 / max(arr.max(), 1.0))).astype(np.uint8))
-            rgb = np.asarray(im.convert("RGB"))
+        yield
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard, above 2 × Image.MAX_IMAGE_PIXELS
         raise ImageTooLargeError(f"{name}: {exc}") from exc
-    except Exception as exc:  # PIL raises many types for corrupt files
+    except Exception as exc:
         raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageDecodeError(f"{name}: zero-size image")
+
+
+def decode_image(
+    data: bytes,
+    name: str = "image",
+    limits: ImageLimits | None = None,
+    expected_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Encoded bytes -> H×W×3 uint8 RGB of the displayed image (`pil_to_rgb`: EXIF orientation applied,
+    gray/RGBA/palette/CMYK/16-bit converted, other modes refused).
+
+    limits: `check_image_shape` on the size the header announces, before decoding, so a small compressed
+    file cannot expand into gigabytes (a decompression bomb) and a 1×512 strip is refused by name.
+    expected_hw: the (height, width) its record (a shard row) states; ValueError if it decodes otherwise.
+    Raises ImageDecodeError (ImageTooLargeError, ImageShapeError) naming `name`.
+    """
+    if not data:
+        raise ImageDecodeError(f"{name}: empty image bytes")
+    with _decode_errors(name), Image.open(io.BytesIO(data)) as im:
+        check_image_shape(im.height, im.width, name, limits)
+        rgb = pil_to_rgb(im, name)
     if expected_hw is not None and rgb.shape[:2] != tuple(expected_hw):
         raise ValueError(f"{name} decodes to {rgb.shape[:2]}, shard says {tuple(expected_hw)}")
-    return np.ascontiguousarray(rgb)
+    return rgb
 
 
-def as_rgb_array(image: np.ndarray | Image.Image | bytes, name: str = "image") -> np.ndarray:
-    """Accept bytes, a PIL image or an H×W×3 uint8 array; return H×W×3 uint8."""
+ImageInput = np.ndarray | Image.Image | bytes | str | os.PathLike
+
+
+def as_rgb_array(image: ImageInput, name: str = "image", limits: ImageLimits | None = None) -> np.ndarray:
+    """Any image input -> H×W×3 uint8 RGB, the same pixels whichever way the image arrives.
+
+    - a path or URI (str / os.PathLike; s3://, gs://, file://...): its bytes, as below (name = the path);
+    - encoded bytes: `decode_image`;
+    - a PIL image of any mode: `pil_to_rgb` (EXIF orientation applied, as for its file's bytes);
+    - an array, taken as displayed pixels: uint8 H×W (gray), H×W×1, H×W×2 (gray + alpha), H×W×3 (returned
+      as is), H×W×4 (RGBA; alpha dropped); uint16 of those shapes (the high byte, as for a 16-bit PNG);
+      bool H×W (0 / 255); int32 H×W (mode I). Other dtypes (float, ...) raise ImageDecodeError.
+    Every kind is checked against `limits` (`check_image_shape`) before it is converted.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        location = os.fspath(image)
+        return decode_image(read_bytes(location), location, limits)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(image), name)
+        return decode_image(bytes(image), name, limits)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        check_image_shape(image.height, image.width, name, limits)
+        with _decode_errors(name):  # a lazily opened file decodes here
+            return pil_to_rgb(image, name)
     arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"{name}: expected an H×W×3 uint8 array; got shape {arr.shape} dtype {arr.dtype}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name}: zero-size image")
-    return arr
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)):
+        raise ImageDecodeError(
+            f"{name}: expected an H×W, H×W×3 or H×W×4 image array; got shape {arr.shape} dtype {arr.dtype}"
+        )
+    check_image_shape(arr.shape[0], arr.shape[1], name, limits)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.dtype == np.uint16 and arr.ndim == 3:
+        arr = _high_byte(arr)  # Pillow has no 16-bit colour mode: its PNG reader keeps the high byte too
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3:
+        return arr
+    try:  # uint8 -> L / LA / RGBA, uint16 -> I;16, bool -> 1, int32 -> I, float32 -> F (refused)
+        im = Image.fromarray(arr)
+    except TypeError:
+        raise ImageDecodeError(
+            f"{name}: unsupported image array dtype {arr.dtype} with shape {arr.shape}; send uint8 or "
+            "uint16 pixels (H×W, H×W×3 or H×W×4), a PIL image, encoded bytes or a path"
+        ) from None
+    return pil_to_rgb(im, name)
 
 
 def sam_input_size(original_hw: tuple[int, int], sam_size: int) -> tuple[int, int]:

@@ -5,6 +5,9 @@
 
 `mask` is bool H×W at the original size, `box` pixel XYXY of the original image, `score` the mask
 decoder's predicted IoU. Inference is teacher-forced (one pass per stage), as LISA/GLaMM evaluate.
+An image is a path or URI, encoded bytes, a PIL image of any mode or an array (`geometry.as_rgb_array`:
+the same pixels whichever way it arrives, the displayed image for EXIF-rotated files, its shape checked
+against `geometry.ImageLimits` before any model work); a bad one raises ImageDecodeError naming it.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ import torch
 from .batching import Item, collate
 from .checkpoint import load_checkpoint
 from .config import InputError, RunConfig, load_config
-from .geometry import as_rgb_array
+from .geometry import ImageInput, as_rgb_array
 from .inference import Segmentation, predict_torch
 from .model import PPCRModel
 from .precision import configure_device
 from .prompts import clean_expression
-
-ImageLike = np.ndarray | bytes  # H×W×3 uint8, PIL image or encoded bytes
 
 
 def image_key(image: np.ndarray) -> str:
@@ -58,7 +59,7 @@ class Segmenter:
         return cls(PPCRModel(cfg.model).to(configure_device(device)))
 
     @torch.no_grad()
-    def segment_batch(self, images: Sequence, expressions: Sequence[str]) -> list[Segmentation]:
+    def segment_batch(self, images: Sequence[ImageInput], expressions: Sequence[str]) -> list[Segmentation]:
         """One result per (image, expression) pair; identical images are encoded once."""
         if len(images) != len(expressions):
             raise InputError(f"{len(images)} images but {len(expressions)} expressions")
@@ -72,12 +73,12 @@ class Segmenter:
             results += self._run(items)
         return results
 
-    def segment(self, image, expression: str) -> Segmentation:
+    def segment(self, image: ImageInput, expression: str) -> Segmentation:
         return self.segment_batch([image], [expression])[0]
 
     # SamPredictor-style: encode once, ask many times.
     @torch.no_grad()
-    def set_image(self, image) -> None:
+    def set_image(self, image: ImageInput) -> None:
         """Decode and SAM-encode `image` once for subsequent `predict` calls."""
         arr = as_rgb_array(image)
         batch = collate(

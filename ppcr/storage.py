@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from .config import InputError
+
 
 def is_uri(location: str) -> bool:
     return "://" in str(location)
@@ -17,3 +19,15 @@ def filesystem_for(location: str | Path) -> tuple[pafs.FileSystem, str]:
     if is_uri(location):
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """File bytes of a local path or of any URI pyarrow's filesystems read (s3://, gs://, file://, ...)."""
+    location = str(location)
+    if not location:
+        raise InputError("image path is empty")
+    if is_uri(location):
+        filesystem, path = filesystem_for(location)
+        with filesystem.open_input_stream(path) as f:
+            return f.read()
+    return Path(location).read_bytes()

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .geometry import pil_to_rgb
+
 MASK_COLOR = (255, 40, 40)  # red tint for the predicted mask
 MASK_ALPHA = 0.5
 PRED_BOX_COLOR = (255, 215, 0)  # gold, solid
@@ -23,9 +25,10 @@ _PAD = 4
 
 
 def _to_rgb_array(image: Any) -> np.ndarray:
-    """HxWx3 uint8 copy of a PIL image or a HxW / HxWx3 / HxWx4 uint8 array."""
+    """HxWx3 uint8 copy of a PIL image (any mode, as the model sees it: geometry.pil_to_rgb) or a
+    HxW / HxWx3 / HxWx4 uint8 array."""
     if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"), dtype=np.uint8)
+        return pil_to_rgb(image).copy()
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         raise ValueError(f"image array must be uint8, got {arr.dtype}")

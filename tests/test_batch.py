@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import skimage.data
 from PIL import Image
 
 from ppcr.batch import (
@@ -36,6 +37,7 @@ from ppcr.config import ConfigError
 from ppcr.data.refer import decode_rle
 from ppcr.data.shards import shard_dir
 from ppcr.evaluate import evaluate_split
+from ppcr.geometry import ImageShapeError, as_rgb_array
 from ppcr.metrics import RISMetrics
 from ppcr.predictor import Segmenter
 
@@ -109,6 +111,63 @@ def test_manifest_formats_agree_and_ids_are_checked(manifest, tmp_path):
     )
     t = read_manifest(tmp_path / "noid.jsonl")
     assert len(t) == 2 and len(set(t["id"].to_pylist())) == 2
+
+
+def test_every_manifest_format_reads_by_its_rules_at_any_size(tmp_path):
+    # Before: a 100-row CSV with quoted line breaks read fine, the same as a 2 MiB file (more than
+    # pyarrow's 1 MiB block) stopped with "CSV parse error: Expected 3 columns, got 1".
+    rows = [
+        {"id": f"r{i}", "image": f"/images/{i % 97}.jpg", "expression": f'the cat,\non the "left" {i}'}
+        for i in range(30_000)
+    ]
+    # A row longer than a block: pyarrow's block-wise reader fails on it ("straddling object").
+    rows[20_000]["expression"] = "a very long expression,\n" * 60_000
+    csv = tmp_path / "m.csv"
+    pa.Table.from_pylist(rows).to_pandas().to_csv(csv, index=False)
+    assert csv.stat().st_size > 2 * 2**20 and b'"the cat,\non the ""left"" 0"' in csv.read_bytes()
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet", row_group_size=7_000)
+    for name in ("m.csv", "m.jsonl", "m.parquet"):
+        assert read_manifest(tmp_path / name).to_pylist() == rows, name
+
+
+def test_a_manifest_that_is_not_text_of_its_format_names_the_line(tmp_path):
+    good = "id,image,expression\n" + "".join(f"{i},/a.jpg,x{i}\n" for i in range(5))
+    (tmp_path / "latin1.csv").write_bytes(good.encode() + b"9,/a.jpg,the caf\xe9 table\n")
+    with pytest.raises(ValueError, match=r"latin1.csv: line 7 is not UTF-8 text \(byte 0xe9"):
+        read_manifest(tmp_path / "latin1.csv")
+    (tmp_path / "extra.csv").write_text(good + '9,/a.jpg,"x\ny",oops\n')
+    with pytest.raises(
+        ValueError, match=r"extra.csv: not a valid CSV manifest: .*Row #7: Expected 3 columns, got 4"
+    ):
+        read_manifest(tmp_path / "extra.csv")
+    (tmp_path / "bad.jsonl").write_text('{"image": "/a.jpg", "expression": "x"}\n{"image": "/a.jpg",\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: not a valid JSON lines manifest.*in row 1"):
+        read_manifest(tmp_path / "bad.jsonl")
+
+
+def test_the_decode_stage_reads_images_as_every_entry_point_does(tmp_path):
+    """A 16-bit PNG by path and by URI gets the pixels of its 8-bit original; a 1×512 strip gets the
+    shape message the library and the server give (before: SAM's resize error)."""
+    cam = skimage.data.camera()[::4, ::4]
+    Image.fromarray(cam.astype(np.uint16) * 257).save(tmp_path / "cam16.png")
+    Image.fromarray(cam).save(tmp_path / "cam8.png")
+    Image.fromarray(np.zeros((1, 512), np.uint8)).save(tmp_path / "strip.png")
+    lines = [
+        {"image": "cam16.png", "expression": "the man"},
+        {"image": (tmp_path / "cam16.png").as_uri(), "expression": "the man"},
+        {"image": "cam8.png", "expression": "the man"},
+        {"image": "strip.png", "expression": "the line"},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = decode_stage(group_by_image(read_manifest(tmp_path / "m.jsonl")), 32, 64).to_pylist()
+    assert [r["errors"] for r in rows[:3]] == [[None]] * 3
+    assert rows[0]["clip"] == rows[1]["clip"] == rows[2]["clip"]
+    assert rows[0]["sam"] == rows[1]["sam"] == rows[2]["sam"]
+    with pytest.raises(ImageShapeError) as info:
+        as_rgb_array(tmp_path / "strip.png")
+    assert rows[3]["errors"] == [f"bad image: ImageShapeError: {info.value}"]
+    assert "512x1 has an aspect ratio of 512, over 20" in rows[3]["errors"][0]
 
 
 def test_group_by_image_keeps_first_appearance_order(manifest):

@@ -10,35 +10,51 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+from PIL import Image
 
 from ppcr.data.distributed_prepare import prepare_shards_ray
 from ppcr.data.refer import ReferDataset
 from ppcr.data.shards import prepare_shards, read_image_rows, shard_dir, validate_shard_schema
 from ppcr.data.synth import SynthConfig, synthesize
 from ppcr.ray_cluster import init_ray
+from tests.test_shards import tag_rotated
 
 ROWS = 3
 
 
 @pytest.fixture(scope="module")
 def bad_data(tmp_path_factory):
-    """16 synthetic images, one missing and one truncated."""
+    """16 synthetic images: one missing, one truncated, two stored turned with EXIF orientation 6, one
+    of them with instances.json giving its stored size (refused) and one its displayed size (kept)."""
     root = tmp_path_factory.mktemp("prep")
     synth = synthesize(root / "synth", SynthConfig(num_images=16, seed=4))
     images = root / "images"
     shutil.copytree(synth["images_dir"], images)
-    refer = ReferDataset(synth["refer_root"], "synthref", "unc")
+    refer_root = root / "refer"
+    shutil.copytree(synth["refer_root"], refer_root)
+    refer = ReferDataset(refer_root, "synthref", "unc")
     missing, corrupt = refer.image_ids("train")[1:3]
     (images / refer.image_filename(missing)).unlink()
     path = images / refer.image_filename(corrupt)
     path.write_bytes(path.read_bytes()[:300])
+    oblong = [
+        i for i in refer.image_ids("train")[3:] if refer.images[i]["width"] != refer.images[i]["height"]
+    ]
+    shown, stored = oblong[:2]
+    for image_id in (shown, stored):
+        tag_rotated(images / refer.image_filename(image_id))
+    inst_path = refer_root / "synthref" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    info = next(x for x in inst["images"] if x["id"] == stored)
+    info["width"], info["height"] = info["height"], info["width"]
+    inst_path.write_text(json.dumps(inst))
     init_ray(num_cpus=4, object_store_mb=300)
-    yield synth["refer_root"], images, (missing, corrupt)
+    yield refer_root, images, (missing, corrupt, stored, shown)
     ray.shutdown()
 
 
 def test_same_rows_as_the_local_conversion_and_bad_records_reported(bad_data, tmp_path):
-    refer_root, images, (missing, corrupt) = bad_data
+    refer_root, images, (missing, corrupt, stored, shown) = bad_data
     report, parts = prepare_shards_ray(
         refer_root, images, "synthref", "unc", tmp_path / "ray", rows_per_file=ROWS
     )
@@ -54,7 +70,15 @@ def test_same_rows_as_the_local_conversion_and_bad_records_reported(bad_data, tm
     )
     assert report.written == local.written and parts["skipped"] == 0
     assert sorted(report.errors, key=json.dumps) == sorted(local.errors, key=json.dumps)
-    assert {e["image_id"] for e in report.errors} == {missing, corrupt}
+    assert {e["image_id"] for e in report.errors} == {missing, corrupt, stored}
+    assert (
+        "instances.json gives the stored size"
+        in next(e for e in report.errors if e["image_id"] == stored)["reason"]
+    )
+    rows = list(read_image_rows(shard_dir(tmp_path / "ray", "synthref", "unc", "train")))
+    kept = next(r for r in rows if r["image_id"] == shown)  # EXIF-rotated, annotated as displayed
+    with Image.open(images / kept["file_name"]) as im:
+        assert im.size == (kept["height"], kept["width"])  # stored turned; the row has the displayed size
     errors_file = tmp_path / "ray" / "synthref_unc" / "errors.jsonl"
     assert [json.loads(x) for x in errors_file.read_text().splitlines()] == report.errors
     for split in local.written:

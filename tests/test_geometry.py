@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from ppcr import geometry
@@ -17,6 +21,7 @@ from ppcr.geometry import (
     SAM_MEAN,
     SAM_STD,
     ImageDecodeError,
+    ImageLimits,
     as_rgb_array,
     clip_preprocess,
     clip_square_to_normalized,
@@ -186,18 +191,23 @@ def test_image_decode_error_is_value_error():
     assert issubclass(ImageDecodeError, ValueError)
 
 
-def test_decode_too_many_pixels(monkeypatch):
-    monkeypatch.setattr(geometry, "MAX_PIXELS", 100)
+def test_decode_too_many_pixels():
     data = _encode(Image.fromarray(_rand_image(20, 20)), "PNG")
     with pytest.raises(ImageDecodeError, match="big.png.*exceeds"):
-        decode_image(data, name="big.png")
+        decode_image(data, name="big.png", limits=ImageLimits(max_pixels=100))
 
 
-def test_decode_pixel_limit_argument_checks_header_before_decoding():
+def test_decode_pixel_limit_argument_checks_header_before_decoding(monkeypatch):
     data = _encode(Image.fromarray(_rand_image(20, 20)), "PNG")
-    with pytest.raises(geometry.ImageTooLargeError, match="20x20 exceeds 399 pixels"):
-        decode_image(data, max_pixels=399)
-    assert decode_image(data, max_pixels=400).shape == (20, 20, 3)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("pixels decoded before the limit was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(geometry, "pil_to_rgb", no_decoding)
+        with pytest.raises(geometry.ImageTooLargeError, match="20x20 exceeds 399 pixels"):
+            decode_image(data, limits=ImageLimits(max_pixels=399))
+    assert decode_image(data, limits=ImageLimits(max_pixels=400)).shape == (20, 20, 3)
     # A decompression bomb: a 15000x15000 PNG of zeros is ~200 kB; refused from its header (PIL's own
     # guard fires first at this size, and reads the same to the caller).
     bomb = _encode(Image.new("1", (15000, 15000)), "PNG")
@@ -264,12 +274,149 @@ def test_as_rgb_array_validates():
     assert as_rgb_array(img) is img
     np.testing.assert_array_equal(as_rgb_array(Image.fromarray(img)), img)
     np.testing.assert_array_equal(as_rgb_array(_encode(Image.fromarray(img), "PNG")), img)
-    with pytest.raises(ValueError, match="arr"):
-        as_rgb_array(img.astype(np.float32), name="arr")
-    with pytest.raises(ValueError, match="H×W×3"):
-        as_rgb_array(img[..., 0])
-    with pytest.raises(ValueError, match="zero-size"):
-        as_rgb_array(np.zeros((0, 4, 3), np.uint8))
+    with pytest.raises(ImageDecodeError, match="arr: unsupported image array dtype float64"):
+        as_rgb_array(img.astype(np.float64), name="arr")
+    with pytest.raises(ImageDecodeError, match=r"H×W×3 or H×W×4 image array; got shape \(5, 6, 5\)"):
+        as_rgb_array(np.zeros((5, 6, 5), np.uint8))
+    with pytest.raises(ImageDecodeError, match="0x4 has a side under 1 pixel"):
+        as_rgb_array(np.zeros((4, 0, 3), np.uint8))
+
+
+def _png16(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG of a uint16 H×W, H×W×3 or H×W×4 array, written by hand (Pillow cannot write 16-bit
+    colour PNGs); PNG spec: IHDR bit depth 16, colour type 0 / 2 / 6, big-endian samples."""
+    h, w = arr.shape[:2]
+    colour_type = {1: 0, 3: 2, 4: 6}[1 if arr.ndim == 2 else arr.shape[2]]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\0" + arr[i].astype(">u2").tobytes() for i in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_16bit_image_has_the_same_pixels_whichever_way_it_arrives(tmp_path):
+    # Before: bytes were scaled, a PIL image was clipped by convert("RGB") (every pixel 255).
+    cam = skimage.data.camera()
+    cam16 = cam.astype(np.uint16) * 257
+    data = _encode(Image.fromarray(cam16), "PNG")
+    path = tmp_path / "camera16.png"
+    path.write_bytes(data)
+    expected = np.repeat(cam[..., None], 3, axis=2)
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+        ways = {
+            "bytes": as_rgb_array(data),
+            "PIL": as_rgb_array(im),
+            "path": as_rgb_array(path),
+            "str path": as_rgb_array(str(path)),
+            "URI": as_rgb_array(path.as_uri()),
+            "array": as_rgb_array(cam16),
+            "decode_image": decode_image(data),
+        }
+    for way, out in ways.items():
+        assert out.shape == (512, 512, 3) and out.dtype == np.uint8, way
+        np.testing.assert_array_equal(out, expected, err_msg=way)
+
+
+def test_16bit_colour_arrays_read_as_pillow_reads_16bit_colour_pngs():
+    rgb16 = skimage.data.astronaut().astype(np.uint16) * 257 + 100  # low bytes differ from the high ones
+    rgba16 = np.concatenate([rgb16, np.full((*rgb16.shape[:2], 1), 65535, np.uint16)], axis=2)
+    for arr in (rgb16, rgba16):
+        from_png = decode_image(_png16(arr))
+        np.testing.assert_array_equal(from_png, (arr[..., :3] >> 8).astype(np.uint8))
+        np.testing.assert_array_equal(as_rgb_array(arr), from_png)
+    gray16 = skimage.data.camera().astype(np.uint16) * 250 + 37
+    np.testing.assert_array_equal(as_rgb_array(gray16), decode_image(_png16(gray16)))
+    np.testing.assert_array_equal(as_rgb_array(gray16[..., None]), decode_image(_png16(gray16)))
+
+
+@pytest.mark.parametrize(
+    "array,mode",
+    [
+        (skimage.data.camera(), "L"),
+        (skimage.data.camera()[..., None], "L"),
+        (np.dstack([skimage.data.astronaut(), skimage.data.camera()]), "RGBA"),
+        (np.dstack([skimage.data.camera(), skimage.data.camera()[::-1]]), "LA"),
+        (skimage.data.camera() > 100, "1"),
+        (skimage.data.camera().astype(np.int32) * 200, "I"),
+    ],
+    ids=["gray", "gray-1-channel", "rgba", "gray-alpha", "bool", "int32"],
+)
+def test_an_array_has_the_pixels_of_the_same_image_as_a_file(array, mode):
+    im = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+    assert im.mode == mode
+    fmt = "TIFF" if mode == "I" else "PNG"
+    np.testing.assert_array_equal(as_rgb_array(array), decode_image(_encode(im, fmt)))
+    np.testing.assert_array_equal(as_rgb_array(im), decode_image(_encode(im, fmt)))
+
+
+def test_modes_without_a_faithful_reading_are_refused_the_same_way_everywhere():
+    f32 = np.random.default_rng(3).random((10, 12)).astype(np.float32)
+    message = "unsupported image mode 'F' (32-bit float)"
+    for image in (f32, Image.fromarray(f32), _encode(Image.fromarray(f32), "TIFF")):
+        with pytest.raises(ImageDecodeError, match=re.escape(f"x: {message}")):
+            as_rgb_array(image, name="x")
+    big = np.full((10, 12), 70000, np.int32)
+    for image in (big, Image.fromarray(big), _encode(Image.fromarray(big), "TIFF")):
+        with pytest.raises(
+            ImageDecodeError, match=r"x: unsupported image mode 'I' with pixels in 70000\.\.70000"
+        ):
+            as_rgb_array(image, name="x")
+    with pytest.raises(ImageDecodeError, match="unsupported image mode 'LAB'"):
+        as_rgb_array(Image.new("LAB", (8, 8), (50, 0, 0)))  # convert("RGB") would show L=50 gray as blue
+
+
+def test_a_pil_image_is_read_as_displayed_like_its_bytes():
+    img = _rand_image(20, 50)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    data = _encode(Image.fromarray(img), "JPEG", exif=exif)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.size == (50, 20)
+        np.testing.assert_array_equal(as_rgb_array(im), decode_image(data))
+        # exif_transpose removes the tag: applying the convention again changes nothing.
+        np.testing.assert_array_equal(as_rgb_array(ImageOps.exif_transpose(im)), decode_image(data))
+    assert decode_image(data).shape == (50, 20, 3)
+
+
+def test_image_shape_limits_are_one_check_with_one_message():
+    strip = np.zeros((1, 512, 3), np.uint8)
+    message = (
+        "strip: 512x1 has an aspect ratio of 512, over 20 (sizes are width x height; images must have sides "
+        "of at least 1 pixel(s), a long side at most 20 times the short side and at most 64000000 pixels)"
+    )
+    for image in (strip, Image.fromarray(strip), _encode(Image.fromarray(strip), "PNG"), strip[..., 0]):
+        with pytest.raises(geometry.ImageShapeError) as info:
+            as_rgb_array(image, name="strip")
+        assert str(info.value) == message
+    # Within the limits: 20:1 passes; the limits are settings.
+    assert as_rgb_array(np.zeros((2, 40, 3), np.uint8)).shape == (2, 40, 3)
+    with pytest.raises(geometry.ImageShapeError, match="over 10"):
+        as_rgb_array(np.zeros((2, 40, 3), np.uint8), limits=ImageLimits(max_aspect_ratio=10))
+    with pytest.raises(geometry.ImageShapeError, match="40x2 has a side under 4 pixel"):
+        as_rgb_array(np.zeros((2, 40, 3), np.uint8), limits=ImageLimits(min_side=4))
+    with pytest.raises(geometry.ImageTooLargeError, match="40x2 exceeds 79 pixels"):
+        geometry.check_image_shape(2, 40, limits=ImageLimits(max_pixels=79))
+    for bad in ({"max_aspect_ratio": 0.5}, {"min_side": 0}, {"max_pixels": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ImageLimits(**bad)
+
+
+def test_every_allowed_shape_survives_sam_and_clip_preprocessing():
+    # The limit is what keeps SAM's resize from a 0-pixel side: at the tiny preset's 128 px a 20:1 image
+    # keeps 6 px, while 512:1 (the strip above) rounds to 0 inside ResizeLongestSide.
+    for h, w in [(1, 20), (20, 1), (1, 1), (3, 60)]:
+        clip, sam, (sh, sw) = geometry.preprocess_image(np.zeros((h, w, 3), np.uint8), 32, 128, "crop")
+        assert min(sh, sw) >= 1 and clip.shape == (3, 32, 32) and sam.shape == (3, 128, 128)
+    with pytest.raises(ValueError, match="height and width must be > 0"):
+        geometry.sam_preprocess(np.zeros((1, 512, 3), np.uint8), 128)
 
 
 # --- boxes -------------------------------------------------------------------------------------------

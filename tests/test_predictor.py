@@ -6,10 +6,11 @@ import io
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
 from PIL import Image
 
-from ppcr.geometry import ImageDecodeError
+from ppcr.geometry import ImageDecodeError, ImageShapeError
 from ppcr.predictor import Segmenter
 
 
@@ -70,9 +71,10 @@ def test_set_image_then_predict_matches_segment(seg):
     [
         (b"", "the circle", ImageDecodeError, "empty"),
         (b"not an image at all", "the circle", ImageDecodeError, "cannot decode"),
-        (np.zeros((10, 10), dtype=np.uint8), "the circle", ValueError, "H×W×3 uint8"),
-        (np.zeros((10, 10, 3), dtype=np.float32), "the circle", ValueError, "H×W×3 uint8"),
-        (np.zeros((0, 10, 3), dtype=np.uint8), "the circle", ValueError, "zero-size"),
+        (np.zeros((10, 10, 5), dtype=np.uint8), "the circle", ValueError, "H×W×3 or H×W×4 image array"),
+        (np.zeros((10, 10, 3), dtype=np.float32), "the circle", ValueError, "unsupported image array dtype"),
+        (np.zeros((0, 10, 3), dtype=np.uint8), "the circle", ValueError, "10x0 has a side under 1 pixel"),
+        (np.zeros((1, 512, 3), dtype=np.uint8), "the circle", ImageShapeError, "512x1 has an aspect ratio"),
         (np.zeros((10, 10, 3), dtype=np.uint8), "   ", ValueError, "expression is empty"),
         (np.zeros((10, 10, 3), dtype=np.uint8), "the [SEG] thing", ValueError, "reserved token"),
     ],
@@ -92,3 +94,39 @@ def test_predict_without_image_is_an_error():
 def test_mismatched_batch_lengths(seg):
     with pytest.raises(ValueError, match="2 images but 1 expressions"):
         seg.segment_batch([_image(), _image()], ["x"])
+
+
+def test_a_16bit_image_gives_the_same_mask_whichever_way_it_arrives(seg, tmp_path):
+    # Before: bytes were scaled to 0..255, a PIL image clipped to 255 everywhere (IoU 0 between the two).
+    cam = skimage.data.camera()[::4, ::4]  # 128 x 128, a real photograph
+    cam16 = cam.astype(np.uint16) * 257
+    path = tmp_path / "camera16.png"
+    Image.fromarray(cam16).save(path)
+    eight_bit = seg.segment(np.repeat(cam[..., None], 3, axis=2), "the man")
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+        ways = {"bytes": path.read_bytes(), "PIL": im, "path": path, "URI": path.as_uri(), "array": cam16}
+        results = {way: seg.segment(image, "the man") for way, image in ways.items()}
+    assert eight_bit.mask.any() and not eight_bit.mask.all()  # a mask that can differ
+    for way, r in results.items():
+        assert np.array_equal(r.mask, eight_bit.mask), way
+        np.testing.assert_allclose(r.box, eight_bit.box, atol=1e-4, err_msg=way)
+
+
+def test_a_thin_strip_is_refused_up_front_with_one_message(seg, tmp_path):
+    # Before: "height and width must be > 0" from inside SAM's resize.
+    strip = np.full((1, 512, 3), 128, np.uint8)
+    path = tmp_path / "strip.png"
+    Image.fromarray(strip).save(path)
+    messages = set()
+    for image in (strip, Image.fromarray(strip), path.read_bytes(), path):
+        with pytest.raises(ImageShapeError) as info:
+            seg.segment(image, "the line")
+        messages.add(str(info.value).split(": ", 1)[1])  # the name differs: "image 0" or the path
+    with pytest.raises(ImageShapeError) as info:
+        seg.set_image(strip)
+    messages.add(str(info.value).split(": ", 1)[1])
+    assert messages == {
+        "512x1 has an aspect ratio of 512, over 20 (sizes are width x height; images must have sides of "
+        "at least 1 pixel(s), a long side at most 20 times the short side and at most 64000000 pixels)"
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,86 @@ def test_bad_ref_split_names_ref(refer_copy: Path) -> None:
     with pytest.raises(ReferDataError) as e:
         ReferDataset(refer_copy, "synthref", "unc")
     assert f"ref_id={refs[1]['ref_id']}" in str(e.value) and "refs(unc).p" in str(e.value)
+
+
+def py2_pickle(obj) -> bytes:
+    """What Python 2's pickle.dumps(obj, protocol=2) writes: every ``str`` (keys included) is a byte
+    string (SHORT_BINSTRING / BINSTRING opcodes), here holding UTF-8; ``bytes`` values go in as they are."""
+    out = bytearray(b"\x80\x02")  # PROTO 2
+
+    def emit(o) -> None:
+        if isinstance(o, dict):
+            out.extend(b"}")  # EMPTY_DICT
+            for k, v in o.items():
+                emit(k)
+                emit(v)
+                out.extend(b"s")  # SETITEM
+        elif isinstance(o, list):
+            out.extend(b"]")  # EMPTY_LIST
+            for v in o:
+                emit(v)
+                out.extend(b"a")  # APPEND
+        elif isinstance(o, int):
+            out.extend(b"J" + struct.pack("<i", o))  # BININT
+        else:
+            raw = o.encode("utf-8") if isinstance(o, str) else o
+            out.extend(
+                (b"U" + bytes([len(raw)]) if len(raw) < 256 else b"T" + struct.pack("<I", len(raw))) + raw
+            )
+
+    emit(obj)
+    return bytes(out + b".")
+
+
+def test_python2_pickle_text_is_decoded_as_utf8_never_altered(refer_copy: Path) -> None:
+    path = refer_copy / "synthref" / "refs(unc).p"
+    refs = pickle.loads(path.read_bytes())
+    text = "the cat on the café table — naïve 猫"
+    refs[2]["sentences"][0]["sent"] = text
+    path.write_bytes(py2_pickle(refs))
+    # The input really is the Python 2 kind: the old latin1 fallback turns it into mojibake.
+    assert pickle.loads(path.read_bytes(), encoding="latin1")[2]["sentences"][0][
+        "sent"
+    ] == text.encode().decode("latin1")
+    ds = ReferDataset(refer_copy, "synthref", "unc")
+    assert ds.refs()[2].sentences[0].text == text
+    assert [r.ref_id for r in ds.refs()] == [r["ref_id"] for r in refs]
+
+
+def test_text_that_is_not_utf8_is_refused_naming_the_ref(refer_copy: Path) -> None:
+    path = refer_copy / "synthref" / "refs(unc).p"
+    refs = pickle.loads(path.read_bytes())
+    k = len(refs[3]["sentences"]) - 1  # the last sentence of ref #3
+    refs[3]["sentences"][k]["sent"] = "the café table".encode("latin1")
+    path.write_bytes(py2_pickle(refs))
+    with pytest.raises(ReferDataError) as e:
+        ReferDataset(refer_copy, "synthref", "unc")
+    assert str(e.value) == (
+        f"{path}: ref #3: sentences[{k}].sent is not UTF-8 text: b'the caf\\xe9 table'; REFER text must be "
+        f"UTF-8 (ref_id={refs[3]['ref_id']})"
+    )
+    # A Python 3 pickle holding bytes is refused too, where str() would have stored "b'the cat'".
+    refs[3]["sentences"][k]["sent"] = b"the cat"
+    path.write_bytes(pickle.dumps(refs))
+    with pytest.raises(
+        ReferDataError, match=rf"malformed ref #3.*sentences\[{k}\]\.sent is bytes b'the cat', not text"
+    ):
+        ReferDataset(refer_copy, "synthref", "unc")
+
+
+def test_an_instances_file_that_is_not_utf8_json_is_named(refer_copy: Path) -> None:
+    path = refer_copy / "synthref" / "instances.json"
+    text = json.dumps(json.loads(path.read_text()), indent=1)
+    line = next(i for i, x in enumerate(text.splitlines()) if '"file_name"' in x)
+    data = text.encode().replace(b'"file_name": "', b'"file_name": "caf\xe9_', 1)  # Latin-1 "é"
+    path.write_bytes(data)
+    with pytest.raises(
+        ReferDataError, match=rf"instances.json: line {line + 1} is not UTF-8 text \(byte 0xe9"
+    ):
+        ReferDataset(refer_copy, "synthref", "unc")
+    path.write_text(text[:-10])
+    with pytest.raises(ReferDataError, match=r"instances.json: not valid JSON \(.*line \d+ column"):
+        ReferDataset(refer_copy, "synthref", "unc")
 
 
 def test_ann_rle_polygon_rle_and_uncompressed(refer_copy: Path) -> None:

@@ -199,7 +199,7 @@ BAD = [
         "extreme-aspect",
         {"json": {"image": _b64(_png(np.zeros((1, 300, 3), np.uint8))), "expression": "x"}},
         422,
-        "300x1: aspect ratio over 20",
+        "image: 300x1 has an aspect ratio of 300, over 20 (sizes are width x height",  # geometry's message
     ),  # fmt: skip
     ("body-too-big", {"data": b"x" * 2_100_000, "headers": JSON}, 413, "exceeds the limit of 2000000 bytes"),
     (

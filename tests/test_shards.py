@@ -12,7 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from ppcr.batch import decode_stage, shard_rows_to_images
 from ppcr.data.refer import ReferDataError, ReferDataset, decode_rle
 from ppcr.data.shards import (
     SHARD_SCHEMA,
@@ -24,6 +26,8 @@ from ppcr.data.shards import (
     validate_shard_schema,
 )
 from ppcr.data.synth import SynthConfig, synthesize
+from ppcr.geometry import decode_image
+from ppcr.train import ImageCache
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 ROWS_PER_FILE = 3
@@ -242,3 +246,113 @@ def test_skip_bad_writes_the_rest(
     kept = [r["ref_id"] for r in val_rows[multi]["refs"]]
     assert bad_ref.ref_id not in kept
     assert len(kept) == sum(r.image_id == multi for r in refer.refs("val")) - 1
+
+
+def tag_rotated(path: Path) -> None:
+    """Re-save a JPEG as a phone stores a portrait photo: the pixels a quarter turn round, and EXIF
+    orientation 6 telling viewers to turn them upright, so it *displays* exactly as before."""
+    with Image.open(path) as im:
+        upright = im.convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, "JPEG", quality=95, exif=exif)
+
+
+def test_an_exif_rotated_image_is_stored_and_read_as_displayed(
+    synth: dict, refer: ReferDataset, images_copy: Path, tmp_path: Path
+) -> None:
+    # Before: prepare compared the stored size with instances.json, which annotation tools write in the
+    # displayed size, and refused the image ("image size 225x180 != instances.json 180x225").
+    image_id = next(
+        i for i in refer.image_ids("val") if refer.images[i]["width"] != refer.images[i]["height"]
+    )
+    info, path = refer.images[image_id], images_copy / refer.image_filename(image_id)
+    upright = decode_image(path.read_bytes())
+    tag_rotated(path)
+    with Image.open(path) as im:
+        assert im.size == (info["height"], info["width"])  # stored turned: W and H swapped
+    out = tmp_path / "out"
+    report = prepare_shards(
+        synth["refer_root"], images_copy, "synthref", "unc", out, splits=["val"], progress=False
+    )
+    assert report.ok
+    split = shard_dir(out, "synthref", "unc", "val")
+    row = next(r for r in read_image_rows(split) if r["image_id"] == image_id)
+    assert (row["height"], row["width"]) == (info["height"], info["width"]) == upright.shape[:2]
+    assert row["image"] == path.read_bytes()  # the original bytes, tag included
+    shown = decode_image(row["image"])
+    assert np.abs(shown.astype(int) - upright).mean() < 2  # the same picture, up to JPEG re-encoding
+    for ref in row["refs"]:  # each mask lies on the pixels of its object, not on the stored frame
+        mask = decode_rle(ref["mask"])
+        assert np.array_equal(mask, decode_rle(refer.ann_rle(ref["ann_id"])))
+        # (within JPEG chroma subsampling at the object's edge; a misplaced mask lands on other colours)
+        assert np.abs(shown[mask].mean(0) - upright[mask].mean(0)).max() < 8
+    # The readers take the row as it is: evaluation's image cache and the batch decode stage.
+    sample = next(s for s in iter_expressions(split) if s.image_id == image_id)
+    np.testing.assert_array_equal(ImageCache().get(sample), shown)
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(split.glob("part-*.parquet"))])
+    decoded = decode_stage(shard_rows_to_images(table, "val", True, None), 32, 64).to_pylist()
+    assert all(err is None for r in decoded for err in r["errors"])
+    assert [r["hw"] for r in decoded if r["image"] == row["file_name"]] == [[info["height"], info["width"]]]
+
+
+def test_annotations_in_the_stored_frame_of_an_exif_rotated_image_are_refused(
+    synth: dict, refer: ReferDataset, images_copy: Path, tmp_path: Path
+) -> None:
+    image_id = next(
+        i for i in refer.image_ids("val") if refer.images[i]["width"] != refer.images[i]["height"]
+    )
+    w, h = refer.images[image_id]["width"], refer.images[image_id]["height"]
+    path = images_copy / refer.image_filename(image_id)
+    tag_rotated(path)
+    refer_root = tmp_path / "refer"
+    shutil.copytree(Path(synth["refer_root"]) / "synthref", refer_root / "synthref")
+    inst_path = refer_root / "synthref" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    im = next(x for x in inst["images"] if x["id"] == image_id)
+    im["width"], im["height"] = h, w  # the stored size, as a tool that ignores EXIF writes it
+    inst_path.write_text(json.dumps(inst))
+    with pytest.raises(ReferDataError) as e:
+        prepare_shards(
+            refer_root, images_copy, "synthref", "unc", tmp_path / "o", splits=["val"], progress=False
+        )
+    assert str(e.value) == (
+        f"{path}: EXIF orientation 6 shows this {h}x{w} image as {w}x{h}, but instances.json gives the "
+        f"stored size {h}x{w}: annotations made on the stored pixels would be misaligned, since every ppcr "
+        "reader shows the image as displayed (docs/shard_format.md). Remove the orientation tag from the "
+        f"file if the annotations are on the stored pixels, or annotate the displayed image (image_id={image_id})"
+    )
+    out = tmp_path / "skip"
+    report = prepare_shards(
+        refer_root, images_copy, "synthref", "unc", out, splits=["val"], skip_bad=True, progress=False
+    )
+    assert [(x["image_id"], x["file"]) for x in report.errors] == [(image_id, str(path))]
+    assert report.written["val"] == len(refer.image_ids("val")) - 1
+
+
+def test_prepare_refuses_what_the_readers_would_refuse(
+    synth: dict, refer: ReferDataset, images_copy: Path, tmp_path: Path
+) -> None:
+    """The image shape limits and unsupported modes are checked at prepare time, as every reader checks them."""
+    image_id = refer.image_ids("val")[0]
+    path = images_copy / refer.image_filename(image_id)
+    Image.new("L", (refer.images[image_id]["width"], 1)).save(path, "JPEG")  # a strip under the right name
+    refer_root = tmp_path / "refer"
+    shutil.copytree(Path(synth["refer_root"]) / "synthref", refer_root / "synthref")
+    inst_path = refer_root / "synthref" / "instances.json"
+    inst = json.loads(inst_path.read_text())
+    next(x for x in inst["images"] if x["id"] == image_id)["height"] = 1
+    inst_path.write_text(json.dumps(inst))
+    report = prepare_shards(
+        refer_root,
+        images_copy,
+        "synthref",
+        "unc",
+        tmp_path / "o",
+        splits=["val"],
+        skip_bad=True,
+        progress=False,
+    )
+    assert [x["image_id"] for x in report.errors] == [image_id]
+    assert "has an aspect ratio of" in report.errors[0]["reason"]
+    assert "(sizes are width x height; images must have" in report.errors[0]["reason"]

@@ -75,41 +75,62 @@ EVAL_RESULT_SCHEMA = pa.schema(list(RESULT_SCHEMA) + _EVAL_FIELDS)
 # ----------------------------------------------------------------------------- input
 
 
-def read_bytes(location: str) -> bytes:
-    """File bytes of a local path or of any URI pyarrow's filesystems read (s3://, gs://, file://, ...)."""
-    if not location:
-        raise InputError("image path is empty")
-    if is_uri(location):
-        filesystem, path = filesystem_for(location)
-        with filesystem.open_input_stream(path) as f:
-            return f.read()
-    return Path(location).read_bytes()
+_MANIFEST_COLUMNS = {"id": pa.string(), "image": pa.string(), "expression": pa.string()}
+_MAX_BLOCK_BYTES = 2**31 - 1  # pyarrow's block_size is an int32
+
+
+def _read_text_manifest(path: str, data: bytes, suffix: str) -> pa.Table:
+    """CSV (RFC 4180: quoted values may hold commas, quotes and line breaks) or JSON lines, parsed as one
+    block: pyarrow's block-wise parsing would fail on a row longer than a block (`straddling object`),
+    and numbers the rows of a parse error within their block; one block has neither failure mode."""
+    from pyarrow import csv as pacsv
+    from pyarrow import json as pajson
+
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "save the manifest as UTF-8"
+        ) from None
+    block_size = max(1, min(len(data) + 1, _MAX_BLOCK_BYTES))
+    try:
+        if suffix == "csv":
+            return pacsv.read_csv(
+                pa.BufferReader(data),
+                # One block is parsed on one thread anyway; without threads, errors name their row.
+                read_options=pacsv.ReadOptions(block_size=block_size, use_threads=False),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types=_MANIFEST_COLUMNS),
+            )
+        return pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(block_size=block_size))
+    except pa.ArrowInvalid as exc:
+        if suffix == "csv":
+            raise InputError(f"{path}: not a valid CSV manifest: {exc}") from None
+        raise InputError(
+            f"{path}: not a valid JSON lines manifest (one object per line): {exc} (rows count from 0)"
+        ) from None
 
 
 def read_manifest(path: str | Path) -> pa.Table:
     """A manifest (.parquet, .jsonl/.json lines, .csv) as a table of string columns id, image, expression.
 
+    Each format is read by its own rules at any size: Parquet by pyarrow; CSV as RFC 4180 (a quoted
+    value may span lines) and JSON lines, both UTF-8 (a file that is not names its first bad line).
     `id` defaults to a hash of image and expression (stable when the manifest is reordered; identical
     pairs share it and are segmented once). Relative local image paths resolve against the manifest's
     folder. Duplicate explicit ids raise InputError (a re-run could not tell them apart).
     """
     path = str(path)
     suffix = path.rsplit(".", 1)[-1].lower()
-    from pyarrow import csv as pacsv
-    from pyarrow import json as pajson
-
     filesystem, inner = filesystem_for(path)
     if suffix == "parquet":
         table = pq.read_table(inner, filesystem=filesystem)
     elif suffix in ("jsonl", "json", "csv"):
         with filesystem.open_input_stream(inner) as f:
-            if suffix == "csv":
-                opts = pacsv.ConvertOptions(
-                    column_types={"id": pa.string(), "image": pa.string(), "expression": pa.string()}
-                )
-                table = pacsv.read_csv(f, convert_options=opts)
-            else:
-                table = pajson.read_json(f)
+            data = f.read()
+        table = _read_text_manifest(path, data, suffix)
     else:
         raise InputError(f"{path}: manifest must be .parquet, .jsonl or .csv")
     missing = [c for c in ("image", "expression") if c not in table.column_names]

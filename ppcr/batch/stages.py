@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from ..storage import read_bytes
 from .io import (
     DECODED_SCHEMA,
     ERRORS_DIR,
@@ -23,7 +24,6 @@ from .io import (
     REASONED_SCHEMA,
     RESULT_SCHEMA,
     RESULTS_DIR,
-    read_bytes,
 )
 
 # ----------------------------------------------------------------------------- stages

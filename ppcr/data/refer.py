@@ -123,14 +123,76 @@ def encode_mask(mask: np.ndarray) -> dict:
 
 
 def _load_pickle(path: Path) -> Any:
-    # The official pickles were written by Python 2; plain loading works for them, latin1 is the
-    # documented fallback for py2 str payloads. Only load pickles from a trusted source.
-    with path.open("rb") as f:
-        data = f.read()
+    """The refs pickle. The official ones were written by Python 2, whose ``str`` is bytes: those are
+    decoded as UTF-8, strictly, so text is never silently altered (a latin1 fallback would turn "café"
+    into "cafÃ©"); bytes that are not UTF-8 raise ReferDataError naming the ref and the field.
+    Only load pickles from a trusted source (unpickling runs code)."""
+    data = path.read_bytes()
     try:
-        return pickle.loads(data)
-    except UnicodeDecodeError:
-        return pickle.loads(data, encoding="latin1")
+        return pickle.loads(data, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, data, exc) from None
+
+
+def _first_not_utf8(obj: Any, where: str = "") -> tuple[str, bytes] | None:
+    """(field path, value) of the first byte string in ``obj`` that is not UTF-8, depth first."""
+    if isinstance(obj, bytes):
+        try:
+            obj.decode("utf-8")
+        except UnicodeDecodeError:
+            return where or "value", obj
+        return None
+    items: list[tuple[str, Any]] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            name = k.decode("utf-8", "backslashreplace") if isinstance(k, bytes) else str(k)
+            items += [(f"{where} key {name!r}".strip(), k), (f"{where}.{name}" if where else name, v)]
+    elif isinstance(obj, (list, tuple)):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(obj)]
+    for field_path, value in items:
+        found = _first_not_utf8(value, field_path)
+        if found:
+            return found
+    return None
+
+
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> ReferDataError:
+    """The error for a pickle holding byte strings that are not UTF-8, naming the ref and field."""
+    try:
+        refs = pickle.loads(data, encoding="bytes")  # every Python 2 str as bytes, to find the culprit
+    except Exception:
+        refs = None
+    for index, ref in enumerate(refs if isinstance(refs, list) else []):
+        found = _first_not_utf8(ref)
+        if found:
+            field_path, value = found
+            ref_id = ref.get(b"ref_id", ref.get("ref_id")) if isinstance(ref, dict) else None
+            return ReferDataError(
+                path,
+                f"ref #{index}: {field_path} is not UTF-8 text: {value!r}; REFER text must be UTF-8",
+                ref_id=ref_id,
+            )
+    return ReferDataError(path, f"text that is not UTF-8 ({exc}); REFER text must be UTF-8")
+
+
+def _load_json(path: Path) -> Any:
+    """A JSON file (RFC 8259: UTF-8), or ReferDataError naming the file and the line of the problem."""
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        reason = f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+    except json.JSONDecodeError as exc:
+        reason = f"not valid JSON ({exc})"
+    raise ReferDataError(path, reason)
+
+
+def _text(value: Any, what: str) -> str:
+    """A text field as it is: never ``str()`` of bytes or numbers, which would alter it silently."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is {type(value).__name__} {value!r}, not text")
+    return value
 
 
 class ReferDataset:
@@ -154,8 +216,7 @@ class ReferDataset:
             if not p.is_file():
                 raise FileNotFoundError(f"REFER file not found: {p}")
 
-        with self.instances_path.open("r", encoding="utf-8") as f:
-            inst = json.load(f)
+        inst = _load_json(self.instances_path)
         try:
             self.images: dict[int, dict] = {int(im["id"]): im for im in inst["images"]}
             self.annotations: dict[int, dict] = {int(a["id"]): a for a in inst["annotations"]}
@@ -172,13 +233,14 @@ class ReferDataset:
         ref_id = r.get("ref_id") if isinstance(r, dict) else None
         try:
             sentences = [
-                Sentence(int(s["sent_id"]), str(s.get("sent", s.get("raw", "")))) for s in r["sentences"]
+                Sentence(int(s["sent_id"]), _text(s.get("sent", s.get("raw", "")), f"sentences[{k}].sent"))
+                for k, s in enumerate(r["sentences"])
             ]
             ref = ReferRef(
                 ref_id=int(r["ref_id"]),
                 ann_id=int(r["ann_id"]),
                 image_id=int(r["image_id"]),
-                split=str(r["split"]),
+                split=_text(r["split"], "split"),
                 category_id=int(r["category_id"]),
                 sentences=sentences,
             )

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import InputError
+from ..geometry import ImageDecodeError, decode_image
 from .refer import ReferDataError, ReferDataset, ReferRef, decode_rle
 
 __all__ = [
@@ -99,6 +100,26 @@ def _ref_entry(refer: ReferDataset, ref: ReferRef, h: int, w: int) -> dict:
     }
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def _size_mismatch(data: bytes, shown: tuple[int, int], annotated: tuple[int, int]) -> str:
+    """Why a decoded (displayed) size differs from instances.json's, naming the EXIF orientation."""
+    with Image.open(io.BytesIO(data)) as im:
+        stored, orientation = im.size, im.getexif().get(_EXIF_ORIENTATION, 1)
+    (sw, sh), (aw, ah) = shown, annotated
+    if orientation != 1 and stored == annotated:
+        return (
+            f"EXIF orientation {orientation} shows this {stored[0]}x{stored[1]} image as {sw}x{sh}, but "
+            f"instances.json gives the stored size {aw}x{ah}: annotations made on the stored pixels would "
+            "be misaligned, since every ppcr reader shows the image as displayed (docs/shard_format.md). "
+            "Remove the orientation tag from the file if the annotations are on the stored pixels, or "
+            "annotate the displayed image"
+        )
+    shown_as = f" (as displayed, EXIF orientation {orientation})" if orientation != 1 else ""
+    return f"image size {sw}x{sh}{shown_as} != instances.json {aw}x{ah} (WxH)"
+
+
 def _build_row(
     refer: ReferDataset,
     image_id: int,
@@ -117,15 +138,13 @@ def _build_row(
     except FileNotFoundError:
         raise ReferDataError(path, "image file missing", image_id=image_id) from None
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # a full decode: header-only checks miss truncated files
-            size = im.size
-    except Exception as e:  # PIL raises a zoo of types for corrupt data
-        raise ReferDataError(path, f"image does not decode ({e})", image_id=image_id) from None
-    if size != (w, h):
-        raise ReferDataError(
-            path, f"image size {size[0]}x{size[1]} != instances.json {w}x{h} (WxH)", image_id=image_id
-        )
+        # A full decode (header-only checks miss truncated files) by the function every reader uses:
+        # the displayed image (EXIF orientation applied), its mode and shape checked as they will be.
+        shown_h, shown_w = decode_image(data, path.name).shape[:2]
+    except ImageDecodeError as e:
+        raise ReferDataError(path, f"image does not decode or is refused ({e})", image_id=image_id) from None
+    if (shown_w, shown_h) != (w, h):
+        raise ReferDataError(path, _size_mismatch(data, (shown_w, shown_h), (w, h)), image_id=image_id)
     entries = []
     for ref in sorted(refs_of_image, key=lambda r: r.ref_id):
         try:
@@ -151,9 +170,12 @@ def build_image_row(
 ) -> dict:
     """One shard row (a dict matching SHARD_SCHEMA) for ``image_id``.
 
-    ``image`` holds the original file bytes (never re-encoded). The image must decode with PIL and
-    match the instances.json height/width, else ReferDataError naming the file path and image_id (also
-    for a missing file); a bad ref (e.g. malformed polygon) raises ReferDataError naming its record.
+    ``image`` holds the original file bytes (never re-encoded). The image must decode as every reader
+    decodes it (``geometry.decode_image``: supported mode, shape within ``ImageLimits``) and its
+    *displayed* size (EXIF orientation applied, docs/shard_format.md) must match the instances.json
+    height/width, else ReferDataError naming the file path and image_id (also for a missing file, and
+    for annotations given in the stored frame of an EXIF-rotated image); a bad ref (e.g. malformed
+    polygon) raises ReferDataError naming its record.
     Refs are ordered by ref_id; ``bbox`` is XYXY pixels; ``mask`` is compressed RLE of size [h, w].
     """
     return _build_row(refer, image_id, images_dir, refs_of_image, None)

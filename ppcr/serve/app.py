@@ -142,14 +142,12 @@ class Pipeline:
             except ValueError as exc:
                 raise HTTPError(422, f"expression {i}: {exc}") from None
         try:
-            image = await asyncio.to_thread(decode_image, raw, "image", self.s.max_pixels)
+            image = await asyncio.to_thread(decode_image, raw, "image", self.s.image_limits())
         except ImageTooLargeError as exc:
             raise HTTPError(413, str(exc)) from None
-        except ImageDecodeError as exc:
+        except ImageDecodeError as exc:  # also a shape outside the limits (ImageShapeError)
             raise HTTPError(422, str(exc)) from None
         h, w = image.shape[:2]
-        if max(h, w) > self.s.max_aspect_ratio * min(h, w):
-            raise HTTPError(422, f"image is {w}x{h}: aspect ratio over {self.s.max_aspect_ratio:g}")
         key = await asyncio.to_thread(image_key, image)
         t_decoded = time.perf_counter()
         pending: list[DeploymentResponse] = []

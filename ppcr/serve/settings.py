@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..config import from_dict
+from ..geometry import MAX_ASPECT_RATIO, ImageLimits
 
 logger = logging.getLogger("ppcr.serve")
 
@@ -36,14 +37,19 @@ class ServeSettings:
     batch_wait_timeout_s: float = 0.0  # see _BATCHING
     cache_images: int = 64  # SAM embeddings kept per SAM replica (LRU by image content hash)
     max_body_bytes: int = 16 * 2**20
-    max_pixels: int = 4096 * 4096  # checked from the image header, before decoding (decompression bombs)
-    max_aspect_ratio: float = 20.0  # long side / short side; beyond it SAM's resize has a 0-pixel side
+    # Image shape limits (geometry.check_image_shape, from the header, before decoding: decompression bombs)
+    max_pixels: int = 4096 * 4096
+    max_aspect_ratio: float = MAX_ASPECT_RATIO  # long side / short side
     max_expression_chars: int = 256
     max_expressions: int = 16  # per request
     # Language-model sequences (expressions) per forward; a batch of max_batch_size x max_expressions
     # runs in chunks of this many. docs/serving.md has the arithmetic behind the shipped values.
     max_sequences_per_forward: int = 32
     request_timeout_s: float = 30.0  # ingress deadline for the model calls -> 504
+
+    def image_limits(self) -> ImageLimits:
+        """The image shape limits every request is checked against (ValueError on impossible values)."""
+        return ImageLimits(max_pixels=self.max_pixels, max_aspect_ratio=self.max_aspect_ratio)
 
 
 def resolve_settings(args: dict | None) -> ServeSettings:
@@ -63,6 +69,7 @@ def resolve_settings(args: dict | None) -> ServeSettings:
     ):
         if getattr(s, name) < 1:
             raise ValueError(f"serve setting {name} must be >= 1; got {getattr(s, name)}")
+    s.image_limits()  # max_aspect_ratio >= 1
     return s
 
 
