@@ -45,9 +45,9 @@ def _demo_data(num_images: int) -> SynthConfig:
 class DemoSettings:
     data: SynthConfig = field(default_factory=lambda: _demo_data(900))
     # The amount of training is a step count, so the numbers are the same on any machine (README).
-    # 2000 steps of 32 expressions: ~0.55 s/step on a quiet 2-core AVX2 EPYC; 16 per step would be
-    # 0.33 s/step but learns far less in 2000 steps (docs/learning.md, finding 13).
-    steps: int = 2000
+    # 2200 steps of 32 expressions with the 2-layer language model: ~0.37 s/step on a quiet 2-core AVX2
+    # EPYC; 16 per step would be cheaper but learns far less per step (docs/learning.md, findings 13-14).
+    steps: int = 2200
     batch_size: int = 32
     # A safety net, not the plan: a machine too slow to finish `steps` in this time stops early, and the
     # console and the top of report.md say so (steps done, steps planned, what it means).
