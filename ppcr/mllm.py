@@ -262,8 +262,8 @@ class PromptTokenizer:
     (`max_positions`, the model's `max_position_embeddings`) and any prompt in which user text became a
     control id: only the template's own `<image>`, `<sem>` (and GLaMM's image wrappers) may appear.
     `check_expression` applies the same rules to one expression before any model work: every entry
-    point calls it (`Segmenter`, the serving ingress and MLLM replicas, the batch job's decode tasks and
-    MLLM actors). User text is never encoded into control ids: an expression holding one of the
+    point calls it (`Segmenter`, the serving ingress and MLLM replicas, the batch job's decode tasks,
+    `ppcr evaluate`). User text is never encoded into control ids: an expression holding one of the
     tokenizer's control tokens (`control_tokens`) is refused, not escaped (docs/inputs.md).
 
     Built by `MLLM` from its tokenizer and model, and by `from_config` where no model is built.
