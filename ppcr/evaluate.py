@@ -3,6 +3,8 @@ trivial baselines the tiny demo is judged against (mean training box; mask of al
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -44,11 +46,14 @@ def evaluate_split(
     """Metrics of `model` on every expression of one shard split (RISMetrics.compute() keys).
 
     Expressions are batched in shard order, so the expressions of one image share its encodings.
+    An expression that breaks the text rules (`PromptTokenizer.check_expression`: a control token of
+    the tokenizer, a prompt over the context, ...) is left out, counted under `errors` and warned
+    about with its sentence id, as `ppcr evaluate --ray` does.
     """
     model.eval()
     metrics = RISMetrics()
     cache = ImageCache(capacity=256)
-    samples = iter_expressions(split_dir, limit_images=limit_images)
+    samples = _checked(iter_expressions(split_dir, limit_images=limit_images), model, refused := [])
     bar = tqdm(desc=f"eval {Path(split_dir).name}", unit="expr", disable=not progress, dynamic_ncols=True)
     for chunk in _chunks(samples, batch_size):
         items = [to_item(s, cache) for s in chunk]
@@ -58,7 +63,26 @@ def evaluate_split(
             metrics.update(seg.mask, item.gt_mask, seg.box, item.gt_box)
         bar.update(len(items))
     bar.close()
-    return metrics.compute()
+    out = metrics.compute()
+    if refused:
+        out["errors"] = len(refused)
+        warnings.warn(
+            f"{split_dir}: {len(refused)} expression(s) break the text rules and are not in the metrics, "
+            f"e.g. {refused[0]}",
+            stacklevel=2,
+        )
+    return out
+
+
+def _checked(samples: Iterable[ExpressionSample], model: PPCRModel, refused: list[str]):
+    """The samples whose text passes the text rules (cleaned); the others' reasons go to `refused`."""
+    for s in samples:
+        try:
+            text = model.mllm.prompts.check_expression(s.text)
+        except InputError as exc:
+            refused.append(f"sentence {s.sent_id}: {exc}")
+            continue
+        yield dataclasses.replace(s, text=text) if text != s.text else s
 
 
 def mean_training_box(train_dir: str | Path) -> np.ndarray:

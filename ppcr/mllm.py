@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .config import ModelConfig
+from .config import InputError, ModelConfig
 from .precision import torch_dtype
 from .prompts import (
     BOX_TOKEN,
@@ -35,11 +35,16 @@ from .prompts import (
     IMAGE_TOKEN,
     SEG_TOKEN,
     SEM_TOKEN,
+    SEMANTIC_ANSWER,
     SEMANTIC_TEMPLATES,
+    SPATIAL_ANSWER,
     SPATIAL_TEMPLATE_EXPRESSION,
     SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC,
     SPATIAL_TEMPLATES,
+    clean_expression,
     conversation,
+    semantic_question,
+    spatial_question,
 )
 from .weights import SHOWN, WeightsError, check_keys
 
@@ -137,6 +142,11 @@ def check_llava_config(config: LlavaConfig, cfg: ModelConfig, folder: str | Path
         "text_config.intermediate_size": (t.intermediate_size, cfg.language.intermediate_size),
         "text_config.num_hidden_layers": (t.num_hidden_layers, cfg.language.num_layers),
         "text_config.num_attention_heads": (t.num_attention_heads, cfg.language.num_heads),
+        # The context PromptTokenizer checks prompts against, also where no model is built (the ingress).
+        "text_config.max_position_embeddings": (
+            t.max_position_embeddings,
+            cfg.language.max_position_embeddings,
+        ),
     }
     wrong = [f"{k} {got} (preset {want})" for k, (got, want) in expected.items() if got != want]
     if wrong:
@@ -227,21 +237,191 @@ def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaFo
 
 
 @dataclass
-class StageStates:
-    """What a stage reads from one language-model pass."""
-
-    token: torch.Tensor  # (B, hidden) last-layer state at the stage's answer token ([SEG] / [BOX])
-    image: torch.Tensor  # (B, T, hidden) last-layer states at the <image> positions
-    ce: torch.Tensor  # scalar CE over the answer tokens
-
-
-@dataclass
 class TokenizedPrompts:
     """A right-padded batch. `labels` are IGNORE_INDEX except on the answer tokens."""
 
     input_ids: torch.Tensor  # (B, L) long
     attention_mask: torch.Tensor  # (B, L) long
     labels: torch.Tensor  # (B, L) long
+
+
+def control_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Every token the tokenizer matches as a whole before its BPE runs, by text: its special tokens
+    (`<s>`, `</s>`, `<unk>`, `<pad>`, ...) and every added token (ppcr's `[SEG]`, `<image>`, ... included)."""
+    out = {added.content: tid for tid, added in tokenizer.added_tokens_decoder.items()}
+    for token in tokenizer.all_special_tokens:
+        out.setdefault(token, tokenizer.convert_tokens_to_ids(token))
+    return out
+
+
+class PromptTokenizer:
+    """The one place where text becomes the language model's input ids (stages 1 and 2).
+
+    `encode` renders each question as a LLaVA-1.5 conversation (`prompts.conversation`) and tokenizes
+    it; `tokenize` refuses (InputError) any prompt longer than the language model's context
+    (`max_positions`, the model's `max_position_embeddings`) and any prompt in which user text became a
+    control id: only the template's own `<image>`, `<sem>` (and GLaMM's image wrappers) may appear.
+    `check_expression` applies the same rules to one expression before any model work: every entry
+    point calls it (`Segmenter`, the serving ingress and MLLM replicas, the batch job's decode tasks,
+    `ppcr evaluate`). User text is never encoded into control ids: an expression holding one of the
+    tokenizer's control tokens (`control_tokens`) is refused, not escaped (docs/inputs.md).
+
+    Built by `MLLM` from its tokenizer and model, and by `from_config` where no model is built.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: ModelConfig,
+        num_image_tokens: int,
+        max_positions: int,
+    ):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.num_image_tokens = num_image_tokens
+        self.max_positions = max_positions
+        self.control = control_tokens(tokenizer)
+        # Ids no prompt may hold: every control token but the template's own (which MLLM.language and
+        # MLLM.positions count, and whose text clean_expression refuses) and <unk> (a word the
+        # tokenizer lacks, not a control: check_text refuses it in user text).
+        template = {IMAGE_TOKEN, SEM_TOKEN, *(GLAMM_TOKENS if cfg.prompt_format == "glamm" else ())}
+        self.forbidden_ids = frozenset(
+            tid for t, tid in self.control.items() if t not in template and tid != tokenizer.unk_token_id
+        )
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> PromptTokenizer:
+        """From a model config alone (its tokenizer folder, or the tiny preset's offline BPE): what the
+        serving ingress and the batch job's decode tasks check texts with, without building the model.
+        Image tokens: (image_size / patch_size)², LLaVA-1.5's "default" feature selection."""
+        v = cfg.vision
+        return cls(
+            build_tokenizer(cfg),
+            cfg,
+            (v.image_size // v.patch_size) ** 2,
+            cfg.language.max_position_embeddings,
+        )
+
+    def check_text(self, expression: str, max_chars: int | None = None) -> str:
+        """`clean_expression`, then refuse text holding one of the tokenizer's control tokens or
+        characters the tokenizer can only encode as `<unk>`. Returns the cleaned text; InputError."""
+        text = clean_expression(expression, max_chars)
+        for token in self.control:
+            if token and token in text:
+                raise InputError(
+                    f"expression holds {token!r}, a control token of the language model's tokenizer; "
+                    "it cannot be sent as text"
+                )
+        # Tokens the tokenizer matches after normalisation, and <unk> for what it cannot encode.
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in ids:
+            raise InputError(
+                f"expression holds characters the tokenizer cannot encode (they become {self.tokenizer.unk_token!r})"
+            )
+        bad = [t for t in ids if t in self.forbidden_ids]
+        if bad:
+            names = sorted(set(self.tokenizer.convert_ids_to_tokens(bad)))
+            raise InputError(f"expression becomes the tokenizer's control token(s) {names}")
+        return text
+
+    def inference_prompts(self, text: str) -> list[tuple[str, str]]:
+        """(question, answer) of each language-model pass `PPCRModel.reason` runs for a cleaned
+        expression at inference (fixed templates): the semantic stage's, then the spatial stage's."""
+        out = [(semantic_question(text), SEMANTIC_ANSWER)]
+        if self.cfg.spatial_prompt != "none":
+            out.append((spatial_question(text, self.cfg.spatial_prompt), SPATIAL_ANSWER))
+        return out
+
+    def check_expression(self, expression: str, max_chars: int | None = None) -> str:
+        """The text rules of every entry point: `check_text`, and every prompt inference builds from
+        the expression fits the language model's context. Returns the cleaned text; InputError."""
+        text = self.check_text(expression, max_chars)
+        for question, answer in self.inference_prompts(text):
+            prompt, answer = self.render(question, answer)
+            n = len(self._ids(prompt, answer)[0])
+            if n > self.max_positions:
+                raise InputError(f"expression is too long for the language model: {self._overflow(n)}")
+        return text
+
+    def check_expressions(self, expressions: Sequence[str], max_chars: int | None = None) -> list[str]:
+        """`check_expression` of each; the InputError names the expression's index."""
+        out = []
+        for i, e in enumerate(expressions):
+            try:
+                out.append(self.check_expression(e, max_chars))
+            except InputError as exc:
+                raise InputError(f"expression {i}: {exc}") from None
+        return out
+
+    def render(self, question: str, answer: str) -> tuple[str, str]:
+        """The (prompt, answer) text of one pass: `prompts.conversation` with the model's settings."""
+        return conversation(
+            question,
+            answer,
+            self.cfg.system_prompt,
+            self.num_image_tokens,
+            self.cfg.image_position == "before",
+            self.cfg.prompt_format,
+        )
+
+    def encode(self, questions: Sequence[str], answer: str) -> TokenizedPrompts:
+        """Each question with the fixed `answer`, rendered and tokenized (checked: `tokenize`)."""
+        rendered = [self.render(q, answer) for q in questions]
+        return self.tokenize([p for p, _ in rendered], [a for _, a in rendered])
+
+    def _overflow(self, n: int) -> str:
+        return (
+            f"its prompt is {n} tokens and the language model's context holds {self.max_positions} "
+            f"(model.language.max_position_embeddings): {n - self.max_positions} tokens too many"
+        )
+
+    def _ids(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+        """(full row: BOS + prompt + answer + EOS, labels: IGNORE_INDEX except on answer and EOS)."""
+        tok = self.tokenizer
+        p = tok(prompt, add_special_tokens=False).input_ids
+        a = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        if not self.forbidden_ids.isdisjoint(p):
+            bad = sorted(set(tok.convert_ids_to_tokens([t for t in p if t in self.forbidden_ids])))
+            raise InputError(f"the prompt holds the tokenizer's control token(s) {bad} outside its template")
+        return bos + p + a, [IGNORE_INDEX] * (len(bos) + len(p)) + a
+
+    def tokenize(self, prompts: Sequence[str], answers: Sequence[str]) -> TokenizedPrompts:
+        """Tokenize prompt+answer pairs (right padded); labels cover the answer and the EOS token.
+
+        Raises InputError naming the row when a prompt holds a control token outside its template
+        (user text never becomes a control id) or a row exceeds the context (`max_positions`).
+        """
+        rows, labels = [], []
+        for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+            try:
+                row, lab = self._ids(prompt, answer)
+            except InputError as exc:
+                raise InputError(f"prompt {i}: {exc}") from None
+            if len(row) > self.max_positions:
+                raise InputError(f"prompt {i}: {self._overflow(len(row))}")
+            rows.append(row)
+            labels.append(lab)
+        tok = self.tokenizer
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (r, lb) in enumerate(zip(rows, labels)):
+            ids[i, : len(r)] = torch.tensor(r)
+            lab[i, : len(lb)] = torch.tensor(lb)
+            mask[i, : len(r)] = 1
+        return TokenizedPrompts(ids, mask, lab)
+
+
+@dataclass
+class StageStates:
+    """What a stage reads from one language-model pass."""
+
+    token: torch.Tensor  # (B, hidden) last-layer state at the stage's answer token ([SEG] / [BOX])
+    image: torch.Tensor  # (B, T, hidden) last-layer states at the <image> positions
+    ce: torch.Tensor  # scalar CE over the answer tokens
 
 
 class MLLM(nn.Module):
@@ -264,6 +444,9 @@ class MLLM(nn.Module):
         self.peft: PeftModel = peft_model
         self.ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in special_tokens(cfg)}
         self.num_image_tokens = self._count_image_tokens()
+        self.prompts = PromptTokenizer(
+            self.tokenizer, cfg, self.num_image_tokens, self.llava.config.text_config.max_position_embeddings
+        )
         self._set_trainable()
         if cfg.gradient_checkpointing:
             self.llava.gradient_checkpointing_enable()
@@ -315,24 +498,8 @@ class MLLM(nn.Module):
         return torch.stack(list(out.pooler_output), dim=0)
 
     def tokenize(self, prompts: Sequence[str], answers: Sequence[str]) -> TokenizedPrompts:
-        """Tokenize prompt+answer pairs (right padded); labels cover the answer and the EOS token."""
-        tok = self.tokenizer
-        rows, labels = [], []
-        for prompt, answer in zip(prompts, answers):
-            p = tok(prompt, add_special_tokens=False).input_ids
-            a = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
-            bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            rows.append(bos + p + a)
-            labels.append([IGNORE_INDEX] * (len(bos) + len(p)) + a)
-        length = max(len(r) for r in rows)
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        lab = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (r, lb) in enumerate(zip(rows, labels)):
-            ids[i, : len(r)] = torch.tensor(r)
-            lab[i, : len(lb)] = torch.tensor(lb)
-            mask[i, : len(r)] = 1
-        return TokenizedPrompts(ids, mask, lab)
+        """`PromptTokenizer.tokenize` with this model's tokenizer and context (checked)."""
+        return self.prompts.tokenize(prompts, answers)
 
     def positions(self, input_ids: torch.Tensor, token: str) -> torch.Tensor:
         """(B,) index of the single occurrence of `token` in each row; error if absent or repeated."""
@@ -391,19 +558,7 @@ class MLLM(nn.Module):
         """One teacher-forced pass of a PPCR stage: each question with the fixed `answer`, under LoRA
         branch `adapter`; returns the states at `token` (found by id; `offset` -1: the position before
         it, whose output predicts it, as LISA/GLaMM read [SEG]) and at the image positions."""
-        prompts, answers = [], []
-        for q in questions:
-            p, a = conversation(
-                q,
-                answer,
-                self.cfg.system_prompt,
-                self.num_image_tokens,
-                self.cfg.image_position == "before",
-                self.cfg.prompt_format,
-            )
-            prompts.append(p)
-            answers.append(a)
-        batch = self.tokenize(prompts, answers)
+        batch = self.prompts.encode(questions, answer)
         with self.adapter(adapter):
             hidden, ce = self.language(batch, image_features, inserted=inserted)
         ids = batch.input_ids.to(hidden.device)

@@ -8,6 +8,7 @@ decoder's predicted IoU. Inference is teacher-forced (one pass per stage), as LI
 An image is a path or URI, encoded bytes, a PIL image of any mode or an array (`geometry.as_rgb_array`:
 the same pixels whichever way it arrives, the displayed image for EXIF-rotated files, its shape checked
 against `geometry.ImageLimits` before any model work); a bad one raises ImageDecodeError naming it.
+Bad text raises InputError naming it (docs/inputs.md), before any model work.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from .geometry import ImageInput, as_rgb_array
 from .inference import Segmentation, predict_torch
 from .model import PPCRModel
 from .precision import configure_device
-from .prompts import clean_expression
 
 
 def image_key(image: np.ndarray) -> str:
@@ -64,7 +64,7 @@ class Segmenter:
         if len(images) != len(expressions):
             raise InputError(f"{len(images)} images but {len(expressions)} expressions")
         arrays = [as_rgb_array(im, f"image {i}") for i, im in enumerate(images)]
-        texts = [clean_expression(e) for e in expressions]
+        texts = self._check_texts(expressions)
         keys = [image_key(a) for a in arrays]
         results: list[Segmentation] = []
         for start in range(0, len(arrays), self.batch_size):
@@ -93,9 +93,15 @@ class Segmenter:
         if self._image is None:
             raise RuntimeError("call set_image(image) before predict(expression)")
         many = not isinstance(expression, str)
-        texts = [clean_expression(e) for e in (expression if many else [expression])]
+        texts = self._check_texts(expression if many else [expression])
         out = self._run([Item(0, self._image, t) for t in texts], self._embedding)
         return out if many else out[0]
+
+    def _check_texts(self, expressions: Sequence[str]) -> list[str]:
+        """The text rules every entry point applies (`PromptTokenizer.check_expressions`: encodable text,
+        no control characters or tokenizer control tokens, a prompt within the language model's
+        context), before any model work; InputError naming the expression's index."""
+        return self.model.mllm.prompts.check_expressions(expressions)
 
     def _run(self, items: list[Item], image_embeddings: torch.Tensor | None = None) -> list[Segmentation]:
         batch = collate(items, self.model.clip_size, self.model.sam_size, self.model.clip_mode).to(

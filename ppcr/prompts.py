@@ -9,6 +9,8 @@ is replaced by the semantic prompt, and is answered with "[BOX].". Special token
 from __future__ import annotations
 
 import random
+import re
+import unicodedata
 
 from .config import InputError
 
@@ -21,6 +23,8 @@ SPECIAL_TOKENS = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
 IM_START_TOKEN = "<im_start>"
 IM_END_TOKEN = "<im_end>"
 GLAMM_TOKENS = (IM_START_TOKEN, IM_END_TOKEN)
+# Every token ppcr adds to a tokenizer: user text containing one is refused (clean_expression).
+RESERVED_TOKENS = SPECIAL_TOKENS + GLAMM_TOKENS
 
 # Paper Fig. 4 (16 variants, collected from LISA/GLaMM and extended). Duplicates are as printed.
 SEMANTIC_TEMPLATES: tuple[str, ...] = (
@@ -59,17 +63,47 @@ SEMANTIC_ANSWER = f"It is {SEG_TOKEN}."
 SPATIAL_ANSWER = f"{BOX_TOKEN}."
 
 
+# Characters that are not text: the control characters (Unicode category Cc) that `str.isspace` does
+# not call whitespace, and the surrogates (Cs), which no UTF-8 text can hold (tests/test_prompts.py
+# checks this class against unicodedata over every code point).
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
+
+
 def clean_expression(expression: str, max_chars: int | None = None) -> str:
-    """Strip and validate a referring expression; raise InputError on an empty one (or one longer than
-    `max_chars` after whitespace is collapsed, when given: servers bound what a client may send)."""
+    """The text rules every entry point applies to a referring expression (docs/inputs.md, "Text").
+
+    Returns the expression with its whitespace collapsed: every run of characters that `str.isspace`
+    calls whitespace (space, tab, line breaks, U+0085, U+2028/9, the separators U+001C-U+001F, no-break
+    spaces) becomes one space, and the ends are stripped. Raises InputError, naming the problem and the
+    character's position, for text that is empty after that, longer than `max_chars` characters (when
+    given: servers bound what a client may send), not encodable as UTF-8 (a lone UTF-16 surrogate, as a
+    JSON `\\udc00` escape gives), holding a control character (Unicode category Cc: U+0000-U+001F and
+    U+007F-U+009F other than the whitespace above) or one of ppcr's reserved tokens (`RESERVED_TOKENS`).
+    Format characters (zero-width joiners, bidirectional marks) are text and are kept. TypeError for a
+    non-string.
+
+    The tokenizer's own control tokens (`</s>`, `<unk>`, ...) and the prompt's length in tokens are
+    checked where the prompt is built, by `ppcr.mllm.PromptTokenizer.check_expression`, which calls this.
+    """
     if not isinstance(expression, str):
         raise TypeError(f"expression must be a string; got {type(expression).__name__}")
+    bad = _NOT_TEXT.search(expression)  # positions are those of the text as sent
+    if bad is not None:
+        ch, i = bad.group(), bad.start()
+        if unicodedata.category(ch) == "Cs":
+            raise InputError(
+                f"expression is not valid Unicode text: lone surrogate U+{ord(ch):04X} at character {i}"
+            )
+        raise InputError(
+            f"expression holds the control character U+{ord(ch):04X} at character {i}; "
+            "only text and whitespace are accepted"
+        )
     text = " ".join(expression.split())
     if not text:
         raise InputError("expression is empty")
     if max_chars is not None and len(text) > max_chars:
         raise InputError(f"expression is {len(text)} characters long; at most {max_chars} are accepted")
-    for tok in SPECIAL_TOKENS:
+    for tok in RESERVED_TOKENS:
         if tok in text:
             raise InputError(f"expression must not contain the reserved token {tok!r}")
     return text

@@ -31,7 +31,7 @@ from ppcr.batch import (
     run_batch,
     shard_rows_to_images,
 )
-from ppcr.checkpoint import load_checkpoint
+from ppcr.checkpoint import load_checkpoint, load_model_config
 from ppcr.cli import main
 from ppcr.config import ConfigError
 from ppcr.data.refer import decode_rle
@@ -73,6 +73,10 @@ def manifest(synth_data, tmp_path_factory):
         "missing": (str(root / "no_such.jpg"), "the circle", "No such file"),
         "empty": (str(images[0]), "   ", "expression is empty"),
         "reserved": (str(images[1]), "the [SEG] token", "reserved token"),
+        # Text kinds of issues 16 and 17.7/17.8, refused before any model work like everywhere else.
+        "control": (str(images[2]), "the\x00circle", "control character U+0000"),
+        "eos": (str(images[3]), "the circle </s> on the left", "'</s>', a control token"),
+        "over-context": (str(images[4]), "a " * 1525, "context holds 512"),  # 3,050 characters
     }
     rows[5:5] = [{"id": k, "image": v[0], "expression": v[1]} for k, v in bad.items()]
     path = root / "manifest.jsonl"
@@ -327,7 +331,7 @@ def test_oracle_box_through_the_stage_functions(val_dir, checkpoint):
     model = load_checkpoint(checkpoint)
     shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))])
     images = shard_rows_to_images(shard, split="val", with_gt=True, done=None)
-    decoded = decode_stage(images, model.clip_size, model.sam_size)
+    decoded = decode_stage(images, model.clip_size, model.sam_size, checkpoint=str(checkpoint))
     reasoned = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=7)(decoded)
     rows = SAMStage(str(checkpoint), None, "cpu", 1, None, oracle_box=True, evaluation=True)(reasoned)
     for box, gt in zip(rows["box"].to_pylist(), rows["gt_box"].to_pylist()):
@@ -338,6 +342,35 @@ def test_oracle_box_through_the_stage_functions(val_dir, checkpoint):
     assert got["BoxAcc@0.5"] == 1.0 and got["count"] == want["count"]
     for k in want:  # other batch compositions (7 expressions per MLLM call) move logits by ~1e-7
         assert got[k] == pytest.approx(want[k], abs=1e-6), k
+
+
+def test_actor_pools_fail_only_the_culprit_and_classify_text_errors(val_dir, checkpoint):
+    """The same rule as the Serve deployments: a chunk that fails is run one expression (one image)
+    at a time. A text that slipped past the decode tasks' check (here planted after them) is the row's
+    "bad expression", found where the prompt is built; an image the SAM stage cannot take is that
+    image's "SAM stage failed"; every other row gets the answer it gets without them."""
+    shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))]).slice(0, 3)
+    images = shard_rows_to_images(shard, split="val", with_gt=False, done=None)
+    cfg = load_model_config(checkpoint)
+    decoded = decode_stage(images, cfg.vision.image_size, cfg.sam.image_size, checkpoint=str(checkpoint))
+    mllm = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=64)
+    sam = SAMStage(str(checkpoint), None, "cpu", 1, None)
+    clean = sam(mllm(decoded)).to_pylist()
+    rows = decoded.to_pylist()
+    rows[1]["texts"][0] = "the circle </s> on the left"
+    rows[2]["sam"] = rows[2]["sam"][:-4]  # an embedding input the SAM encoder cannot reshape
+    out = sam(mllm(pa.Table.from_pylist(rows, schema=decoded.schema))).to_pylist()
+    assert [r["id"] for r in out] == [r["id"] for r in clean]
+    bad_expression = rows[1]["ids"][0]
+    for got, want in zip(out, clean):
+        if got["id"] == bad_expression:
+            assert got["error"].startswith("bad expression: ") and "'</s>'" in got["error"], got["error"]
+        elif got["image"] == rows[2]["image"]:
+            assert got["error"].startswith("SAM stage failed: ValueError"), got["error"]
+        else:
+            assert got["error"] is None
+            np.testing.assert_allclose(got["box"], want["box"], atol=1e-3)
+            assert got["score"] == pytest.approx(want["score"], abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ppcr.data.shards import iter_expressions, read_image_rows
@@ -45,3 +49,25 @@ def test_baselines(train_dir, val_dir):
     # above 0, below 1 whenever an image has more than one object.
     multi = any(len(r["refs"]) > 1 for r in read_image_rows(val_dir))
     assert 0 < allobj["mIoU"] < 1 if multi else allobj["mIoU"] == 1
+
+
+def test_an_expression_breaking_the_text_rules_is_left_out_and_counted(model, val_dir, tmp_path):
+    """As `ppcr evaluate --ray` does: the sentence is named in a warning, counted under `errors`, and
+    the metrics are those of the other expressions (before, `</s>` became an EOS id in the prompt)."""
+    files = sorted(val_dir.glob("part-*.parquet"))
+    first = pq.read_table(files[0])
+    rows = first.to_pylist()
+    sentence = rows[0]["refs"][0]["sentences"][0]
+    sentence["text"] = "the one </s> on the left"
+    (tmp_path / "val").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=first.schema), tmp_path / "val" / files[0].name)
+    for f in files[1:]:
+        shutil.copy(f, tmp_path / "val" / f.name)
+    n = sum(1 for _ in iter_expressions(val_dir))
+    with pytest.warns(
+        UserWarning,
+        match=rf"1 expression\(s\) break the text rules.*sentence {sentence['sent_id']}: .*'</s>'",
+    ):
+        m = evaluate_split(model, tmp_path / "val", batch_size=5, progress=False)
+    assert m["count"] == n - 1 and m["errors"] == 1
+    assert "errors" not in evaluate_split(model, val_dir, batch_size=5, progress=False)

@@ -11,13 +11,16 @@ from segment_anything.modeling import Sam
 from ppcr.batching import Item, collate
 from ppcr.checkpoint import load_checkpoint, save_checkpoint
 from ppcr.cli import main
-from ppcr.config import ConfigError, load_config
+from ppcr.config import ConfigError, InputError, load_config
 from ppcr.inference import (
     MASK_THRESHOLD,
+    ItemFailure,
     binarize,
     ground_truth_boxes,
     group_images,
+    one_line,
     predict_torch,
+    run_isolated,
     segmentations,
 )
 from ppcr.model import PPCRModel
@@ -129,3 +132,39 @@ def test_overrides_are_validated_like_a_config_file(ckpt, capsys):
         main(args)
     assert exc.value.code == 2
     assert "invalid choice: 'foo' (choose from 'semantic', 'expression+semantic'" in capsys.readouterr().err
+
+
+# --- failure isolation (run_isolated: every batched stage of serve and batch) ----------------------
+
+
+def test_only_the_failing_items_of_a_batch_fail():
+    calls, retried = [], []
+
+    def stage(items):
+        calls.append(list(items))
+        if "input" in items:
+            raise InputError("expression 0: holds '</s>'")
+        if "fault" in items:
+            raise RuntimeError(
+                "\x1b[31mCUDA error: device-side assert\x1b[0m\nTraceback (most recent call last):"
+            )
+        return [x.upper() for x in items]
+
+    out = run_isolated(stage, ["a", "input", "b", "fault", "c"], on_retry=lambda exc, n: retried.append(n))
+    assert out[0::2] == ["A", "B", "C"]  # the good items get their normal answers
+    assert out[1] == ItemFailure(True, "expression 0: holds '</s>'")
+    assert out[3] == ItemFailure(False, "RuntimeError: CUDA error: device-side assert")  # one line, no ANSI
+    assert retried == [5] and len(calls) == 1 + 5  # the batch, then each item alone
+    assert run_isolated(stage, ["a", "b"]) == ["A", "B"] and len(calls) == 7  # no failure: one call
+    assert run_isolated(stage, ["fault"])[0].input_error is False and len(calls) == 8  # alone: no retry
+    assert run_isolated(stage, []) == []
+    lost = run_isolated(lambda items: [], ["a", "b"])  # a stage that loses results is a fault
+    assert lost == [ItemFailure(False, "ValueError: batch: 0 results for 1 items")] * 2
+
+
+def test_one_line_drops_tracebacks_colours_and_length():
+    exc = RuntimeError(
+        "\x1b[36mray::ServeReplica:ppcr:MLLM.reason()\x1b[39m (pid=1)\n  File ...\n" + "x" * 999
+    )
+    assert one_line(exc) == "RuntimeError: ray::ServeReplica:ppcr:MLLM.reason() (pid=1)"
+    assert len(one_line(ValueError("y" * 999))) == 300 and one_line(KeyError()) == "KeyError"

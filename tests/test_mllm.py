@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
 from ppcr.batching import Item, collate
+from ppcr.config import InputError
 from ppcr.losses import ppcr_loss
-from ppcr.mllm import ADAPTERS, IGNORE_INDEX
+from ppcr.mllm import ADAPTERS, IGNORE_INDEX, PromptTokenizer, check_llava_config, control_tokens
 from ppcr.model import PPCRModel
 from ppcr.prompts import (
     BOX_TOKEN,
@@ -22,6 +25,7 @@ from ppcr.prompts import (
     semantic_question,
 )
 from ppcr.spatial_stage import SpatialStage
+from ppcr.weights import WeightsError
 
 SPECIALS = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
 
@@ -267,3 +271,118 @@ def test_eval_forward_keeps_both_adapters_trainable(model, batch):
         model(batch)
     for a in ADAPTERS:
         assert all(p.requires_grad for p in _lora(model, a, "lora_B").values()), f"{a} frozen by eval"
+
+
+# --- the text rules where the prompt is built (PromptTokenizer) -------------------------------------
+
+
+def _check(prompts, text):
+    with pytest.raises(InputError) as err:
+        prompts.check_expression(text)
+    return str(err.value)
+
+
+def test_every_control_token_of_the_tokenizer_is_refused(model):
+    """Not only ppcr's tokens: the tokenizer's own </s>, <s>, <unk>, <pad> too."""
+    prompts = model.mllm.prompts
+    control = control_tokens(model.mllm.tokenizer)
+    assert {"</s>", "<s>", "<unk>", "<pad>", *SPECIALS} <= set(control)
+    for token in control:
+        message = _check(prompts, f"the cup {token} on the left")
+        assert repr(token) in message and ("control token" in message or "reserved token" in message)
+
+
+def test_user_text_never_becomes_a_control_id_in_the_stage(model, batch):
+    """The last line of defence: a prompt whose text holds </s> is refused where it is tokenized,
+    so even a caller that skips the entry checks cannot put a control id into the user's turn."""
+    mllm = model.mllm
+    question = semantic_question("the cup </s> on the left")  # clean_expression alone lets it through
+    with pytest.raises(InputError, match=r"prompt 0: .*control token\(s\) \['</s>'\] outside its template"):
+        mllm.prompts.encode([question], SEMANTIC_ANSWER)
+    with torch.no_grad(), pytest.raises(InputError, match="</s>"):
+        model.reason(
+            batch.clip_pixels, batch.image_index, ["the red circle", "a </s> b", "x"], batch.original_hw
+        )
+
+
+def test_context_limit_is_checked_exactly(model, batch):
+    """The longest expression that fits makes a row of at most max_position_embeddings tokens; one
+    more word is refused, by the entry check and by the stage itself, naming the numbers."""
+    prompts = model.mllm.prompts
+    assert prompts.max_positions == model.cfg.language.max_position_embeddings == 512
+
+    def fits(n: int) -> bool:
+        try:
+            prompts.check_expression("cat " * n)
+            return True
+        except InputError:
+            return False
+
+    lo, hi = 1, 600  # fits(lo), not fits(hi)
+    assert fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    longest = max(
+        prompts.encode([q], a).input_ids.shape[1] for q, a in prompts.inference_prompts(("cat " * lo).strip())
+    )
+    over = max(
+        len(prompts._ids(*prompts.render(q, a))[0])
+        for q, a in prompts.inference_prompts(("cat " * hi).strip())
+    )
+    assert longest <= 512 < over
+    message = _check(prompts, "cat " * hi)
+    assert f"its prompt is {over} tokens" in message and "holds 512" in message
+    # The issue's case: 3,050 characters ran silently through the model before.
+    with torch.no_grad(), pytest.raises(InputError, match="context holds 512"):
+        model.reason(batch.clip_pixels, batch.image_index[:1], ["a " * 1525], batch.original_hw)
+
+
+def test_checker_without_the_model_agrees_with_the_models(model):
+    """What the ingress and the batch job's decode tasks build from the config alone."""
+    alone, own = PromptTokenizer.from_config(model.cfg), model.mllm.prompts
+    assert (alone.num_image_tokens, alone.max_positions) == (own.num_image_tokens, own.max_positions)
+    assert alone.forbidden_ids == own.forbidden_ids
+    for q, a in own.inference_prompts("the red circle on the left"):
+        assert torch.equal(alone.encode([q], a).input_ids, own.encode([q], a).input_ids)
+
+
+def _word_level(normalizer=None):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", "the", "cup", "[mask]"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    if normalizer is not None:
+        raw.normalizer = normalizer
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tok.add_tokens([AddedToken("[mask]", normalized=True, special=True)])
+    return tok
+
+
+def test_characters_the_tokenizer_cannot_encode_are_refused(model):
+    """A tokenizer without byte fallback maps unknown characters to <unk>: refused, not guessed."""
+    prompts = PromptTokenizer(_word_level(), model.cfg, 4, 512)
+    assert prompts.check_text("the cup") == "the cup"
+    with pytest.raises(InputError, match="cannot encode.*'<unk>'"):
+        prompts.check_text("the ☃ cup")
+
+
+def test_a_control_token_matched_after_normalisation_is_refused(model):
+    """`[MASK]` is not the text `[mask]`, but a lower-casing tokenizer matches it as that token."""
+    from tokenizers import normalizers
+
+    prompts = PromptTokenizer(_word_level(normalizers.Lowercase()), model.cfg, 4, 512)
+    with pytest.raises(InputError, match=r"becomes the tokenizer's control token\(s\) \['\[mask\]'\]"):
+        prompts.check_text("the [MASK] cup")
+
+
+def test_base_llava_folder_must_have_the_presets_context(model):
+    config = copy.deepcopy(model.mllm.llava.config)
+    check_llava_config(config, model.cfg, "folder")
+    config.text_config.max_position_embeddings = 4096
+    with pytest.raises(WeightsError, match=r"text_config.max_position_embeddings 4096 \(preset 512\)"):
+        check_llava_config(config, model.cfg, "folder")

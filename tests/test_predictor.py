@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from ppcr.config import InputError
 from ppcr.geometry import ImageDecodeError, ImageShapeError
 from ppcr.predictor import Segmenter
 
@@ -82,6 +84,32 @@ def test_set_image_then_predict_matches_segment(seg):
 def test_bad_inputs_raise_clear_errors(seg, image, expression, error, match):
     with pytest.raises(error, match=match):
         seg.segment(image, expression)
+
+
+TEXT_KINDS = [
+    ("the cup \udc00", "lone surrogate U+DC00"),  # not encodable: the tokenizer raised TypeError before
+    ("the\x00cup", "control character U+0000"),
+    ("the cup </s> on the left", "'</s>', a control token"),  # became an EOS id in the user's turn
+    ("a " * 1525, "context holds 512"),  # 3,050 characters: a mask came back, silently, before
+]
+
+
+@pytest.mark.parametrize("text,match", TEXT_KINDS, ids=["surrogate", "control", "eos", "over-context"])
+def test_bad_texts_are_refused_before_any_model_work(seg, monkeypatch, text, match):
+    img = _image(seed=4)
+    seg.set_image(img)
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the model ran on a bad text")
+
+    monkeypatch.setattr(seg.model, "forward", no_model_work)
+    monkeypatch.setattr(seg.model, "reason", no_model_work)
+    with pytest.raises(InputError, match=re.escape(match)):
+        seg.segment(img, text)
+    with pytest.raises(InputError, match=rf"expression 1: .*{re.escape(match)}"):
+        seg.segment_batch([img, img], ["the red circle", text])
+    with pytest.raises(InputError, match=re.escape(match)):
+        seg.predict(["the red circle", text])
 
 
 def test_predict_without_image_is_an_error():

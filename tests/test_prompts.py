@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import re
 import string
+import unicodedata
 
 import pytest
 
 from ppcr.prompts import (
+    _NOT_TEXT,
     BOX_TOKEN,
     IMAGE_TOKEN,
     SEG_TOKEN,
@@ -79,6 +82,49 @@ def test_clean_expression_max_chars_counts_collapsed_text():
     assert clean_expression("a  " * 5 + "b", max_chars=11) == "a a a a a b"
     with pytest.raises(ValueError, match="12 characters long; at most 11"):
         clean_expression("the red dog!", max_chars=11)
+
+
+@pytest.mark.parametrize("token", ["<im_start>", "<im_end>"])
+def test_clean_expression_rejects_glamm_image_wrappers(token):
+    with pytest.raises(ValueError, match="reserved token"):
+        clean_expression(f"the {token} cat")
+
+
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("the cup \udc00", "lone surrogate U+DC00 at character 8"),  # a JSON "\udc00" escape
+        ("\ud83d the dog", "lone surrogate U+D83D at character 0"),  # half an emoji
+        ("the\x00dog", "control character U+0000 at character 3"),
+        ("the  dog\x1b[31m", "control character U+001B at character 8"),  # a terminal colour code
+        ("dog\x7f", "control character U+007F at character 3"),
+        ("\x9bdog", "control character U+009B at character 0"),  # a C1 control
+    ],
+)
+def test_clean_expression_refuses_text_that_is_not_text(text, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        clean_expression(text)
+
+
+def test_clean_expression_keeps_whitespace_and_format_characters_as_documented():
+    # Whitespace controls (str.isspace) collapse to one space, as every other whitespace does.
+    assert clean_expression("the\tred\r\ncup\x0b\x0c\x1c\x85\u2028on the left") == "the red cup on the left"
+    # Format characters are text: a zero-width joiner in an emoji, a right-to-left mark, Persian ZWNJ.
+    for text in (
+        "the \U0001f468\u200d\U0001f469 family",
+        "\u05d4\u05db\u05dc\u05d1 \u200f",
+        "\u0645\u06cc\u200c\u0631\u0648\u062f",
+    ):
+        assert clean_expression(text) == text
+    assert clean_expression("the cup").encode("utf-8")
+
+
+def test_not_text_class_is_exactly_non_whitespace_controls_and_surrogates():
+    """The regex clean_expression searches with equals its definition, over every code point."""
+    for cp in range(0x110000):
+        ch = chr(cp)
+        want = unicodedata.category(ch) in ("Cc", "Cs") and not ch.isspace()
+        assert (_NOT_TEXT.match(ch) is not None) == want, hex(cp)
 
 
 def test_clean_expression_rejects_non_string():

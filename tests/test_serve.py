@@ -27,7 +27,10 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
+from ppcr.config import load_config  # noqa: E402
 from ppcr.data.refer import decode_rle  # noqa: E402
+from ppcr.inference import ItemFailure  # noqa: E402
+from ppcr.mllm import PromptTokenizer  # noqa: E402
 from ppcr.predictor import Segmenter  # noqa: E402
 from ppcr.ray_cluster import init_ray  # noqa: E402
 from ppcr.serve import HTTPError, Pipeline, free_port, make_app, resolve_settings, wait_healthy  # noqa: E402
@@ -35,8 +38,8 @@ from ppcr.serve import HTTPError, Pipeline, free_port, make_app, resolve_setting
 APP = "ppcr-test"
 LIMITS = {
     "max_pixels": 1_000_000,
-    "max_body_bytes": 2_000_000,
-    "max_expression_chars": 64,
+    "max_body_bytes": 16 * 2**20,  # tiny_cpu.yaml's: a 15 MiB hostile upload must be under it
+    "max_expression_chars": 200,
     "max_expressions": 4,
 }
 ONE = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
@@ -157,6 +160,14 @@ def _gray16() -> bytes:
 
 GOOD = _png(_image(4))
 JSON = {"content-type": "application/json"}
+# Texts that broke a batch or ran silently before (issues 16, 17.7, 17.8): (name, text, the 422's reason).
+BAD_TEXTS = [
+    ("surrogate", "the cup \udc00", "lone surrogate U+DC00"),  # sent as the JSON escape "\udc00"
+    ("control", "the cup\x00", "control character U+0000"),
+    ("eos", "the cup </s> on the left", "'</s>', a control token"),
+    ("pad", "<pad> the cup", "'<pad>', a control token"),
+    ("over-context", "\U0001f600" * 150, "context holds 512"),  # 150 characters, 600 byte tokens
+]
 # (id, request kwargs for requests.post, expected status, text the error must contain)
 BAD = [
     ("not-json", {"data": b"{nope", "headers": JSON}, 400, "not valid JSON"),
@@ -201,7 +212,12 @@ BAD = [
         422,
         "image: 300x1 has an aspect ratio of 300, over 20 (sizes are width x height",  # geometry's message
     ),  # fmt: skip
-    ("body-too-big", {"data": b"x" * 2_100_000, "headers": JSON}, 413, "exceeds the limit of 2000000 bytes"),
+    (
+        "body-too-big",
+        {"data": b"x" * (16 * 2**20 + 1), "headers": JSON},
+        413,
+        "exceeds the limit of 16777216 bytes",
+    ),
     (
         "empty-expression",
         {"json": {"image": _b64(GOOD), "expression": "  \n "}},
@@ -210,11 +226,15 @@ BAD = [
     ),  # fmt: skip
     (
         "long-expression",
-        {"json": {"image": _b64(GOOD), "expression": "a" * 65}},
+        {"json": {"image": _b64(GOOD), "expression": "a" * 201}},
         422,
-        "65 characters long; at most 64",
+        "201 characters long; at most 200",
     ),  # fmt: skip
     ("reserved-token", {"json": {"image": _b64(GOOD), "expression": "the [SEG] dog"}}, 422, "reserved token"),
+    *[
+        (f"text-{name}", {"json": {"image": _b64(GOOD), "expression": text}}, 422, reason)
+        for name, text, reason in BAD_TEXTS
+    ],
     ("expression-not-str", {"json": {"image": _b64(GOOD), "expression": 7}}, 400, "must be a string"),
     (
         "both-fields",
@@ -231,6 +251,14 @@ BAD = [
     ("no-expressions", {"json": {"image": _b64(GOOD), "expressions": []}}, 422, "0 expressions"),
     ("unknown-field", {"json": {"image": _b64(GOOD), "expression": "x", "mode": 1}}, 400, "unknown field"),
     ("text-plain", {"data": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type"),
+    (
+        "gzip-body",
+        {"json": {"image": _b64(GOOD), "expression": "x"}, "headers": {"content-encoding": "gzip"}},
+        415,
+        "Content-Encoding 'gzip' is not accepted",
+    ),
+    ("nested-json", {"data": b"[" * 100_000 + b"]" * 100_000, "headers": JSON}, 400, "nested too deeply"),
+    ("huge-int-json", {"data": b'{"image": 1' + b"0" * 5000 + b"}", "headers": JSON}, 400, "not valid JSON"),
     ("multipart-no-image", {"files": {"expression": (None, "x")}}, 400, "no 'image'"),
     ("multipart-no-expression", {"files": {"image": ("a.png", GOOD)}}, 400, "no 'expression'"),
     (
@@ -290,6 +318,9 @@ def test_random_init_is_announced_by_healthz(monkeypatch):
     assert resolve_settings({}).checkpoint == "/models/ppcr"
 
 
+TINY_PROMPTS = PromptTokenizer.from_config(load_config("tiny").model)  # the text rules without a checkpoint
+
+
 class _Never:
     """A DeploymentResponse stand-in that never completes, or raises `exc`."""
 
@@ -333,7 +364,7 @@ def test_slow_or_failing_stages_are_504_or_503_and_cancelled(exc, status):
     settings = asdict(resolve_settings({"checkpoint": "/x", "request_timeout_s": 0.3}))
     mllm, sam = _Handle(exc), _Handle(exc)
     with pytest.raises(HTTPError) as err:
-        asyncio.run(Pipeline(mllm, sam, settings).segment(GOOD, ["the dog"]))
+        asyncio.run(Pipeline(mllm, sam, settings, TINY_PROMPTS).segment(GOOD, ["the dog"]))
     assert err.value.status == status
     if status == 503:
         assert err.value.headers == {"Retry-After": "1"}
@@ -352,6 +383,244 @@ def test_concurrent_requests_are_batched_and_overload_is_503(url):
     assert len(ok) >= 4
     seen = [max(a["batch_sizes"].values()) for a in ok]
     assert max(seen) > 1, f"no request was batched: {seen}"
+
+
+def test_bad_requests_never_fail_the_good_ones_batched_with_them(url):
+    """Issue 16: 8 good requests sent together with 8 bad ones all get 200 and the answer they get
+    alone (they did share batches: a batch size > 1 is seen); each bad one gets its 422. Before, a
+    lone surrogate reached the MLLM replica and failed its whole batch with a 500. The bad texts now
+    stop at the ingress; the next test covers requests that fail inside a model batch."""
+    goods = [(_png(_image(300 + i % 4)), ["the red block", "the background"][i % 2]) for i in range(8)]
+    alone = [_post(url, png, text).json() for png, text in goods]
+    bads = [(GOOD, text, reason) for _, text, reason in BAD_TEXTS * 2][:8]
+    jobs = [("good", i, png, text) for i, (png, text) in enumerate(goods)]
+    jobs += [("bad", i, png, text) for i, (png, text, _) in enumerate(bads)]
+    jobs = [jobs[k] for k in np.random.default_rng(0).permutation(len(jobs))]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # the test app admits 4 + 4: the rest retry its 503s
+        answers = list(pool.map(lambda j: (j, _post_retrying(url, j[2], j[3])), jobs))
+    batched = 0
+    for (kind, i, _, _), r in answers:
+        if kind == "bad":
+            assert r.status_code == 422, r.text
+            assert bads[i][2] in r.json()["error"]
+            continue
+        assert r.status_code == 200, r.text
+        got, want = r.json(), alone[i]
+        assert (decode_rle(got["mask"]) != decode_rle(want["mask"])).mean() < 1e-3
+        np.testing.assert_allclose(got["box"], want["box"], atol=0.05)
+        batched = max(batched, got["batch_sizes"]["mllm"])
+    assert batched > 1, "the good requests never shared an MLLM batch"
+
+
+def _post_retrying(url: str, image: bytes, expression: str, tries: int = 60) -> requests.Response:
+    """POST, retrying the ingress's overload 503 (the test app admits 4 + 4 requests at a time)."""
+    for _ in range(tries):
+        r = _post(url, image, expression)
+        if r.status_code != 503:
+            return r
+        time.sleep(0.2)
+    return r
+
+
+def test_a_failing_request_fails_alone_inside_a_model_batch(url):
+    """The replica's safety net, below the ingress's checks: requests that fail inside the MLLM's
+    batch (an image array the model cannot take, sent straight to the deployment) are split out
+    of it and fail alone; the good requests of that batch get the answer they get alone."""
+    handle = serve.get_deployment_handle("MLLM", APP)
+    good = [(f"k{i}", _image(400 + i), ["the red block"]) for i in range(5)]
+    bad = ("bad", np.zeros((20, 20, 3), np.float64), ["the red block"])  # float64: not an image
+    alone = [handle.reason.remote(*g).result(timeout_s=60) for g in good]
+    before = handle.stats.remote().result(timeout_s=30)["split_sizes"].get("reason", [])
+    for _ in range(5):  # a busy replica forms the burst into one batch; retried if it did not
+        blocker = handle.reason.remote("blocker", _image(499), ["the background"] * 3)
+        calls = [handle.reason.remote(*args) for args in [good[0], good[1], bad, *good[2:]]]
+        blocker.result(timeout_s=60)
+        got = [c.result(timeout_s=60) for c in calls]
+        after = handle.stats.remote().result(timeout_s=30)["split_sizes"].get("reason", [])
+        if any(n > 1 for n in after[len(before) :]):
+            break
+    assert any(n > 1 for n in after[len(before) :]), f"no batch with the bad request was split: {after}"
+    failure = got[2]
+    assert isinstance(failure, ItemFailure) and not failure.input_error  # a fault, not the client's input
+    assert failure.message.startswith("TypeError: ") and "\n" not in failure.message
+    for r, want in zip(got[:2] + got[3:], alone):
+        assert isinstance(r, dict) and r["batch"] > 1
+        np.testing.assert_allclose(r["semantic"], want["semantic"], atol=1e-4)
+        np.testing.assert_allclose(r["box"], want["box"], atol=1e-4)
+    # The replica's own text rules: a bad text fails its request before the batch runs (no split).
+    text = handle.reason.remote("t", _image(401), ["the cup \udc00"]).result(timeout_s=60)
+    assert text == ItemFailure(
+        True, "expression 0: expression is not valid Unicode text: lone surrogate U+DC00 at character 8"
+    )
+
+
+def _multipart(image: bytes, expression: str = "the red block") -> tuple[bytes, dict]:
+    boundary = "ppcr-test-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    tail = f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="expression"\r\n\r\n{expression}'
+    body = head.encode() + image + (tail + f"\r\n--{boundary}--\r\n").encode()
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _latencies_during(url: str, upload: bytes | None, headers: dict | None = None) -> tuple[list[float], int]:
+    """/healthz latencies (s), polled every 20 ms while `upload` is POSTed (or for 1 s without one),
+    and the upload's status."""
+    done, latencies, status = threading.Event(), [], 0
+
+    def poll() -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            assert requests.get(f"{url}/healthz", timeout=60).status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        if upload is None:
+            time.sleep(1.0)
+        else:
+            status = requests.post(f"{url}/v1/segment", data=upload, headers=headers, timeout=120).status_code
+    finally:
+        done.set()
+        poller.join()
+    return latencies, status
+
+
+def test_a_hostile_upload_does_not_stall_the_ingress(url):
+    """Issue 17.6: 15 MiB of line breaks as a multipart image made a concurrent /healthz wait 13 s, the
+    time the stdlib email parser took on the ingress's event loop. Parsing and decoding now run off
+    the loop (and python-multipart takes milliseconds): health checks during the hostile upload are as
+    fast as during a benign upload of the same size, measured in this test (generous bounds)."""
+    size = 15 * 2**20
+    hostile, headers = _multipart(b"\r\n" * (size // 2))
+    benign, _ = _multipart(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    idle, _ = _latencies_during(url, None)
+    during_benign, status_benign = _latencies_during(url, benign, headers)
+    during_hostile, status_hostile = _latencies_during(url, hostile, headers)
+    assert status_benign == status_hostile == 422  # neither is an image
+    assert during_hostile, "no health check completed during the hostile upload"
+    baseline = max(max(idle), max(during_benign, default=0.0))
+    print(
+        f"\nhealthz max: idle {max(idle):.3f} s, benign upload {baseline:.3f} s, hostile {max(during_hostile):.3f} s"
+    )
+    assert max(during_hostile) < 1.0 + 3 * baseline, (max(during_hostile), baseline, max(idle))
+    r = requests.post(f"{url}/v1/segment", data=_multipart(GOOD)[0], headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_multipart_parser_answers_every_malformed_body_with_a_400():
+    """parse_multipart over 2,000 seeded mutations of a good body, and bodies python-multipart refuses
+    with its own error types (a 5,000-character boundary raised FormParserError, a 500, in the fuzz)."""
+    from ppcr.serve.schema import parse_multipart
+
+    body, headers = _multipart(GOOD[:200], "the cup")
+    ctype = headers["content-type"]
+    assert parse_multipart(body, ctype) == (GOOD[:200], ["the cup"], False)
+    rng = np.random.default_rng(17)
+    for _ in range(2000):
+        x = bytearray(body)
+        for _ in range(int(rng.integers(1, 8))):
+            at = int(rng.integers(len(x)))
+            op = rng.random()
+            if op < 0.4:
+                x[at] = int(rng.integers(256))
+            elif op < 0.7:
+                del x[at : at + int(rng.integers(1, 20))]
+            else:
+                x[at:at] = rng.bytes(int(rng.integers(1, 10)))
+        try:
+            parse_multipart(bytes(x), ctype)
+        except HTTPError as exc:
+            assert exc.status == 400 and exc.message
+    for bad_ctype, message in [
+        ("multipart/form-data; boundary=" + "b" * 5000, "Boundary length 5000"),
+        ("multipart/form-data", "no boundary"),
+    ]:
+        with pytest.raises(HTTPError, match=message) as err:
+            parse_multipart(body, bad_ctype)
+        assert err.value.status == 400
+    boundary = ctype.split("boundary=")[1]
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="expression"\r\n\r\nx\r\n'.encode()
+    with pytest.raises(HTTPError, match="more than 64 parts"):
+        parse_multipart(part * 70 + f"--{boundary}--\r\n".encode(), ctype)
+    with pytest.raises(HTTPError, match="Content-Transfer-Encoding 'base64'"):
+        parse_multipart(
+            body.replace(
+                b"Content-Disposition", b"Content-Transfer-Encoding: base64\r\nContent-Disposition", 1
+            ),
+            ctype,
+        )
+
+
+class _Answers:
+    """A stand-in handle whose calls all answer `value` (a model stage's per-request answer)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __getattr__(self, name):
+        value = self.value
+
+        class _Method:
+            def remote(self, *args):
+                async def answer():
+                    return value
+
+                return _Awaitable(answer())
+
+        return _Method()
+
+
+class _Awaitable:
+    def __init__(self, coro):
+        self.coro = coro
+
+    def __await__(self):
+        return self.coro.__await__()
+
+    def cancel(self):
+        pass
+
+
+@pytest.mark.parametrize(
+    "failure,status,body",
+    [
+        (ItemFailure(True, "expression 0: no"), 422, "expression 0: no"),
+        (
+            ItemFailure(False, "RuntimeError: CUDA error"),
+            500,
+            "internal error in the MLLM stage: RuntimeError: CUDA error",
+        ),
+    ],
+    ids=["input", "fault"],
+)
+def test_a_stage_failure_is_a_422_or_a_500(failure, status, body):
+    settings = asdict(resolve_settings({"checkpoint": "/x"}))
+    with pytest.raises(HTTPError) as err:
+        asyncio.run(
+            Pipeline(_Answers(failure), _Answers({}), settings, TINY_PROMPTS).segment(GOOD, ["the dog"])
+        )
+    assert (err.value.status, err.value.message) == (status, body)
+
+
+def test_an_unexpected_replica_error_answers_one_line_without_traceback():
+    """A RayTaskError's text is the replica's traceback in terminal colours: the 500 names its cause only."""
+    from starlette.requests import Request
+
+    from ppcr.serve.app import _internal_error
+
+    cause = ValueError("shapes (3,) and (4,) differ")
+    remote = ray.exceptions.RayTaskError(
+        "MLLM.reason",
+        "\x1b[36mTraceback (most recent call last):\x1b[0m\n  File x.py\nValueError: ...",
+        cause,
+    )
+    request = Request({"type": "http", "method": "POST", "path": "/v1/segment", "headers": []})
+    response = asyncio.run(_internal_error(request, remote))
+    body = json.loads(response.body)
+    assert response.status_code == 500
+    assert body == {"error": "internal error: ValueError: shapes (3,) and (4,) differ"}
 
 
 @pytest.mark.slow  # starts a headless Chromium

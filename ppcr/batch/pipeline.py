@@ -80,7 +80,8 @@ def build_pipeline(
         # would run decoding inside the MLLM actors. A task-only arg (max_calls=0 is Ray's default,
         # spelled out) keeps decoding in CPU tasks and the model actors on the model.
         max_calls=0,
-        fn_kwargs={"clip_size": clip_size, "sam_size": sam_size, "clip_mode": clip_mode},
+        fn_kwargs={"clip_size": clip_size, "sam_size": sam_size, "clip_mode": clip_mode}
+        | {"checkpoint": checkpoint, "overrides": overrides},
     )
     model = {"checkpoint": checkpoint, "overrides": overrides, "threads": cfg.torch_threads}
     reasoned = _actor_stage(decoded, MLLMStage, cfg.mllm, **model, max_expr=cfg.max_expressions)

@@ -5,6 +5,7 @@ each actor builds only the model part it runs (`load_checkpoint(parts=...)`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -40,17 +41,40 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def decode_stage(table: pa.Table, clip_size: int, sam_size: int, clip_mode: str = "pad") -> pa.Table:
-    """CPU task: read + decode each image once, preprocess for CLIP and SAM, validate expressions."""
-    from ..geometry import decode_image, preprocess_image
-    from ..prompts import clean_expression
+@functools.lru_cache(maxsize=4)
+def _prompt_tokenizer(checkpoint: str, overrides_json: str):
+    """The checkpoint's text rules (`PromptTokenizer` from its config and tokenizer, no model), once
+    per worker process."""
+    from ..checkpoint import load_model_config
+    from ..mllm import PromptTokenizer
 
+    return PromptTokenizer.from_config(load_model_config(checkpoint, json.loads(overrides_json)))
+
+
+def decode_stage(
+    table: pa.Table,
+    clip_size: int,
+    sam_size: int,
+    clip_mode: str = "pad",
+    *,
+    checkpoint: str,
+    overrides: dict | None = None,
+) -> pa.Table:
+    """CPU task: validate expressions, read + decode each image once, preprocess for CLIP and SAM.
+
+    Expressions get the text rules of every entry point (`PromptTokenizer.check_expression` with the
+    checkpoint's tokenizer and context) before any model work; a bad one is that row's error
+    ("bad expression: ..."), and an image whose expressions are all bad is not even read.
+    """
+    from ..geometry import decode_image, preprocess_image
+
+    prompts = _prompt_tokenizer(str(checkpoint), json.dumps(overrides or {}, sort_keys=True))
     out = []
     for r in table.to_pylist():
         texts, errors = [], []
         for e in r["expressions"]:
             try:
-                texts.append(clean_expression(e))
+                texts.append(prompts.check_expression(e))
                 errors.append(None)
             except (TypeError, ValueError) as exc:
                 texts.append(None)
@@ -97,8 +121,8 @@ class MLLMStage:
         self.model = _load_model(checkpoint, overrides, device, threads, "mllm")
         self.max_expr = max_expr
 
-    def _reason(self, rows: list[dict], pairs: list[tuple[int, int]]):
-        """pairs: (row, expression) -> (prompts (P, D), boxes (P, 4) or None) as numpy."""
+    def _reason(self, rows: list[dict], pairs: list[tuple[int, int]]) -> list[tuple]:
+        """pairs: (row, expression) -> one (prompt (D,), box (4,) or None) per pair, as numpy."""
         import torch
 
         from ..inference import group_images
@@ -114,28 +138,25 @@ class MLLMStage:
         with torch.no_grad():
             r = m.reason(clip, index, texts, hw)
         box = None if r.box is None else r.box.float().cpu().numpy()
-        return r.semantic_prompt.float().cpu().numpy(), box
+        prompts = r.semantic_prompt.float().cpu().numpy()
+        return [(prompts[k], None if box is None else box[k]) for k in range(len(pairs))]
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        from ..inference import ItemFailure, run_isolated
+
         rows = table.to_pylist()
         pairs = [(i, j) for i, r in enumerate(rows) for j, err in enumerate(r["errors"]) if err is None]
         prompts: dict[tuple[int, int], np.ndarray] = {}
         boxes: dict[tuple[int, int], np.ndarray | None] = {}
         for start in range(0, len(pairs), self.max_expr):
             chunk = pairs[start : start + self.max_expr]
-            try:
-                p, b = self._reason(rows, chunk)
-                results = [(pair, p[k], None if b is None else b[k]) for k, pair in enumerate(chunk)]
-            except Exception:
-                results = []
-                for pair in chunk:  # isolate the failing expression(s); the others still run
-                    try:
-                        p, b = self._reason(rows, [pair])
-                        results.append((pair, p[0], None if b is None else b[0]))
-                    except Exception as exc:
-                        rows[pair[0]]["errors"][pair[1]] = f"MLLM stage failed: {_error_text(exc)}"
-            for pair, p, b in results:
-                prompts[pair], boxes[pair] = p, b
+            # A chunk that fails runs again one expression at a time: only the culprit(s) fail.
+            for pair, got in zip(chunk, run_isolated(lambda ps: self._reason(rows, ps), chunk, "MLLM chunk")):
+                if isinstance(got, ItemFailure):
+                    kind = "bad expression" if got.input_error else "MLLM stage failed"
+                    rows[pair[0]]["errors"][pair[1]] = f"{kind}: {got.message}"
+                else:
+                    prompts[pair], boxes[pair] = got
         for i, r in enumerate(rows):
             ok = [(i, j) for j, err in enumerate(r["errors"]) if err is None]
             r["prompts"] = np.stack([prompts[k] for k in ok]).astype(np.float32).tobytes() if ok else b""
@@ -213,18 +234,18 @@ class SAMStage:
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        from ..inference import ItemFailure, run_isolated
+
         rows = table.to_pylist()
         work = [r for r in rows if any(err is None for err in r["errors"])]
         segs: dict[int, list[tuple]] = {}
-        if work:
-            try:
-                segs = dict(zip(map(id, work), self._segment(work)))
-            except Exception:
-                for r in work:  # isolate the failing image; the others still run
-                    try:
-                        segs[id(r)] = self._segment([r])[0]
-                    except Exception as exc:
-                        r["errors"] = [err or f"SAM stage failed: {_error_text(exc)}" for err in r["errors"]]
+        # A batch that fails runs again one image at a time: only the culprit(s) fail.
+        for r, got in zip(work, run_isolated(self._segment, work, "SAM batch")):
+            if isinstance(got, ItemFailure):
+                kind = "bad input" if got.input_error else "SAM stage failed"
+                r["errors"] = [err or f"{kind}: {got.message}" for err in r["errors"]]
+            else:
+                segs[id(r)] = got
         out = []
         for r in rows:
             done = iter(segs.get(id(r), []))

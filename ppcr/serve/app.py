@@ -17,6 +17,7 @@ Launch: `serve run serve_configs/tiny_cpu.yaml`, or `ppcr serve --checkpoint DIR
 
 import asyncio
 import contextlib
+import functools
 import io
 import logging
 import socket
@@ -28,7 +29,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -37,13 +38,15 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from ..config import InputError
 from ..geometry import (
     ImageDecodeError,
     ImageTooLargeError,
     decode_image,
 )
+from ..inference import ItemFailure, one_line
+from ..mllm import PromptTokenizer
 from ..predictor import image_key
-from ..prompts import clean_expression
 from .deployments import MLLMStage, SAMStage
 from .schema import (
     ERROR_RESPONSES,
@@ -55,7 +58,7 @@ from .schema import (
     read_body,
     unavailable,
 )
-from .settings import RANDOM_INIT_WARNING, ServeSettings, resolve_settings
+from .settings import RANDOM_INIT_WARNING, ServeSettings, prompt_tokenizer, resolve_settings
 
 logger = logging.getLogger("ppcr.serve")
 
@@ -76,9 +79,21 @@ async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
 
 @fastapi_app.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    # A bug, not bad input (input is validated before any model runs): logged, and still JSON.
+    # A fault of the service, not bad input (input is validated before any model runs): logged with its
+    # traceback, answered in one line. An error raised in a replica arrives as a RayTaskError whose text
+    # is the remote traceback in terminal colours: the answer names its cause only.
     logger.exception("internal error on %s", request.url.path)
-    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    return JSONResponse({"error": f"internal error: {one_line(cause)}"}, status_code=500)
+
+
+def _failed(stage: str, failure: ItemFailure) -> HTTPError:
+    """A model stage's answer for a request it could not process: 422 for the request's own input,
+    500 for a fault of the service (one line, no traceback; the replica logged the rest)."""
+    if failure.input_error:
+        return HTTPError(422, failure.message)
+    logger.error("the %s stage failed on a request: %s", stage, failure.message)
+    return HTTPError(500, f"internal error in the {stage} stage: {failure.message}")
 
 
 _PAGE = resources.files("ppcr").joinpath("web/index.html")
@@ -101,9 +116,17 @@ def _example_png() -> bytes:
 class Pipeline:
     """The composition behind the HTTP routes: validate, decode once, MLLM ∥ SAM encode, then SAM decode."""
 
-    def __init__(self, mllm: DeploymentHandle, sam: DeploymentHandle, settings: dict):
+    def __init__(
+        self,
+        mllm: DeploymentHandle,
+        sam: DeploymentHandle,
+        settings: dict,
+        prompts: PromptTokenizer | None = None,
+    ):
+        """prompts: the text rules; default `settings.prompt_tokenizer` (the served checkpoint's tokenizer)."""
         self.mllm, self.sam = mllm, sam
         self.s = ServeSettings(**settings)
+        self.prompts = prompts if prompts is not None else prompt_tokenizer(self.s)
 
     def health(self) -> dict:
         out = {
@@ -125,12 +148,10 @@ class Pipeline:
             out["warning"] = RANDOM_INIT_WARNING
         return out
 
-    async def segment(self, raw: bytes, expressions: list, overlap: bool = True) -> dict:
-        """Encoded image bytes + expressions -> {"results": [...], "timings_ms", ...}; raises HTTPError.
-
-        overlap=False runs SAM encoding before the MLLM instead of beside it (the benchmark's baseline).
-        """
-        t0 = time.perf_counter()
+    def check_texts(self, expressions: list) -> list[str]:
+        """The text rules every entry point applies (`PromptTokenizer.check_expression`, with the
+        served model's tokenizer and context) plus the server's own limits; HTTPError 400 / 422 naming
+        the expression. Blocking (tokenizes): called in a worker thread."""
         if not 1 <= len(expressions) <= self.s.max_expressions:
             raise HTTPError(422, f"{len(expressions)} expressions; send 1 to {self.s.max_expressions}")
         texts = []
@@ -138,9 +159,18 @@ class Pipeline:
             if not isinstance(e, str):
                 raise HTTPError(400, f"expression {i} must be a string; got {type(e).__name__}")
             try:
-                texts.append(clean_expression(e, max_chars=self.s.max_expression_chars))
-            except ValueError as exc:
+                texts.append(self.prompts.check_expression(e, max_chars=self.s.max_expression_chars))
+            except InputError as exc:
                 raise HTTPError(422, f"expression {i}: {exc}") from None
+        return texts
+
+    async def segment(self, raw: bytes, expressions: list, overlap: bool = True) -> dict:
+        """Encoded image bytes + expressions -> {"results": [...], "timings_ms", ...}; raises HTTPError.
+
+        overlap=False runs SAM encoding before the MLLM instead of beside it (the benchmark's baseline).
+        """
+        t0 = time.perf_counter()
+        texts = await asyncio.to_thread(self.check_texts, expressions)
         try:
             image = await asyncio.to_thread(decode_image, raw, "image", self.s.image_limits())
         except ImageTooLargeError as exc:
@@ -169,9 +199,13 @@ class Pipeline:
             reasoning = self.mllm.reason.remote(key, image, texts)
             pending.append(reasoning)
             r = await wait(reasoning)
+            if isinstance(r, ItemFailure):
+                raise _failed("MLLM", r)
             decoded = self.sam.decode.remote(encoded, r["semantic"], r["box"], (h, w))
             pending.append(decoded)
             d = await wait(decoded)
+            if isinstance(d, ItemFailure):
+                raise _failed("SAM", d)
         except BackPressureError:
             raise unavailable("a model deployment's queue is full") from None
         except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
@@ -245,14 +279,21 @@ class Ingress:
     async def segment_http(self, request: Request) -> dict:
         """Segment the object each expression refers to. JSON `{"image": base64, "expression": str}` or
         multipart (`image` file + `expression` field); `expressions` (a list) for several on one image."""
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # RFC 9110 8.4: a coding the server does not decode is a 415
+            raise HTTPError(415, f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed")
         body = await read_body(request, self.s.max_body_bytes)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
-            raw, exprs, many = parse_json(body)
+            parse = parse_json
         elif ctype.startswith("multipart/form-data"):
-            raw, exprs, many = parse_multipart(body, ctype)
+            parts = max(64, self.s.max_expressions + 1)
+            parse = functools.partial(parse_multipart, content_type=ctype, max_parts=parts)
         else:
             raise HTTPError(415, f"content type {ctype!r}: send application/json or multipart/form-data")
+        # Off the event loop, as image decoding: a large or hostile body never stalls other requests
+        # (health checks included) while it is parsed.
+        raw, exprs, many = await asyncio.to_thread(parse, body)
         out = await self.pipeline.segment(raw, exprs)
         if not many:
             out.update(out.pop("results")[0])

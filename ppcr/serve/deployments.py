@@ -3,13 +3,22 @@
 Default options are the tiny CPU ones; serve_configs/*.yaml override them by name. They hold no model
 logic: they call `PPCRModel.reason`, `SegmentationStage.encode` and `PPCRModel.segment` through the
 inference runtime (ppcr/inference.py), the code that training and evaluation run.
+
+Failure isolation: one request never fails the requests batched with it. Each batch runs through
+`inference.run_isolated`: when it raises, its requests run again one by one, and only a request that
+fails alone gets an error. A handler returns, per request, its result or an `ItemFailure` (never
+raises for one request), which the ingress answers as 422 (the request's own input, InputError) or
+500 (a fault of the service, one line without traceback). The MLLM replica applies the text rules
+(`PromptTokenizer.check_expressions`) to each request before its batch runs, so a text the ingress
+let through costs no retry. `stats()` counts batches and the batches that had to be split.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
@@ -17,8 +26,10 @@ from ray import serve
 
 from ..data.refer import encode_mask
 from ..geometry import clip_preprocess, sam_input_size, sam_preprocess
-from ..inference import group_images, segmentations
+from ..inference import ItemFailure, group_images, item_failure, run_isolated, segmentations
 from .settings import ServeSettings, load_serving_model
+
+logger = logging.getLogger("ppcr.serve")
 
 # _BATCHING: the batch handlers compute on the replica's user event loop instead of in a thread.
 # Serve forms the next batch as soon as one is dispatched (ray/serve/batching.py `_process_batches`),
@@ -26,6 +37,30 @@ from .settings import ServeSettings, load_serving_model
 # `max_concurrent_batches`. Computing on the loop holds arrivals back until the batch is done, then
 # takes all of them: the batch grows with the load and a lone request waits for nobody
 # (batch_wait_timeout_s = 0). Serve's health checks and routing run on the replica's own loop.
+
+
+class _Stats:
+    """Counts of one replica's batches, by method: how many, their largest size, how many failed and
+    were split to run their requests one by one, and the sizes of those (`stats()`; tests read it)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.largest: dict[str, int] = {}
+        self.split_sizes: dict[str, list[int]] = {}
+
+    def batch(self, method: str, n: int) -> None:
+        self.counts[f"{method}_batches"] += 1
+        self.largest[method] = max(self.largest.get(method, 0), n)
+
+    def retry(self, method: str):
+        def on_retry(exc: BaseException, n: int) -> None:
+            self.counts[f"{method}_split"] += 1
+            self.split_sizes.setdefault(method, []).append(n)
+
+        return on_retry
+
+    def as_dict(self) -> dict:
+        return {"counts": dict(self.counts), "largest": dict(self.largest), "split_sizes": self.split_sizes}
 
 
 def _tensor(a: np.ndarray, device) -> torch.Tensor:
@@ -61,17 +96,43 @@ class MLLMStage:
         self.device = torch.device(self.s.device)
         self.reason.set_max_batch_size(self.s.max_batch_size)
         self.reason.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
+        self._stats = _Stats()
+
+    def stats(self) -> dict:
+        """Batches run and split since the replica started (`_Stats`)."""
+        return self._stats.as_dict()
 
     @serve.batch(**BATCH_DEFAULTS)
     async def reason(
         self, keys: list[str], images: list[np.ndarray], expressions: list[list[str]]
-    ) -> list[dict]:
-        """Per request: semantic prompts (E, D) float32, boxes (E, 4) normalized XYXY or None."""
-        return self._reason(keys, images, expressions)  # blocking on purpose: see _BATCHING
+    ) -> list[dict | ItemFailure]:
+        """Per request: semantic prompts (E, D) float32, boxes (E, 4) normalized XYXY or None, the
+        compute time and the batch's size in requests; or an ItemFailure."""
+        return self._reason_batch(keys, images, expressions)  # blocking on purpose: see _BATCHING
+
+    def _reason_batch(self, keys, images, expressions) -> list[dict | ItemFailure]:
+        self._stats.batch("reason", len(keys))
+        out: list[dict | ItemFailure | None] = [None] * len(keys)
+        todo = []
+        for i, (key, image, exprs) in enumerate(zip(keys, images, expressions)):
+            try:  # the text rules, per request: a bad text fails its own request, before any forward
+                todo.append((i, key, image, self.model.mllm.prompts.check_expressions(exprs)))
+            except Exception as exc:
+                out[i] = item_failure(exc)
+        results = run_isolated(self._reason, todo, "MLLM batch", self._stats.retry("reason"))
+        for (i, *_), result in zip(todo, results):
+            if isinstance(result, dict):
+                result["batch"] = len(keys)
+            out[i] = result
+        return out
 
     @torch.no_grad()
-    def _reason(self, keys, images, expressions) -> list[dict]:
+    def _reason(self, items: list[tuple]) -> list[dict]:
+        """items: (index, key, image H×W×3 uint8, cleaned expressions) -> one result dict each."""
         t0 = time.perf_counter()
+        keys = [key for _, key, _, _ in items]
+        images = [image for _, _, image, _ in items]
+        expressions = [exprs for *_, exprs in items]
         per_expr = [(key, image) for key, image, exprs in zip(keys, images, expressions) for _ in exprs]
         first, index = group_images([key for key, _ in per_expr])
         distinct = [per_expr[i][1] for i in first]
@@ -91,14 +152,7 @@ class MLLMStage:
         for exprs in expressions:
             sl = slice(start, start + len(exprs))
             start += len(exprs)
-            results.append(
-                {
-                    "semantic": sem[sl],
-                    "box": None if box is None else box[sl],
-                    "ms": ms,
-                    "batch": len(keys),
-                }
-            )
+            results.append({"semantic": sem[sl], "box": None if box is None else box[sl], "ms": ms})
         return results
 
 
@@ -114,6 +168,11 @@ class SAMStage:
         for method in (self.encode, self.decode):
             method.set_max_batch_size(self.s.max_batch_size)
             method.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
+        self._stats = _Stats()
+
+    def stats(self) -> dict:
+        """Batches run and split since the replica started (`_Stats`)."""
+        return self._stats.as_dict()
 
     def pid(self) -> int:
         """The replica's process id (tests kill it to check that Serve replaces the replica)."""
@@ -123,12 +182,23 @@ class SAMStage:
         return {"entries": len(self.cache), "capacity": self.s.cache_images}
 
     @serve.batch(**BATCH_DEFAULTS)
-    async def encode(self, keys: list[str], images: list[np.ndarray]) -> list[dict]:
-        """Per request: the image embedding (C, h, w) float32, whether it came from the cache, and timing."""
-        return self._encode(keys, images)  # blocking on purpose: see _BATCHING
+    async def encode(self, keys: list[str], images: list[np.ndarray]) -> list[dict | ItemFailure]:
+        """Per request: the image embedding (C, h, w) float32, whether it came from the cache, timing and
+        the batch's size; or an ItemFailure."""
+        self._stats.batch("encode", len(keys))  # blocking below on purpose: see _BATCHING
+        results = run_isolated(
+            self._encode, list(zip(keys, images)), "SAM encode batch", self._stats.retry("encode")
+        )
+        for r in results:
+            if isinstance(r, dict):
+                r["batch"] = len(keys)
+        return results
 
     @torch.no_grad()
-    def _encode(self, keys, images) -> list[dict]:
+    def _encode(self, items: list[tuple[str, np.ndarray]]) -> list[dict]:
+        """items: (content hash, image H×W×3 uint8) -> one result dict each."""
+        keys = [key for key, _ in items]
+        images = [image for _, image in items]
         t0 = time.perf_counter()
         hits = [k in self.cache for k in keys]
         todo = {k: im for k, im in zip(keys, images) if k not in self.cache}  # each new image once
@@ -148,7 +218,6 @@ class SAMStage:
                 "sam_input_hw": sam_input_size(im.shape[:2], self.model.sam_size),
                 "hit": hit,
                 "ms": ms,
-                "batch": len(keys),
             }
             for k, im, hit in zip(keys, images, hits)
         ]
@@ -156,16 +225,32 @@ class SAMStage:
     @serve.batch(**BATCH_DEFAULTS)
     async def decode(
         self,
-        encoded: list[dict],
+        encoded: list[dict | ItemFailure],
         semantic: list[np.ndarray],
         boxes: list[np.ndarray | None],
         hws: list[tuple[int, int]],
-    ) -> list[dict]:
-        """Per request: one {"mask": COCO RLE, "box": pixel XYXY, "score"} per expression, and timing."""
-        return self._decode(encoded, semantic, boxes, hws)  # blocking on purpose: see _BATCHING
+    ) -> list[dict | ItemFailure]:
+        """Per request: one {"mask": COCO RLE, "box": pixel XYXY, "score"} per expression, timing and
+        the batch sizes; or an ItemFailure (the encode call's own, when that one failed)."""
+        self._stats.batch("decode", len(encoded))  # blocking below on purpose: see _BATCHING
+        items = list(zip(encoded, semantic, boxes, hws))
+        todo = [it for it in items if not isinstance(it[0], ItemFailure)]
+        done = iter(run_isolated(self._decode, todo, "SAM decode batch", self._stats.retry("decode")))
+        out = []
+        for it in items:
+            result = it[0] if isinstance(it[0], ItemFailure) else next(done)
+            if isinstance(result, dict):
+                result["batch"] = {"sam_encode": it[0]["batch"], "sam_decode": len(encoded)}
+            out.append(result)
+        return out
 
     @torch.no_grad()
-    def _decode(self, encoded, semantic, boxes, hws) -> list[dict]:
+    def _decode(self, items: list[tuple]) -> list[dict]:
+        """items: (encode result, semantic prompts (E, D), boxes (E, 4) or None, original (H, W))."""
+        encoded = [e for e, _, _, _ in items]
+        semantic = [s for _, s, _, _ in items]
+        boxes = [b for _, _, b, _ in items]
+        hws = [hw for *_, hw in items]
         t0 = time.perf_counter()
         # No cast here: the decoder casts its inputs to its own dtype (ppcr/precision.py).
         emb = torch.stack([_tensor(e["embedding"], self.device) for e in encoded])
@@ -193,7 +278,6 @@ class SAMStage:
                     "decode_ms": ms,
                     "encode_ms": e["ms"],
                     "cache_hit": e["hit"],
-                    "batch": {"sam_encode": e["batch"], "sam_decode": len(encoded)},
                 }
             )
             start += len(s)

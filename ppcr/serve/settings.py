@@ -73,6 +73,31 @@ def resolve_settings(args: dict | None) -> ServeSettings:
     return s
 
 
+def _overrides(s: ServeSettings) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if s.mllm_path is not None:
+        overrides["mllm_path"] = s.mllm_path
+    if s.sam_checkpoint is not None:
+        overrides["sam"] = {"checkpoint": s.sam_checkpoint}
+    return overrides
+
+
+def prompt_tokenizer(s: ServeSettings):
+    """The text rules of the served model (`ppcr.mllm.PromptTokenizer`: its tokenizer and context),
+    built without the model: what the ingress checks expressions with before any model work. Reads
+    the checkpoint's config.yaml and tokenizer/ (which must be readable where the ingress runs), or
+    builds the random-init preset's."""
+    from ..checkpoint import load_model_config
+    from ..config import load_config
+    from ..mllm import PromptTokenizer
+
+    if s.checkpoint is not None:
+        cfg = load_model_config(s.checkpoint, _overrides(s))
+    else:
+        cfg = load_config(s.preset).model
+    return PromptTokenizer.from_config(cfg)
+
+
 def load_serving_model(s: ServeSettings, parts: tuple[str, ...]):
     """The part of the PPCRModel a replica serves ("mllm" or "sam": only that part is built and
     loaded), from the checkpoint, or the random-init preset (seeded, so every replica of every
@@ -81,12 +106,7 @@ def load_serving_model(s: ServeSettings, parts: tuple[str, ...]):
 
     torch.set_num_threads(max(1, s.torch_threads))
     if s.checkpoint is not None:
-        overrides: dict[str, Any] = {}
-        if s.mllm_path is not None:
-            overrides["mllm_path"] = s.mllm_path
-        if s.sam_checkpoint is not None:
-            overrides["sam"] = {"checkpoint": s.sam_checkpoint}
-        return load_checkpoint(s.checkpoint, overrides=overrides, device=s.device, parts=parts)
+        return load_checkpoint(s.checkpoint, overrides=_overrides(s), device=s.device, parts=parts)
     from ..config import load_config
     from ..model import PPCRModel
 
