@@ -134,6 +134,32 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_setup(a: argparse.Namespace) -> tuple[str, dict, list[dict] | None]:
+    """(row name, report meta, the list collecting --predictions records or None) of `ppcr evaluate`."""
+    from .metrics import describe_protocol
+
+    if a.protocol_seed is not None and a.protocol != "glamm":
+        raise InputError("--protocol-seed draws the expressions of --protocol glamm; add it or drop the seed")
+    seed = a.protocol_seed or 0
+    row = "PPCR (oracle box)" if a.oracle_box else "PPCR"
+    if a.protocol != "all":
+        row += f" [{a.protocol} protocol, seed {seed}]"
+    meta = {"checkpoint": str(a.checkpoint), "protocol": describe_protocol(a.protocol, seed)}
+    if a.predictions:
+        meta["predictions"] = str(a.predictions)
+    return row, meta, [] if a.predictions else None
+
+
+def _write_predictions(a: argparse.Namespace, records: list[dict] | None) -> None:
+    if records is None:
+        return
+    from .report import write_predictions
+
+    order = {split: i for i, split in enumerate(a.splits)}
+    records.sort(key=lambda r: (order[r["split"]], r["sent_id"]))  # the same lines, in or out of Ray
+    write_predictions(a.predictions, records)
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .data.shards import shard_dir
@@ -143,15 +169,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else {}
     if not a.ray and (a.config or a.set):
         raise InputError("--config / --set size the --ray pipeline (BatchConfig); add --ray or drop them")
+    row, meta, records = _evaluation_setup(a)
     if a.ray:
         if a.device != "cpu":
             raise InputError(
                 "--device is for in-process evaluation; with --ray, --batch-config places the stages"
             )
-        return _evaluate_ray(a, {**overrides, **_dtype_override(a)} or None)
+        return _evaluate_ray(a, {**overrides, **_dtype_override(a)} or None, row, meta, records)
     model = load_checkpoint(a.checkpoint, overrides={**overrides, **_dtype_override(a)}, device=a.device)
     results: dict = {}
-    row = "PPCR (oracle box)" if a.oracle_box else "PPCR"
     for split in a.splits:
         key = (a.dataset, a.split_by, split)
         results.setdefault(row, {})[key] = evaluate_split(
@@ -159,13 +185,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             shard_dir(a.shards, a.dataset, a.split_by, split),
             batch_size=a.batch_size,
             oracle_box=a.oracle_box,
+            protocol=a.protocol,
+            seed=a.protocol_seed or 0,
+            on_prediction=None if records is None else records.append,
         )
-    js, md = write_report(a.out, results, meta={"checkpoint": str(a.checkpoint)})
+    _write_predictions(a, records)
+    js, md = write_report(a.out, results, meta=meta)
     print(md.read_text())
     return 0
 
 
-def _evaluate_ray(a: argparse.Namespace, overrides: dict | None) -> int:
+def _evaluate_ray(
+    a: argparse.Namespace, overrides: dict | None, row: str, meta: dict, records: list[dict] | None
+) -> int:
     """`ppcr evaluate --ray`: every split in one Ray Data pipeline (ppcr.batch)."""
     from .batch import evaluate_shards, load_batch_config
     from .data.shards import shard_dir
@@ -175,15 +207,25 @@ def _evaluate_ray(a: argparse.Namespace, overrides: dict | None) -> int:
     cfg = load_batch_config(a.config, _overrides(a.set))
     init_ray(address=a.address, num_cpus=a.num_cpus)
     dirs = [shard_dir(a.shards, a.dataset, a.split_by, split) for split in a.splits]
-    per_split = evaluate_shards(a.checkpoint, dirs, cfg, overrides, oracle_box=a.oracle_box)
-    row = "PPCR (oracle box)" if a.oracle_box else "PPCR"
+    per_split = evaluate_shards(
+        a.checkpoint,
+        dirs,
+        cfg,
+        overrides,
+        oracle_box=a.oracle_box,
+        protocol=a.protocol,
+        seed=a.protocol_seed or 0,
+        on_prediction=None if records is None else records.append,
+    )
+    _write_predictions(a, records)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, metrics in per_split.items():
         name = f"{a.dataset}_{a.split_by}_{split}.json"
-        (out / name).write_text(json.dumps({"split": split, "oracle_box": a.oracle_box, **metrics}, indent=2))
+        summary = {"split": split, "oracle_box": a.oracle_box, "protocol": meta["protocol"], **metrics}
+        (out / name).write_text(json.dumps(summary, indent=2))
     results = {row: {(a.dataset, a.split_by, split): m for split, m in per_split.items()}}
-    _, md = write_report(out, results, meta={"checkpoint": str(a.checkpoint), "runner": "ray"})
+    _, md = write_report(out, results, meta={**meta, "runner": "ray"})
     print(md.read_text())
     return 0
 
@@ -371,6 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--out", default="eval_out")
+    s.add_argument(
+        "--predictions",
+        default=None,
+        metavar="FILE",
+        help="write every expression's result (sent_id, IoU, box IoU, box XYXY, RLE mask) as JSON lines, "
+        "sorted by split and sent_id: two runs can be diffed, and the report re-computed from it",
+    )
+    s.add_argument(
+        "--protocol",
+        choices=("all", "glamm"),  # ppcr.metrics.PROTOCOLS (not imported here: --help stays light)
+        default="all",
+        help="all: every expression (default); glamm: 3 random expressions per image, as GLaMM, but seeded",
+    )
+    s.add_argument(
+        "--protocol-seed", type=int, default=None, help="--protocol glamm: the seed of the draw (default 0)"
+    )
     s.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (ppcr.batch)")
     s.add_argument(
         "--config",
