@@ -49,7 +49,30 @@ def cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+_PREPARE_FLAGS = {
+    "refer": {"refer_root": "--refer-root", "images": "--images", "split_by": "--split-by"},
+    "jsonl": {"manifest": "--manifest"},
+    "coco": {"instances": "--instances", "expressions": "--expressions", "images": "--images"},
+}
+
+
+def _check_prepare_flags(a: argparse.Namespace) -> None:
+    """Each --format takes its own inputs: a missing one, or one of another format, is an InputError."""
+    needed = _PREPARE_FLAGS[a.format]
+    missing = [flag for key, flag in needed.items() if getattr(a, key) is None]
+    if missing:
+        raise InputError(f"prepare --format {a.format} needs {', '.join(missing)}")
+    others = {k: f for fmt, flags in _PREPARE_FLAGS.items() for k, f in flags.items() if k not in needed}
+    extra = [flag for key, flag in others.items() if getattr(a, key) is not None]
+    if extra:
+        verb = "is not an input" if len(extra) == 1 else "are not inputs"
+        raise InputError(f"{', '.join(extra)} {verb} of prepare --format {a.format}")
+
+
 def cmd_prepare(a: argparse.Namespace) -> int:
+    _check_prepare_flags(a)
+    if a.format != "refer":
+        return _prepare_custom(a)
     source = (a.refer_root, a.images, a.dataset, a.split_by, a.out)
     common = dict(splits=a.splits, rows_per_file=a.rows_per_file)
     if a.ray:
@@ -64,6 +87,31 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
         report = prepare_shards(*source, **common, skip_bad=a.skip_bad)
         extra = {}
+    return _prepare_summary(report, extra)
+
+
+def _prepare_custom(a: argparse.Namespace) -> int:
+    """`ppcr prepare --format jsonl|coco`: a manifest, or COCO instances + expressions (docs/custom_data.md)."""
+    from .data.custom import SPLIT_BY, prepare_custom, prepare_custom_ray, read_coco, read_jsonl
+
+    if a.format == "jsonl":
+        source = read_jsonl(a.manifest, a.dataset)
+    else:
+        source = read_coco(a.instances, a.expressions, a.images, a.dataset)
+    common = dict(splits=a.splits, rows_per_file=a.rows_per_file)
+    extra = {"dataset": f"--dataset {a.dataset} --split-by {SPLIT_BY}"}
+    if a.ray:
+        from .ray_cluster import init_ray
+
+        init_ray(address=a.address, num_cpus=a.num_cpus, quiet=False)
+        report, parts = prepare_custom_ray(source, a.out, **common, concurrency=a.concurrency)
+        extra.update(parts_written=parts["written"], parts_already_done=parts["skipped"])
+    else:
+        report = prepare_custom(source, a.out, **common, skip_bad=a.skip_bad, progress=True)
+    return _prepare_summary(report, extra)
+
+
+def _prepare_summary(report, extra: dict) -> int:
     summary = {"written": report.written, "files": len(report.files), "errors": len(report.errors), **extra}
     print(json.dumps(summary, indent=2))
     for err in report.errors[:20]:
@@ -342,11 +390,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-relations", action="store_true", help="attribute expressions only (easier)")
     s.set_defaults(fn=cmd_synth)
 
-    s = sub.add_parser("prepare", help="convert a REFER data set into Parquet shards")
-    s.add_argument("--refer-root", required=True)
-    s.add_argument("--images", required=True, help="folder with the COCO_train2014_*.jpg files")
+    s = sub.add_parser(
+        "prepare",
+        help="convert a REFER data set, a JSONL manifest or COCO + expressions into Parquet shards",
+        description="--format refer (default): --refer-root, --images, --split-by. --format jsonl: "
+        "--manifest (one referred object per line). --format coco: --instances, --expressions, --images. "
+        "jsonl/coco write <out>/<dataset>_custom/<split>/ (read with --dataset NAME --split-by custom); "
+        "formats: docs/custom_data.md.",
+    )
+    s.add_argument("--format", choices=("refer", "jsonl", "coco"), default="refer")
+    s.add_argument("--refer-root", default=None, help="refer: folder holding <dataset>/refs(<split_by>).p")
+    s.add_argument(
+        "--images", default=None, help="refer: folder of COCO_train2014_*.jpg; coco: folder of file_name"
+    )
+    s.add_argument("--manifest", default=None, help="jsonl: the manifest (a path or URI)")
+    s.add_argument("--instances", default=None, help="coco: instances.json (images, annotations)")
+    s.add_argument("--expressions", default=None, help="coco: JSON lines {ann_id, expressions[, split, id]}")
     s.add_argument("--dataset", required=True)
-    s.add_argument("--split-by", required=True)
+    s.add_argument("--split-by", default=None, help="refer: the partition, e.g. unc, umd")
     s.add_argument("--out", required=True)
     s.add_argument("--splits", nargs="*", default=None)
     s.add_argument("--rows-per-file", type=int, default=256)

@@ -205,6 +205,7 @@ def test_refer_annotation_with_a_huge_polygon_names_the_annotation(tmp_path, mon
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys
+    from ppcr.data.custom import prepare_custom, read_jsonl
     from ppcr.data.shards import prepare_shards
     import ppcr.geometry  # everything imported before the cap: the cap is on the work, not on imports
 
@@ -215,17 +216,18 @@ _CHILD = textwrap.dedent(
 
     cap = vm_bytes() + 1536 * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    refer_root, images, out = sys.argv[1:]
-    report = prepare_shards(refer_root, images, "synthref", "unc", out, skip_bad=True, progress=False)
-    print(json.dumps({"written": report.written, "errors": report.errors}))
+    refer_root, images, manifest, out = sys.argv[1:]
+    refer = prepare_shards(refer_root, images, "synthref", "unc", out, skip_bad=True, progress=False)
+    custom = prepare_custom(read_jsonl(manifest, "mine"), out, skip_bad=True, progress=False)
+    print(json.dumps({"refer": refer.errors, "custom": custom.errors, "written": custom.written}))
     """
 )
 
 
-def test_refer_prepare_with_a_huge_polygon_stays_in_memory_and_keeps_good_records(tmp_path) -> None:
-    """The issue's case end to end: `prepare --skip-bad` under a 1.5 GiB address-space cap above its
-    start-up size. pycocotools would ask for ~20 GiB (killed, or a segfault under the cap); now the
-    annotation is reported and every other record is written."""
+def test_prepare_with_a_huge_polygon_stays_in_memory_and_keeps_good_records(tmp_path) -> None:
+    """The issue's case end to end, REFER and JSONL: `prepare --skip-bad` under a 1.5 GiB address-space
+    cap above its start-up size. pycocotools would ask for ~20 GiB (killed, or a segfault under the cap);
+    now the annotation is reported and every other record is written."""
     synth = synthesize(tmp_path / "synth", SynthConfig(num_images=6, seed=3))
     refer_root = tmp_path / "refer"
     shutil.copytree(Path(synth["refer_root"]) / "synthref", refer_root / "synthref")
@@ -237,29 +239,32 @@ def test_refer_prepare_with_a_huge_polygon_stays_in_memory_and_keeps_good_record
     refer = ReferDataset(refer_root, "synthref", "unc")
     bad_refs = [r for r in refer.refs() if r.ann_id == bad["id"]]
     assert bad_refs
+    image = sorted(Path(synth["images_dir"]).glob("*.jpg"))[0]
+    w, h = Image.open(image).size
+    good = {"image": str(image), "expression": "the thing", "mask": [[1, 1, w - 1, 1, w - 1, h - 1]]}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in [good, {**good, "mask": HUGE}, good]))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    argv = [str(refer_root), synth["images_dir"], str(manifest), str(tmp_path / "out")]
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(refer_root), synth["images_dir"], str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        [sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.splitlines()[-1])
-    assert [(e["ref_id"], e["image_id"]) for e in result["errors"]] == [
+    assert [(e["ref_id"], e["image_id"]) for e in result["refer"]] == [
         (r.ref_id, r.image_id) for r in bad_refs
     ]
-    assert "far outside" in result["errors"][0]["reason"]
-    want_refs = len(refer.refs()) - len(bad_refs)
-    from ppcr.data.shards import read_image_rows, shard_dir
+    assert "far outside" in result["refer"][0]["reason"]
+    assert [e["line"] for e in result["custom"]] == [2] and "far outside" in result["custom"][0]["reason"]
+    from ppcr.data.shards import iter_expressions, read_image_rows, shard_dir
 
     got_refs = sum(
         len(row["refs"])
         for split in refer.splits
-        if shard_dir(tmp_path / "out", "synthref", "unc", split).is_dir()
-        and any(shard_dir(tmp_path / "out", "synthref", "unc", split).glob("part-*.parquet"))
+        if any(shard_dir(tmp_path / "out", "synthref", "unc", split).glob("part-*.parquet"))
         for row in read_image_rows(shard_dir(tmp_path / "out", "synthref", "unc", split))
     )
-    assert got_refs == want_refs
+    assert got_refs == len(refer.refs()) - len(bad_refs)
+    custom = list(iter_expressions(shard_dir(tmp_path / "out", "mine", "custom", "train")))
+    assert sorted(s.ref_id for s in custom) == [1, 3]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 SHARD_FORMAT_VERSION = "1"
+#: Per split folder, `prepare --ray` marks its finished parts here (ppcr/data/distributed_prepare.py).
+DONE_DIR = "_done"
 
 
 def _list(value_type: pa.DataType) -> pa.DataType:
@@ -225,13 +228,15 @@ def _refer_rows(
 def write_split(rows: Iterable[dict], out_dir: Path, rows_per_file: int) -> tuple[list[str], int]:
     """Write one split's rows (SHARD_SCHEMA dicts, already in image_id order) into ``out_dir``.
 
-    The split's old ``part-*`` files are removed first; then every ``rows_per_file`` rows become
+    The split's old ``part-*`` files (and ``--ray`` markers) are removed first; then every ``rows_per_file`` rows become
     ``part-%05d.parquet`` (written to ``.tmp``, then renamed). ``rows`` is consumed lazily, so a split
     never has to fit in memory. Returns (the files written, the number of rows).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("part-*.parquet"), *out_dir.glob("part-*.parquet.tmp")]:
         stale.unlink()
+    if (out_dir / DONE_DIR).is_dir():  # an earlier --ray run's markers describe parts no longer there
+        shutil.rmtree(out_dir / DONE_DIR)
     files: list[str] = []
     chunk: list[dict] = []
     n = 0
