@@ -100,14 +100,13 @@ class Record:
 
 @dataclass
 class CustomSource:
-    """A parsed manifest: its records, the lines refused while parsing, and what identifies the input."""
+    """A parsed manifest: its records (one per good line) and the lines refused while parsing."""
 
     format: str
     path: str  # the file line numbers refer to (the manifest, or the COCO refs file)
     dataset: str
     records: list[Record]
     errors: list[dict]  # {"line", "file", "reason"}
-    fingerprint: str  # sha256 of the input files: a changed input never reuses finished --ray parts
 
     @property
     def splits(self) -> list[str]:
@@ -244,13 +243,6 @@ def _ref_id(obj: dict, line: int, used: dict[int, int]) -> int:
     return ref_id
 
 
-def _fingerprint(*blobs: bytes) -> str:
-    h = hashlib.sha256()
-    for b in blobs:
-        h.update(hashlib.sha256(b).digest())
-    return h.hexdigest()
-
-
 def read_jsonl(manifest: str | Path, dataset: str) -> CustomSource:
     """Parse a JSONL manifest (docs/custom_data.md): one referred object per line.
 
@@ -320,7 +312,7 @@ def read_jsonl(manifest: str | Path, dataset: str) -> CustomSource:
                 image_id=image_id,
             )
         )
-    return CustomSource("jsonl", path, dataset, records, errors, _fingerprint(data))
+    return CustomSource("jsonl", path, dataset, records, errors)
 
 
 def _coco_index(path: str, inst: Any) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -426,7 +418,7 @@ def read_coco(
                 ann_note=note,
             )
         )
-    return CustomSource("coco", refs_path, dataset, records, errors, _fingerprint(inst_bytes, refs_bytes))
+    return CustomSource("coco", refs_path, dataset, records, errors)
 
 
 # ----------------------------------------------------------------------------- rows
