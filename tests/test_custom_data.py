@@ -174,7 +174,7 @@ def test_every_mask_encoding_round_trips_through_prepare_and_the_readers(manifes
     assert sorted(int(i) for ids in images["ids"].to_pylist() for i in ids) == [1000, 3000, 3001, 5000]
 
 
-def test_coco_instances_with_expressions(photos, tmp_path):
+def test_coco_instances_with_expressions(photos, tmp_path, capsys):
     """A labelling tool's COCO export (polygons, and crowd-style uncompressed RLE) plus an expressions
     file: masks equal pycocotools' own COCO.annToMask, boxes the annotation's."""
     cup = _blob(100, 150, 3)
@@ -222,8 +222,10 @@ def test_coco_instances_with_expressions(photos, tmp_path):
     assert [(e["line"], e["reason"]) for e in source.errors] == [(4, f"ann_id 12345 is not in {inst_path}")]
     with pytest.raises(ManifestLineError, match=r"refs.jsonl, line 4: ann_id 12345 is not in"):
         prepare_custom(source, tmp_path / "strict", progress=False)
-    report = prepare_custom(source, tmp_path / "out", skip_bad=True, progress=False)
-    assert report.written == {"val": 1, "train": 1}
+    argv = ["prepare", "--format", "coco", "--instances", str(inst_path), "--expressions", str(refs)]
+    argv += ["--images", str(photos["root"] / "photos"), "--dataset", "tool", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--skip-bad"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == {"val": 1, "train": 1}
     coco = COCO(str(inst_path))
     samples = {
         s.sent_id: s

@@ -569,8 +569,6 @@ def prepare_custom(
     root = Path(out) / f"{source.dataset}_{SPLIT_BY}"
     report = PrepareReport(errors=[dict(e) for e in source.errors])
     groups = _group(source.records, chosen)
-    if splits is None:
-        clear_other_splits(root, chosen)
 
     def rows(split: str) -> Iterator[dict]:
         by_image = groups[split]
@@ -587,6 +585,8 @@ def prepare_custom(
             rows(split), shard_dir(out, source.dataset, SPLIT_BY, split), rows_per_file
         )
         report.files += files
+    if splits is None:  # after every split is written: a failed import leaves the old ones alone
+        clear_other_splits(root, chosen)
     return _finish(report, root)
 
 
@@ -657,8 +657,8 @@ def prepare_custom_ray(
                     "key": _plan_key(split, part, chunk, content),
                 }
             )
+    report, parts = run_parts(root, plan, CustomParts, {"source_path": source.path}, concurrency)
     if splits is None:
         clear_other_splits(root, chosen)
-    report, parts = run_parts(root, plan, CustomParts, {"source_path": source.path}, concurrency)
     report.errors = [dict(e) for e in source.errors] + report.errors
     return _finish(report, root), parts
