@@ -486,3 +486,27 @@ def test_manifest_given_as_a_uri(manifest, tmp_path):
     assert source.records[0].file_name == "photos/astronaut.jpg"
     report = prepare_custom(source, tmp_path, progress=False)
     assert report.ok and report.written == {"train": 2, "val": 1}
+
+
+def test_exif_rotated_photo_rows_have_the_size_the_readers_decode(photos, tmp_path):
+    """A camera JPEG stored 160x120 with EXIF orientation 6 (shown 120x160): the row's height/width and
+    the mask's size are those of `geometry.decode_image`, which every reader uses."""
+    from ppcr.geometry import decode_image
+    from ppcr.train import ImageCache
+
+    raw = np.asarray(Image.open(photos["astronaut"]))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(raw).save(path, exif=exif)
+    h, w = decode_image(path.read_bytes()).shape[:2]
+    mask = np.zeros((h, w), bool)
+    mask[10:50, 5:30] = True
+    _save(mask.astype(np.uint8) * 255, tmp_path / "m.png")
+    (tmp_path / "r.jsonl").write_text(
+        json.dumps({"image": "rotated.jpg", "expression": "x", "mask": "m.png"})
+    )
+    assert prepare_custom(read_jsonl(tmp_path / "r.jsonl", "rot"), tmp_path / "out", progress=False).ok
+    (sample,) = iter_expressions(shard_dir(tmp_path / "out", "rot", "custom", "train"))
+    assert (sample.height, sample.width) == (h, w) and np.array_equal(sample.mask(), mask)
+    assert ImageCache().get(sample).shape[:2] == (h, w)  # the training/evaluation decode agrees
