@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import ExpressionScore
+from .metrics import ExpressionScore, RISMetrics
 
 ColumnKey = tuple[str, str, str]
 Results = Mapping[str, Mapping[ColumnKey, Mapping[str, Any]]]
@@ -265,10 +265,9 @@ def write_predictions(path: str | Path, records: list[dict]) -> Path:
 
 
 def metrics_from_predictions(path: str | Path) -> dict[str, dict]:
-    """Re-compute each split's metrics from a predictions file: its lines replayed in file order through
-    RISMetrics, which gives the report's numbers exactly. Returns {split: RISMetrics.compute()}."""
-    from .metrics import ExpressionScore, RISMetrics
-
+    """Re-compute each split's metrics from a predictions file: its lines replayed through RISMetrics give
+    the report's numbers exactly (in any order: the sums are exact). Returns {split: compute()}; a line
+    that is not a record raises ValueError naming the file and line."""
     per: dict[str, RISMetrics] = {}
     with Path(path).open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
