@@ -49,7 +49,30 @@ def cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+_PREPARE_FLAGS = {
+    "refer": {"refer_root": "--refer-root", "images": "--images", "split_by": "--split-by"},
+    "jsonl": {"manifest": "--manifest"},
+    "coco": {"instances": "--instances", "expressions": "--expressions", "images": "--images"},
+}
+
+
+def _check_prepare_flags(a: argparse.Namespace) -> None:
+    """Each --format takes its own inputs: a missing one, or one of another format, is an InputError."""
+    needed = _PREPARE_FLAGS[a.format]
+    missing = [flag for key, flag in needed.items() if getattr(a, key) is None]
+    if missing:
+        raise InputError(f"prepare --format {a.format} needs {', '.join(missing)}")
+    others = {k: f for fmt, flags in _PREPARE_FLAGS.items() for k, f in flags.items() if k not in needed}
+    extra = [flag for key, flag in others.items() if getattr(a, key) is not None]
+    if extra:
+        verb = "is not an input" if len(extra) == 1 else "are not inputs"
+        raise InputError(f"{', '.join(extra)} {verb} of prepare --format {a.format}")
+
+
 def cmd_prepare(a: argparse.Namespace) -> int:
+    _check_prepare_flags(a)
+    if a.format != "refer":
+        return _prepare_custom(a)
     source = (a.refer_root, a.images, a.dataset, a.split_by, a.out)
     common = dict(splits=a.splits, rows_per_file=a.rows_per_file)
     if a.ray:
@@ -64,6 +87,31 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
         report = prepare_shards(*source, **common, skip_bad=a.skip_bad)
         extra = {}
+    return _prepare_summary(report, extra)
+
+
+def _prepare_custom(a: argparse.Namespace) -> int:
+    """`ppcr prepare --format jsonl|coco`: a manifest, or COCO instances + expressions (docs/custom_data.md)."""
+    from .data.custom import SPLIT_BY, prepare_custom, prepare_custom_ray, read_coco, read_jsonl
+
+    if a.format == "jsonl":
+        source = read_jsonl(a.manifest, a.dataset)
+    else:
+        source = read_coco(a.instances, a.expressions, a.images, a.dataset)
+    common = dict(splits=a.splits, rows_per_file=a.rows_per_file)
+    extra = {"dataset": f"--dataset {a.dataset} --split-by {SPLIT_BY}"}
+    if a.ray:
+        from .ray_cluster import init_ray
+
+        init_ray(address=a.address, num_cpus=a.num_cpus, quiet=False)
+        report, parts = prepare_custom_ray(source, a.out, **common, concurrency=a.concurrency)
+        extra.update(parts_written=parts["written"], parts_already_done=parts["skipped"])
+    else:
+        report = prepare_custom(source, a.out, **common, skip_bad=a.skip_bad, progress=True)
+    return _prepare_summary(report, extra)
+
+
+def _prepare_summary(report, extra: dict) -> int:
     summary = {"written": report.written, "files": len(report.files), "errors": len(report.errors), **extra}
     print(json.dumps(summary, indent=2))
     for err in report.errors[:20]:
@@ -141,6 +189,32 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_setup(a: argparse.Namespace) -> tuple[str, dict, list[dict] | None]:
+    """(row name, report meta, the list collecting --predictions records or None) of `ppcr evaluate`."""
+    from .metrics import describe_protocol
+
+    if a.protocol_seed is not None and a.protocol != "glamm":
+        raise InputError("--protocol-seed draws the expressions of --protocol glamm; add it or drop the seed")
+    seed = a.protocol_seed or 0
+    row = "PPCR (oracle box)" if a.oracle_box else "PPCR"
+    if a.protocol != "all":
+        row += f" [{a.protocol} protocol, seed {seed}]"
+    meta = {"checkpoint": str(a.checkpoint), "protocol": describe_protocol(a.protocol, seed)}
+    if a.predictions:
+        meta["predictions"] = str(a.predictions)
+    return row, meta, [] if a.predictions else None
+
+
+def _write_predictions(a: argparse.Namespace, records: list[dict] | None) -> None:
+    if records is None:
+        return
+    from .report import write_predictions
+
+    order = {split: i for i, split in enumerate(a.splits)}
+    records.sort(key=lambda r: (order[r["split"]], r["sent_id"]))  # the same lines, in or out of Ray
+    write_predictions(a.predictions, records)
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .data.shards import shard_dir
@@ -150,15 +224,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else {}
     if not a.ray and (a.config or a.set):
         raise InputError("--config / --set size the --ray pipeline (BatchConfig); add --ray or drop them")
+    row, meta, records = _evaluation_setup(a)
     if a.ray:
         if a.device != "cpu":
             raise InputError(
                 "--device is for in-process evaluation; with --ray, --batch-config places the stages"
             )
-        return _evaluate_ray(a, {**overrides, **_dtype_override(a)} or None)
+        return _evaluate_ray(a, {**overrides, **_dtype_override(a)} or None, row, meta, records)
     model = load_checkpoint(a.checkpoint, overrides={**overrides, **_dtype_override(a)}, device=a.device)
     results: dict = {}
-    row = "PPCR (oracle box)" if a.oracle_box else "PPCR"
     for split in a.splits:
         key = (a.dataset, a.split_by, split)
         results.setdefault(row, {})[key] = evaluate_split(
@@ -166,13 +240,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             shard_dir(a.shards, a.dataset, a.split_by, split),
             batch_size=a.batch_size,
             oracle_box=a.oracle_box,
+            protocol=a.protocol,
+            seed=a.protocol_seed or 0,
+            on_prediction=None if records is None else records.append,
         )
-    js, md = write_report(a.out, results, meta={"checkpoint": str(a.checkpoint)})
+    _write_predictions(a, records)
+    js, md = write_report(a.out, results, meta=meta)
     print(md.read_text())
     return 0
 
 
-def _evaluate_ray(a: argparse.Namespace, overrides: dict | None) -> int:
+def _evaluate_ray(
+    a: argparse.Namespace, overrides: dict | None, row: str, meta: dict, records: list[dict] | None
+) -> int:
     """`ppcr evaluate --ray`: every split in one Ray Data pipeline (ppcr.batch)."""
     from .batch import evaluate_shards, load_batch_config
     from .data.shards import shard_dir
@@ -182,15 +262,25 @@ def _evaluate_ray(a: argparse.Namespace, overrides: dict | None) -> int:
     cfg = load_batch_config(a.config, _overrides(a.set))
     init_ray(address=a.address, num_cpus=a.num_cpus)
     dirs = [shard_dir(a.shards, a.dataset, a.split_by, split) for split in a.splits]
-    per_split = evaluate_shards(a.checkpoint, dirs, cfg, overrides, oracle_box=a.oracle_box)
-    row = "PPCR (oracle box)" if a.oracle_box else "PPCR"
+    per_split = evaluate_shards(
+        a.checkpoint,
+        dirs,
+        cfg,
+        overrides,
+        oracle_box=a.oracle_box,
+        protocol=a.protocol,
+        seed=a.protocol_seed or 0,
+        on_prediction=None if records is None else records.append,
+    )
+    _write_predictions(a, records)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, metrics in per_split.items():
         name = f"{a.dataset}_{a.split_by}_{split}.json"
-        (out / name).write_text(json.dumps({"split": split, "oracle_box": a.oracle_box, **metrics}, indent=2))
+        summary = {"split": split, "oracle_box": a.oracle_box, "protocol": meta["protocol"], **metrics}
+        (out / name).write_text(json.dumps(summary, indent=2))
     results = {row: {(a.dataset, a.split_by, split): m for split, m in per_split.items()}}
-    _, md = write_report(out, results, meta={"checkpoint": str(a.checkpoint), "runner": "ray"})
+    _, md = write_report(out, results, meta={**meta, "runner": "ray"})
     print(md.read_text())
     return 0
 
@@ -307,11 +397,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-relations", action="store_true", help="attribute expressions only (easier)")
     s.set_defaults(fn=cmd_synth)
 
-    s = sub.add_parser("prepare", help="convert a REFER data set into Parquet shards")
-    s.add_argument("--refer-root", required=True)
-    s.add_argument("--images", required=True, help="folder with the COCO_train2014_*.jpg files")
+    s = sub.add_parser(
+        "prepare",
+        help="convert a REFER data set, a JSONL manifest or COCO + expressions into Parquet shards",
+        description="--format refer (default): --refer-root, --images, --split-by. --format jsonl: "
+        "--manifest (one referred object per line). --format coco: --instances, --expressions, --images. "
+        "jsonl/coco write <out>/<dataset>_custom/<split>/ (read with --dataset NAME --split-by custom); "
+        "formats: docs/custom_data.md.",
+    )
+    s.add_argument("--format", choices=("refer", "jsonl", "coco"), default="refer")
+    s.add_argument("--refer-root", default=None, help="refer: folder holding <dataset>/refs(<split_by>).p")
+    s.add_argument(
+        "--images", default=None, help="refer: folder of COCO_train2014_*.jpg; coco: folder of file_name"
+    )
+    s.add_argument("--manifest", default=None, help="jsonl: the manifest (a path or URI)")
+    s.add_argument("--instances", default=None, help="coco: instances.json (images, annotations)")
+    s.add_argument("--expressions", default=None, help="coco: JSON lines {ann_id, expressions[, split, id]}")
     s.add_argument("--dataset", required=True)
-    s.add_argument("--split-by", required=True)
+    s.add_argument("--split-by", default=None, help="refer: the partition, e.g. unc, umd")
     s.add_argument("--out", required=True)
     s.add_argument("--splits", nargs="*", default=None)
     s.add_argument("--rows-per-file", type=int, default=256)
@@ -378,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--out", default="eval_out")
+    s.add_argument(
+        "--predictions",
+        default=None,
+        metavar="FILE",
+        help="write every expression's result (sent_id, IoU, box IoU, box XYXY, RLE mask) as JSON lines, "
+        "sorted by split and sent_id: two runs can be diffed, and the report re-computed from it",
+    )
+    s.add_argument(
+        "--protocol",
+        choices=("all", "glamm"),  # ppcr.metrics.PROTOCOLS (not imported here: --help stays light)
+        default="all",
+        help="all: every expression (default); glamm: 3 random expressions per image, as GLaMM, but seeded",
+    )
+    s.add_argument(
+        "--protocol-seed", type=int, default=None, help="--protocol glamm: the seed of the draw (default 0)"
+    )
     s.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (ppcr.batch)")
     s.add_argument(
         "--config",

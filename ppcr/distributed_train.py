@@ -121,6 +121,18 @@ def run_dir(cfg: RunConfig) -> str:
     return f"{storage_root(cfg)}/{cfg.distributed.name}"
 
 
+def worker_config(cfg: RunConfig) -> dict:
+    """`cfg` as the workers receive it: the local folders they open themselves (`data.shards_root`, for
+    rank 0's `distributed.evaluate_split`; `model.init_weights`) made absolute, since a Ray worker's
+    working folder is not the driver's. URIs and absolute paths are kept as given."""
+    out = to_dict(cfg)
+    for section, key in (("data", "shards_root"), ("model", "init_weights")):
+        value = out[section].get(key)
+        if value and "://" not in value:
+            out[section][key] = str(Path(value).resolve())
+    return out
+
+
 def check_before_launch(cfg: RunConfig, resume: bool) -> dict:
     """Everything that can be checked on the driver: returns the DeepSpeed config or raises
     ConfigError / ResourceError naming the problem. Starts or connects to Ray (sized for the job)."""
@@ -189,7 +201,7 @@ def run_training(
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_config": to_dict(cfg), "deepspeed": ds_cfg, "run_dir": run_dir(cfg)},
+        train_loop_config={"run_config": worker_config(cfg), "deepspeed": ds_cfg, "run_dir": run_dir(cfg)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=d.num_workers,
             use_gpu=d.use_gpu,

@@ -4,8 +4,9 @@ trivial baselines the tiny demo is judged against (mean training box; mask of al
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,13 @@ from tqdm.auto import tqdm
 
 from .batching import collate
 from .config import InputError
-from .data.refer import decode_rle
+from .data.refer import decode_rle, encode_mask
 from .data.shards import ExpressionSample, iter_expressions, read_image_rows
 from .geometry import denormalize_box, mask_to_box
 from .inference import predict_torch
-from .metrics import RISMetrics
+from .metrics import RISMetrics, protocol_indices, score_expression
 from .model import PPCRModel
+from .report import prediction_record
 from .train import ImageCache, to_item
 
 
@@ -34,6 +36,21 @@ def _chunks(samples: Iterable[ExpressionSample], size: int) -> Iterator[list[Exp
         yield chunk
 
 
+def protocol_samples(
+    samples: Iterable[ExpressionSample], protocol: str = "all", seed: int = 0
+) -> Iterator[ExpressionSample]:
+    """The samples `protocol` evaluates (metrics.protocol_indices), in shard order. `samples` must come
+    image by image, as `iter_expressions` yields them."""
+    if protocol == "all":
+        protocol_indices(protocol, "", 0, seed)  # the same check as the other protocols
+        yield from samples
+        return
+    for _, group in itertools.groupby(samples, key=lambda s: s.image_id):
+        group = list(group)
+        for i in protocol_indices(protocol, group[0].file_name, len(group), seed):
+            yield group[i]
+
+
 @torch.no_grad()
 def evaluate_split(
     model: PPCRModel,
@@ -42,10 +59,17 @@ def evaluate_split(
     oracle_box: bool = False,
     limit_images: int | None = None,
     progress: bool = True,
+    protocol: str = "all",
+    seed: int = 0,
+    on_prediction: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Metrics of `model` on every expression of one shard split (RISMetrics.compute() keys).
+    """Metrics of `model` on one shard split (RISMetrics.compute() keys): every expression, or those
+    `protocol` picks ("glamm": 3 per image, drawn with `seed`; metrics.protocol_indices).
 
     Expressions are batched in shard order, so the expressions of one image share its encodings.
+    `on_prediction` receives each expression's result (`report.prediction_record`: sent_id, IoU, box IoU,
+    predicted pixel XYXY box, RLE mask, ...) in the order the metrics add them, so replaying the records
+    (`report.metrics_from_predictions`) gives these metrics exactly.
     An expression that breaks the text rules (`PromptTokenizer.check_expression`: a control token of
     the tokenizer, a prompt over the context, ...) is left out, counted under `errors` and warned
     about with its sentence id, as `ppcr evaluate --ray` does.
@@ -53,14 +77,30 @@ def evaluate_split(
     model.eval()
     metrics = RISMetrics()
     cache = ImageCache(capacity=256)
-    samples = _checked(iter_expressions(split_dir, limit_images=limit_images), model, refused := [])
-    bar = tqdm(desc=f"eval {Path(split_dir).name}", unit="expr", disable=not progress, dynamic_ncols=True)
+    split = Path(split_dir).name
+    samples = protocol_samples(iter_expressions(split_dir, limit_images=limit_images), protocol, seed)
+    samples = _checked(samples, model, refused := [])
+    bar = tqdm(desc=f"eval {split}", unit="expr", disable=not progress, dynamic_ncols=True)
     for chunk in _chunks(samples, batch_size):
         items = [to_item(s, cache) for s in chunk]
         batch = collate(items, model.clip_size, model.sam_size, model.clip_mode).to(model.device)
         # The box of each answer is what SAM was given: the predicted box, or the GT box as the oracle.
-        for item, seg in zip(items, predict_torch(model, batch, oracle_box=oracle_box)):
-            metrics.update(seg.mask, item.gt_mask, seg.box, item.gt_box)
+        for sample, item, seg in zip(chunk, items, predict_torch(model, batch, oracle_box=oracle_box)):
+            score = score_expression(seg.mask, item.gt_mask, seg.box, item.gt_box)
+            metrics.add(score)
+            if on_prediction is not None:
+                on_prediction(
+                    prediction_record(
+                        split,
+                        sample.sent_id,
+                        sample.file_name,
+                        sample.text,
+                        seg.box,
+                        encode_mask(seg.mask),
+                        seg.score,
+                        score,
+                    )
+                )
         bar.update(len(items))
     bar.close()
     out = metrics.compute()

@@ -5,15 +5,18 @@ Boxes are pixel XYXY ``(x1, y1, x2, y2)`` in continuous coordinates: the box ``[
 pixels 0..9 on each axis and has area 100 (no ``+1`` convention).
 
 :class:`RISMetrics` keeps only running sums (O(1) memory), so shards evaluated on different workers can
-be reduced exactly with :meth:`RISMetrics.merge` or shipped as :meth:`RISMetrics.state_dict`.
+be reduced exactly with :meth:`RISMetrics.merge` or shipped as :meth:`RISMetrics.state_dict`: integer
+counts, and the IoU sum without rounding, so every metric is the same to the last bit in any order.
+Names: oIoU is LISA's / GLaMM's cIoU, mIoU their gIoU (``ppcr.report.METRIC_NAMES``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -70,12 +73,50 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union
 
 
+def _add_exact(partials: list[float], x: float) -> None:
+    """Add ``x`` to a list of non-overlapping partial sums, exactly (Shewchuk; the recipe math.fsum uses)."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
+
+
+class ExpressionScore(NamedTuple):
+    """One expression's result: mask intersection and union (pixels), IoU, and box IoU (None: no boxes)."""
+
+    intersection: int
+    union: int
+    iou: float  # intersection / union; 1.0 when both masks are empty
+    box_iou: float | None
+
+
+def score_expression(
+    pred_mask: np.ndarray,
+    gt_mask: np.ndarray,
+    pred_box: Sequence[float] | None = None,
+    gt_box: Sequence[float] | None = None,
+) -> ExpressionScore:
+    """Score one expression: HxW masks (bool or 0/1) and optional pixel XYXY boxes (given together)."""
+    if (pred_box is None) != (gt_box is None):
+        raise ValueError("pred_box and gt_box must be given together")
+    inter, union = mask_iou_parts(pred_mask, gt_mask)
+    b_iou = box_iou(pred_box, gt_box) if pred_box is not None else None
+    return ExpressionScore(inter, union, 1.0 if union == 0 else inter / union, b_iou)
+
+
 class RISMetrics:
     """Running RIS metrics over referring expressions (one update per expression).
 
     Reported by :meth:`compute`:
-      * ``oIoU``: overall IoU, sum of intersections / sum of unions over all expressions;
-      * ``mIoU``: mean per-expression IoU (an expression whose prediction and ground truth are both empty
+      * ``oIoU`` (cIoU): overall IoU, sum of intersections / sum of unions over all expressions;
+      * ``mIoU`` (gIoU): mean per-expression IoU (an expression whose prediction and ground truth are both empty
         scores 1.0 here and adds nothing to ``oIoU``);
       * ``Prec@t``: fraction of expressions with IoU >= t (inclusive) for each t in :attr:`thresholds`;
       * ``BoxAcc@0.5``: fraction with box IoU >= 0.5, only when every expression came with boxes;
@@ -91,11 +132,19 @@ class RISMetrics:
         self._fracs = [Fraction(t).limit_denominator(10**6) for t in self.thresholds]
         self.sum_inter = 0
         self.sum_union = 0
-        self.sum_iou = 0.0
+        # The per-expression IoUs summed without rounding (Shewchuk's partials, as math.fsum keeps them):
+        # mIoU is then the same to the last bit in whatever order or grouping expressions are added and
+        # merged (worker shards, batch sizes, a predictions file replayed in any order).
+        self._iou_partials: list[float] = []
         self.count = 0
         self.hits = [0] * len(self.thresholds)
         self.box_hits = 0
         self.box_count = 0
+
+    @property
+    def sum_iou(self) -> float:
+        """Sum of the per-expression IoUs, correctly rounded (independent of the order they came in)."""
+        return math.fsum(self._iou_partials)
 
     # -- accumulation -------------------------------------------------------------------------------------
 
@@ -117,17 +166,24 @@ class RISMetrics:
         gt_box: Sequence[float] | None = None,
     ) -> float:
         """Add one expression (HxW masks; optional pixel XYXY boxes) and return its mask IoU."""
-        if (pred_box is None) != (gt_box is None):
-            raise ValueError("pred_box and gt_box must be given together")
-        with_boxes = pred_box is not None
-        self._check_box_mix(with_boxes)
-        inter, union = mask_iou_parts(pred_mask, gt_mask)
-        b_iou = box_iou(pred_box, gt_box) if with_boxes else 0.0  # validate before mutating state
+        return self.add(score_expression(pred_mask, gt_mask, pred_box, gt_box))
 
+    def add(self, score: ExpressionScore) -> float:
+        """Add one expression's :class:`ExpressionScore` (e.g. a line of a predictions file); returns its IoU.
+
+        Adding the scores of a run in the order it added them gives exactly its metrics, bit for bit.
+        """
+        with_boxes = score.box_iou is not None
+        self._check_box_mix(with_boxes)
+        inter, union = int(score.intersection), int(score.union)
+        if inter < 0 or union < inter:
+            raise ValueError(
+                f"intersection {inter} and union {union} must satisfy 0 <= intersection <= union"
+            )
         iou = 1.0 if union == 0 else inter / union
         self.sum_inter += inter
         self.sum_union += union
-        self.sum_iou += iou
+        _add_exact(self._iou_partials, iou)
         self.count += 1
         for i, t in enumerate(self._fracs):
             # inter/union >= p/q  <=>  inter*q >= p*union (exact); both-empty has IoU 1 and always hits.
@@ -135,7 +191,7 @@ class RISMetrics:
                 self.hits[i] += 1
         if with_boxes:
             self.box_count += 1
-            if b_iou >= 0.5 - _BOX_EPS:
+            if score.box_iou >= 0.5 - _BOX_EPS:
                 self.box_hits += 1
         return iou
 
@@ -149,7 +205,8 @@ class RISMetrics:
                 raise ValueError("cannot merge metrics where only some expressions had boxes")
         self.sum_inter += other.sum_inter
         self.sum_union += other.sum_union
-        self.sum_iou += other.sum_iou
+        for x in other._iou_partials:
+            _add_exact(self._iou_partials, x)
         self.count += other.count
         self.hits = [a + b for a, b in zip(self.hits, other.hits, strict=True)]
         self.box_hits += other.box_hits
@@ -179,6 +236,7 @@ class RISMetrics:
             "sum_inter": int(self.sum_inter),
             "sum_union": int(self.sum_union),
             "sum_iou": float(self.sum_iou),
+            "iou_partials": [float(x) for x in self._iou_partials],
             "count": int(self.count),
             "hits": [int(h) for h in self.hits],
             "box_hits": int(self.box_hits),
@@ -192,12 +250,14 @@ class RISMetrics:
         hits = [int(h) for h in d["hits"]]
         if len(hits) != len(m.thresholds):
             raise ValueError(f"state has {len(hits)} hit counts for {len(m.thresholds)} thresholds")
-        sum_iou = float(d["sum_iou"])
-        if not math.isfinite(sum_iou):
-            raise ValueError(f"sum_iou is not finite: {sum_iou}")
+        partials = [float(x) for x in d.get("iou_partials", [d["sum_iou"]])]
+        if not all(math.isfinite(x) for x in partials):
+            raise ValueError(f"sum_iou is not finite: {partials}")
         m.sum_inter = int(d["sum_inter"])
         m.sum_union = int(d["sum_union"])
-        m.sum_iou = sum_iou
+        m._iou_partials = []
+        for x in partials:
+            _add_exact(m._iou_partials, x)
         m.count = int(d["count"])
         m.hits = hits
         m.box_hits = int(d["box_hits"])
@@ -206,3 +266,45 @@ class RISMetrics:
 
     def __repr__(self) -> str:
         return f"RISMetrics(count={self.count}, sum_inter={self.sum_inter}, sum_union={self.sum_union})"
+
+
+# ----------------------------------------------------------------------------- evaluation protocols
+
+#: "all": every expression of every image (RefCOCO's protocol, our default). "glamm": GLaMM's, at most 3
+#: expressions per image drawn at random — with a fixed seed here, so the numbers can be reproduced.
+PROTOCOLS = ("all", "glamm")
+GLAMM_EXPRESSIONS_PER_IMAGE = 3
+
+
+def protocol_indices(protocol: str, image_key: str, n: int, seed: int = 0) -> list[int]:
+    """Which of an image's ``n`` expressions (in shard order) ``protocol`` evaluates, ascending.
+
+    ``glamm``: as GLaMM's RefCOCO evaluation (groundingLMM ``dataset/segm_datasets/RefCOCO_Segm_ds.py``,
+    ``ReferSegmDataset.__getitem__``: one sample per image; 3 of its sentences, pooled over its refs,
+    drawn without replacement when it has at least 3, else all), but drawn by
+    ``numpy.random.default_rng([seed, blake2b-64(image_key)])``: the same selection for an image whatever
+    the order, batching or worker it is evaluated in. ``image_key``: the shard row's ``file_name``.
+    """
+    if protocol == "all":
+        return list(range(n))
+    if protocol != "glamm":
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    k = GLAMM_EXPRESSIONS_PER_IMAGE
+    if n <= k:
+        return list(range(n))
+    digest = hashlib.blake2b(image_key.encode("utf-8"), digest_size=8).digest()
+    rng = np.random.default_rng([int(seed), int.from_bytes(digest, "little")])
+    return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+
+
+def describe_protocol(protocol: str, seed: int = 0) -> str:
+    """One line stating the protocol, for reports."""
+    if protocol == "all":
+        return "every expression of every image (RefCOCO protocol)"
+    if protocol == "glamm":
+        return (
+            f"glamm: {GLAMM_EXPRESSIONS_PER_IMAGE} expressions per image (all if fewer), drawn without "
+            f"replacement with seed {seed} (numpy default_rng([seed, blake2b-64(file_name)])), as GLaMM "
+            "samples them for RefCOCO evaluation but reproducible"
+        )
+    raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")

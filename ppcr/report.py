@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .metrics import ExpressionScore, RISMetrics
+
 ColumnKey = tuple[str, str, str]
 Results = Mapping[str, Mapping[ColumnKey, Mapping[str, Any]]]
 
@@ -30,6 +32,14 @@ PAPER_COLUMNS: list[ColumnKey] = [
 ]
 
 MISSING = "–"  # en dash, as in the paper
+#: The two names each metric goes by: RefCOCO papers (and PPCR) say oIoU / mIoU, LISA, GLaMM and their
+#: followers cIoU / gIoU for the same numbers (GLaMM eval/referring_seg/infer_and_evaluate.py).
+METRIC_NAMES = {"oIoU": "cIoU", "mIoU": "gIoU"}
+CONVENTIONS = (
+    "oIoU (= cIoU, cumulative IoU in LISA/GLaMM) = sum of intersections / sum of unions over all "
+    "expressions; mIoU (= gIoU in LISA/GLaMM, not the box-regression GIoU) = mean per-expression IoU "
+    "(an expression whose prediction and ground truth are both empty scores 1)."
+)
 REPORT_VERSION = 1
 
 _DATASET_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg"}
@@ -174,6 +184,7 @@ def write_report(
         "version": REPORT_VERSION,
         **({"warning": warning} if warning else {}),
         "meta": meta,
+        "metric_names": METRIC_NAMES,
         "results": {
             row: {_key_str(k): dict(m) for k, m in per_col.items()} for row, per_col in results.items()
         },
@@ -193,8 +204,7 @@ def write_report(
     lines += [
         "## Segmentation (layout of the PPCR paper, Table 1)",
         "",
-        "oIoU = sum of intersections / sum of unions; mIoU = mean per-expression IoU. Values x100; "
-        f"{MISSING} = not evaluated.",
+        CONVENTIONS + f" Values x100; {MISSING} = not evaluated.",
         "",
         main_table(results),
         "",
@@ -208,6 +218,66 @@ def write_report(
     md_path = out / "report.md"
     md_path.write_text("\n".join(lines), encoding="utf-8")
     return json_path, md_path
+
+
+def prediction_record(
+    split: str,
+    sent_id: int,
+    file_name: str,
+    expression: str,
+    box_xyxy: Any,
+    mask_rle: Mapping[str, Any],
+    score: float,
+    result: ExpressionScore,
+) -> dict:
+    """One line of a predictions file (`ppcr evaluate --predictions FILE`, JSON Lines).
+
+    Keys: split, sent_id, file_name, expression; iou, intersection, union (mask pixels), box_iou; box
+    (the predicted box, pixel XYXY of the original image); score (SAM's predicted IoU); mask (COCO
+    compressed RLE, size [H, W]). Floats are written exactly (JSON round-trips Python floats).
+    """
+    return {
+        "split": split,
+        "sent_id": int(sent_id),
+        "file_name": file_name,
+        "expression": expression,
+        "iou": float(result.iou),
+        "intersection": int(result.intersection),
+        "union": int(result.union),
+        "box_iou": None if result.box_iou is None else float(result.box_iou),
+        "box": [float(v) for v in box_xyxy],
+        "score": float(score),
+        "mask": {"size": [int(v) for v in mask_rle["size"]], "counts": str(mask_rle["counts"])},
+    }
+
+
+def write_predictions(path: str | Path, records: list[dict]) -> Path:
+    """Write prediction records (`prediction_record`) as JSON Lines, in the given order (written to
+    ``.tmp``, then renamed)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(p)
+    return p
+
+
+def metrics_from_predictions(path: str | Path) -> dict[str, dict]:
+    """Re-compute each split's metrics from a predictions file: its lines replayed through RISMetrics give
+    the report's numbers exactly (in any order: the sums are exact). Returns {split: compute()}; a line
+    that is not a record raises ValueError naming the file and line."""
+    per: dict[str, RISMetrics] = {}
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                r = json.loads(line)
+                score = ExpressionScore(r["intersection"], r["union"], r["iou"], r["box_iou"])
+                per.setdefault(r["split"], RISMetrics()).add(score)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}, line {n}: not a prediction record ({e!r})") from None
+    return {split: m.compute() for split, m in per.items()}
 
 
 def load_report(path: str | Path) -> tuple[dict[str, dict[ColumnKey, dict]], dict]:

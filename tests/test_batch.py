@@ -31,6 +31,7 @@ from ppcr.batch import (
     run_batch,
     shard_rows_to_images,
 )
+from ppcr.batch.stages import predictions_stage, protocol_stage
 from ppcr.checkpoint import load_checkpoint, load_model_config
 from ppcr.cli import main
 from ppcr.config import ConfigError
@@ -40,6 +41,7 @@ from ppcr.evaluate import evaluate_split
 from ppcr.geometry import ImageShapeError, as_rgb_array
 from ppcr.metrics import RISMetrics
 from ppcr.predictor import Segmenter
+from ppcr.report import metrics_from_predictions, write_predictions
 
 EXPRESSIONS = ["the red circle", "the object on the left", "the big blue square"]
 
@@ -325,6 +327,33 @@ def test_distributed_evaluate_equals_single_process(local_ray, synth_data, check
                 assert got[k] == pytest.approx(want[k], abs=1e-6), (split, k)
 
 
+@pytest.mark.slow  # a Ray Data job and an in-process evaluation
+def test_distributed_predictions_and_protocol_equal_single_process(
+    local_ray, synth_data, checkpoint, tmp_path
+):
+    shards = synth_data[2]
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards), "--dataset", "synthref"]
+    argv += ["--splits", "val", "testA", "--protocol", "glamm"]
+    assert (
+        main([*argv, "--ray", "--out", str(tmp_path / "ray"), "--predictions", str(tmp_path / "ray.jsonl")])
+        == 0
+    )
+    assert (
+        main([*argv, "--out", str(tmp_path / "local"), "--predictions", str(tmp_path / "local.jsonl")]) == 0
+    )
+    ray_lines = [json.loads(x) for x in (tmp_path / "ray.jsonl").read_text().splitlines()]
+    local_lines = [json.loads(x) for x in (tmp_path / "local.jsonl").read_text().splitlines()]
+    key = lambda r: (r["split"], r["sent_id"])  # noqa: E731
+    assert [key(r) for r in ray_lines] == [key(r) for r in local_lines]  # same lines, same order
+    for a, b in zip(ray_lines, local_lines):
+        assert a["iou"] == pytest.approx(b["iou"], abs=1e-3), key(a)  # batch composition: a pixel may flip
+    row = "PPCR [glamm protocol, seed 0]"
+    report = json.loads((tmp_path / "ray" / "report.json").read_text())
+    assert "glamm" in report["meta"]["protocol"] and report["meta"]["runner"] == "ray"
+    for split, m in metrics_from_predictions(tmp_path / "ray.jsonl").items():
+        assert m == report["results"][row][f"synthref/unc/{split}"]  # exactly
+
+
 def test_oracle_box_through_the_stage_functions(val_dir, checkpoint):
     """The oracle variant's code path (SAM gets the ground-truth box), run in-process: the same stage
     functions and classes the actor pools run, without Ray's start-up cost."""
@@ -371,6 +400,37 @@ def test_actor_pools_fail_only_the_culprit_and_classify_text_errors(val_dir, che
             assert got["error"] is None
             np.testing.assert_allclose(got["box"], want["box"], atol=1e-3)
             assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+
+
+def test_protocol_and_predictions_through_the_stage_functions(val_dir, checkpoint, tmp_path):
+    """`evaluate --ray --protocol glamm --predictions`: the protocol stage keeps the expressions the
+    in-process evaluator picks, and the predictions stage writes the records it writes (in-process)."""
+    model = load_checkpoint(checkpoint)
+    shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))])
+    every = shard_rows_to_images(shard, split="val", with_gt=True, done=None)
+    images = protocol_stage(every, "glamm", 0)
+    assert sum(map(len, images["ids"].to_pylist())) < sum(map(len, every["ids"].to_pylist()))
+    decoded = decode_stage(images, model.clip_size, model.sam_size)
+    reasoned = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=16)(decoded)
+    rows = SAMStage(str(checkpoint), None, "cpu", 1, None, evaluation=True)(reasoned)
+    got = [json.loads(r) for r in predictions_stage(rows)["record"].to_pylist()]
+    want: list[dict] = []
+    metrics = evaluate_split(model, val_dir, progress=False, protocol="glamm", on_prediction=want.append)
+    assert sorted(r["sent_id"] for r in got) == sorted(r["sent_id"] for r in want)
+    assert len(got) == metrics["count"]
+    by_id = {r["sent_id"]: r for r in got}
+    for w in want:
+        g = by_id[w["sent_id"]]
+        assert set(g) == set(w) and (g["split"], g["file_name"], g["expression"]) == (
+            w["split"],
+            w["file_name"],
+            w["expression"],
+        )
+        assert g["iou"] == pytest.approx(w["iou"], abs=1e-3)  # other batch compositions: a pixel may flip
+        np.testing.assert_allclose(g["box"], w["box"], atol=1e-3)
+    replay = metrics_from_predictions(write_predictions(tmp_path / "p.jsonl", got))["val"]
+    for k in metrics:
+        assert replay[k] == pytest.approx(metrics[k], abs=1e-3), k
 
 
 @pytest.mark.parametrize(

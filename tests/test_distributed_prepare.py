@@ -12,9 +12,16 @@ import pytest
 import ray
 from PIL import Image
 
+from ppcr.data.custom import prepare_custom, prepare_custom_ray, read_jsonl
 from ppcr.data.distributed_prepare import prepare_shards_ray
 from ppcr.data.refer import ReferDataset
-from ppcr.data.shards import prepare_shards, read_image_rows, shard_dir, validate_shard_schema
+from ppcr.data.shards import (
+    iter_expressions,
+    prepare_shards,
+    read_image_rows,
+    shard_dir,
+    validate_shard_schema,
+)
 from ppcr.data.synth import SynthConfig, synthesize
 from ppcr.ray_cluster import init_ray
 from tests.test_shards import tag_rotated
@@ -120,3 +127,56 @@ def test_bad_arguments_fail_before_any_work(bad_data, tmp_path):
     with pytest.raises(ValueError, match="rows_per_file"):
         prepare_shards_ray(refer_root, images, "synthref", "unc", tmp_path, rows_per_file=0)
     assert not any(tmp_path.iterdir())
+
+
+def _manifest_of(refer_root, images, tmp_path) -> tuple[Path, list[dict], ReferDataset]:
+    """The synthetic REFER data as a JSONL manifest (polygon/RLE masks inline), one bad line at line 4."""
+    refer = ReferDataset(refer_root, "synthref", "unc")
+    lines = []
+    for ref in refer.refs():
+        ann = refer.annotations[ref.ann_id]
+        split = "val" if ref.split == "val" else "train"
+        path = images / refer.image_filename(ref.image_id)
+        texts = [s.text for s in ref.sentences]
+        lines.append({"image": str(path), "expressions": texts, "mask": ann["segmentation"], "split": split})
+    lines.insert(3, {"image": str(images / "x.jpg"), "expression": "", "mask": [[1, 1, 5, 1, 5, 5]]})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return manifest, lines, refer
+
+
+def test_custom_manifest_with_ray_equals_the_local_import(bad_data, tmp_path):
+    """`prepare --format jsonl --ray`: the same rows and bad lines as `--skip-bad` in one process."""
+    refer_root, images, (missing, _) = bad_data
+    manifest, _, refer = _manifest_of(refer_root, images, tmp_path)
+    source = read_jsonl(manifest, "mine")
+    report, parts = prepare_custom_ray(source, tmp_path / "ray", rows_per_file=ROWS)
+    local = prepare_custom(source, tmp_path / "local", rows_per_file=ROWS, skip_bad=True, progress=False)
+    assert report.written == local.written and report.errors == local.errors
+    assert 4 in {e["line"] for e in report.errors}  # the empty expression, by its line number
+    missing_file = str(images / refer.image_filename(missing))
+    assert any(missing_file in e["reason"] for e in report.errors)  # the missing image, per line
+    for split in local.written:
+        want = list(read_image_rows(shard_dir(tmp_path / "local", "mine", "custom", split)))
+        assert list(read_image_rows(shard_dir(tmp_path / "ray", "mine", "custom", split))) == want
+    errors_file = tmp_path / "ray" / "mine_custom" / "errors.jsonl"
+    assert [json.loads(x) for x in errors_file.read_text().splitlines()] == report.errors
+    # A one-process run over the Ray output drops the Ray markers: they describe parts it replaced.
+    prepare_custom(source, tmp_path / "ray", rows_per_file=ROWS, skip_bad=True, progress=False)
+    assert not list((tmp_path / "ray" / "mine_custom").glob("*/_done"))
+
+
+@pytest.mark.slow  # two Ray Data jobs
+def test_custom_rerun_redoes_only_the_parts_an_edit_changes(bad_data, tmp_path):
+    refer_root, images, _ = bad_data
+    manifest, lines, _ = _manifest_of(refer_root, images, tmp_path)
+    first, parts = prepare_custom_ray(read_jsonl(manifest, "mine"), tmp_path / "ray", rows_per_file=ROWS)
+    assert parts["skipped"] == 0 and parts["written"] > 2
+    lines[-1]["expressions"] = ["an edited expression"]
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    again, parts = prepare_custom_ray(read_jsonl(manifest, "mine"), tmp_path / "ray", rows_per_file=ROWS)
+    assert parts["written"] == 1 and again.written == first.written
+    texts = [
+        s.text for s in iter_expressions(shard_dir(tmp_path / "ray", "mine", "custom", lines[-1]["split"]))
+    ]
+    assert "an edited expression" in texts

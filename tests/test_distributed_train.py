@@ -17,7 +17,13 @@ import torch
 from ppcr.checkpoint import load_checkpoint
 from ppcr.config import ConfigError, load_config
 from ppcr.data.streaming import RowsToBatch
-from ppcr.distributed_train import check_before_launch, deepspeed_config, export_inference, run_training
+from ppcr.distributed_train import (
+    check_before_launch,
+    deepspeed_config,
+    export_inference,
+    run_training,
+    worker_config,
+)
 from ppcr.evaluate import evaluate_split
 from ppcr.ray_cluster import ResourceError
 
@@ -165,6 +171,19 @@ def test_resume_without_a_run_is_refused(synth_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------- collate
+
+
+def test_workers_get_absolute_local_folders(tmp_path, monkeypatch):
+    """Rank 0 evaluates `distributed.evaluate_split` and workers load `model.init_weights` from a working
+    folder that is not the driver's: relative folders must reach them absolute."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", overrides={"data": {"shards_root": "shards"}, "model": {"init_weights": "w"}})
+    sent = worker_config(cfg)
+    assert sent["data"]["shards_root"] == str(tmp_path / "shards")
+    assert sent["model"]["init_weights"] == str(tmp_path / "w")
+    uri = load_config("tiny", overrides={"data": {"shards_root": "s3://bucket/shards"}})
+    assert worker_config(uri)["data"]["shards_root"] == "s3://bucket/shards"
+    assert worker_config(uri)["model"]["init_weights"] == uri.model.init_weights  # unset stays unset
 
 
 def test_rows_to_batch_shares_images_and_skips_rows_already_trained_on():

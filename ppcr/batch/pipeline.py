@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -229,34 +229,64 @@ def evaluate_shards(
     overrides: dict | None = None,
     oracle_box: bool = False,
     progress: bool = True,
+    protocol: str = "all",
+    seed: int = 0,
+    on_prediction: Callable[[dict], None] | None = None,
 ) -> dict[str, dict]:
-    """RISMetrics.compute() per split folder name, over every expression, in one Ray Data pipeline.
+    """RISMetrics.compute() per split folder name, over every expression (or those `protocol` picks,
+    `ppcr.metrics.protocol_indices`, drawn with `seed`), in one Ray Data pipeline.
 
     Equal to `ppcr.evaluate.evaluate_split` on the same checkpoint and split. An expression that
     fails (e.g. an undecodable image) is left out, counted under `errors` and warned about.
+    `on_prediction` receives every expression's `report.prediction_record`, sorted by split (in the
+    order given) and sent_id; the metrics are then computed from those records, so replaying them
+    gives the metrics exactly.
     """
-    from ..metrics import RISMetrics
+    from ..metrics import ExpressionScore, RISMetrics, protocol_indices
+    from .stages import predictions_stage, protocol_stage
 
     cfg = cfg or BatchConfig()
     dirs = [Path(d) for d in split_dirs]
     names = [d.name for d in dirs]
     if len(set(names)) != len(names):
         raise ValueError(f"split folders must have distinct names, got {names}")
+    protocol_indices(protocol, "", 0, seed)  # an unknown protocol fails before Ray starts
     _prepare_ray(cfg, "distributed evaluation", progress)
     counter = EncoderCounter.remote()
     merged: dict[str, RISMetrics] = {}
     errors: dict[str, list[str]] = {}
+    records: list[dict] = []
     try:
         images = shard_dataset(dirs, with_gt=True, done=None)
+        if protocol != "all":
+            images = images.map_batches(
+                protocol_stage,
+                batch_format="pyarrow",
+                batch_size=None,
+                fn_kwargs={"protocol": protocol, "seed": seed},
+            )
         rows = build_pipeline(images, checkpoint, cfg, counter, overrides, oracle_box, evaluation=True)
-        states = rows.map_batches(metrics_stage, batch_format="pyarrow", batch_size=256)
-        for r in states.iter_rows():  # a few small rows per batch; the driver only merges sums
-            if r["state"] is not None:
-                m = RISMetrics.from_state_dict(json.loads(r["state"]))
-                merged[r["split"]] = merged[r["split"]].merge(m) if r["split"] in merged else m
-            errors.setdefault(r["split"], []).extend(r["errors"])
+        if on_prediction is None:
+            states = rows.map_batches(metrics_stage, batch_format="pyarrow", batch_size=256)
+            for r in states.iter_rows():  # a few small rows per batch; the driver only merges sums
+                if r["state"] is not None:
+                    m = RISMetrics.from_state_dict(json.loads(r["state"]))
+                    merged[r["split"]] = merged[r["split"]].merge(m) if r["split"] in merged else m
+                errors.setdefault(r["split"], []).extend(r["errors"])
+        else:
+            preds = rows.map_batches(predictions_stage, batch_format="pyarrow", batch_size=256)
+            for r in preds.iter_rows():  # one small row per expression: scores and an RLE mask
+                if r["record"] is not None:
+                    records.append(json.loads(r["record"]))
+                else:
+                    errors.setdefault(r["split"], []).append(r["error"])
     finally:
         ray.kill(counter)
+    records.sort(key=lambda rec: (names.index(rec["split"]), rec["sent_id"]))
+    for rec in records:
+        score = ExpressionScore(rec["intersection"], rec["union"], rec["iou"], rec["box_iou"])
+        merged.setdefault(rec["split"], RISMetrics()).add(score)
+        on_prediction(rec)
     out = {}
     for name in names:
         if name not in merged:

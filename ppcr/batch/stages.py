@@ -312,3 +312,43 @@ def metrics_stage(table: pa.Table) -> pa.Table:
         },
         schema=pa.schema([("split", pa.string()), ("state", pa.string()), ("errors", LIST_STR)]),
     )
+
+
+def protocol_stage(table: pa.Table, protocol: str, seed: int) -> pa.Table:
+    """CPU task: keep, in each image row (IMAGE_SCHEMA, shard input), the expressions `protocol` evaluates
+    (``ppcr.metrics.protocol_indices``: the same selection as the in-process evaluator)."""
+    from ..metrics import protocol_indices
+
+    rows = table.to_pylist()
+    for r in rows:
+        keep = protocol_indices(protocol, r["image"], len(r["ids"]), seed)
+        for key in ("ids", "expressions", "gt_boxes", "gt_masks"):
+            if r[key] is not None:
+                r[key] = [r[key][i] for i in keep]
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+def predictions_stage(table: pa.Table) -> pa.Table:
+    """CPU task: one prediction record (``ppcr.report.prediction_record``, as JSON) per evaluated
+    expression, or its error; the driver sorts them and replays them into the metrics."""
+    from ..data.refer import decode_rle
+    from ..metrics import score_expression
+    from ..report import prediction_record
+
+    records, errors, splits = [], [], []
+    for r in table.to_pylist():
+        splits.append(r["split"])
+        if r["error"] is not None:
+            records.append(None)
+            errors.append(f"{r['id']}: {r['error']}")
+            continue
+        score = score_expression(decode_rle(r["mask"]), decode_rle(r["gt_mask"]), r["box"], r["gt_box"])
+        rec = prediction_record(
+            r["split"], int(r["id"]), r["image"], r["expression"], r["box"], r["mask"], r["score"], score
+        )
+        records.append(json.dumps(rec))
+        errors.append(None)
+    return pa.table(
+        {"split": splits, "record": records, "error": errors},
+        schema=pa.schema([("split", pa.string()), ("record", pa.string()), ("error", pa.string())]),
+    )

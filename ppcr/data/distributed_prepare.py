@@ -1,10 +1,12 @@
-"""REFER -> Parquet shards as a Ray Data job (`ppcr prepare --ray`, `ray_jobs/prepare_data.py`).
+"""Shards as a Ray Data job (`ppcr prepare --ray`, `ray_jobs/prepare_data.py`): REFER, and the custom
+JSONL / COCO imports (`ppcr.data.custom.prepare_custom_ray`) through the same machinery.
 
 The driver plans each split as fixed runs of `rows_per_file` image ids (sorted), one part file per run,
-so the output is the same whatever the parallelism. An actor pool (each actor loads the annotations
-once) builds and writes the parts; a bad image or ref is skipped and reported, never fatal. Every
-finished part leaves `_done/<split>/part-%05d.json` (what it holds and what it skipped): a re-run
-skips finished parts, so an interrupted job continues where it stopped.
+so the output is the same whatever the parallelism. An actor pool builds and writes the parts (`run_parts`:
+each actor builds its row builder once — REFER loads the annotations, a custom import's tasks carry
+their lines); a bad image or ref is skipped and reported, never fatal. Every finished part leaves
+`<split>/_done/part-%05d.json` (its key, what it holds and what it skipped): a re-run skips finished parts
+whose key is unchanged, so an interrupted job continues where it stopped.
 
 Same schema and layout as `prepare_shards` (docs/shard_format.md); one difference: a part whose
 images were skipped holds fewer than `rows_per_file` rows instead of borrowing from the next run.
@@ -19,34 +21,32 @@ from typing import Any
 
 from .refer import ReferDataError, ReferDataset
 from .shards import (
+    DONE_DIR,
     SHARD_FORMAT_VERSION,
     PrepareReport,
     _atomic_write_table,
     _atomic_write_text,
     _build_row,
-    shard_dir,
 )
 
-DONE_DIR = "_done"
+
+def _plan_key(split: str, part: int, image_ids: list[int], content: str = "") -> str:
+    parts = [SHARD_FORMAT_VERSION, split, part, image_ids] + ([content] if content else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _plan_key(split: str, part: int, image_ids: list[int]) -> str:
-    text = json.dumps([SHARD_FORMAT_VERSION, split, part, image_ids])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+class ReferParts:
+    """Builds the rows of a REFER part: loads the annotations once (per actor)."""
 
-
-class PartWriter:
-    """Ray Data actor: builds and writes one part file per input row (split, part, image_ids)."""
-
-    def __init__(self, refer_root: str, images_dir: str, dataset: str, split_by: str, out: str):
+    def __init__(self, refer_root: str, images_dir: str, dataset: str, split_by: str):
         self.refer = ReferDataset(refer_root, dataset, split_by)
-        self.images_dir, self.dataset, self.split_by, self.out = images_dir, dataset, split_by, out
+        self.images_dir = images_dir
         self.by_image: dict[int, list] = {}
         for ref in self.refer.refs():
             self.by_image.setdefault(ref.image_id, []).append(ref)
 
-    def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
-        split, part, ids = task["split"], int(task["part"]), [int(i) for i in task["image_ids"]]
+    def __call__(self, task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+        split, ids = task["split"], [int(i) for i in task["image_ids"]]
         errors: list[dict] = []
 
         def record(err: ReferDataError, image_id: int, ref_id: int | None) -> None:
@@ -72,7 +72,21 @@ class PartWriter:
                 continue
             if row["refs"]:
                 rows.append(row)
-        folder = shard_dir(self.out, self.dataset, self.split_by, split)
+        return rows, errors
+
+
+class PartWriter:
+    """Ray Data actor: builds (with `builder(**builder_kwargs)`, called on the task) and writes one part
+    file per input row (split, part, key, ...), then its `_done` marker."""
+
+    def __init__(self, builder: type, builder_kwargs: dict, root: str):
+        self.build = builder(**builder_kwargs)
+        self.root = Path(root)
+
+    def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
+        split, part = task["split"], int(task["part"])
+        rows, errors = self.build(task)
+        folder = self.root / split
         path = folder / f"part-{part:05d}.parquet"
         folder.mkdir(parents=True, exist_ok=True)
         if rows:
@@ -84,6 +98,55 @@ class PartWriter:
         marker.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(json.dumps(done), marker)  # written last: the part is finished
         return {"split": split, "part": part, "rows": len(rows), "errors": json.dumps(errors)}
+
+
+def run_parts(
+    root: Path, plan: dict[str, list[dict]], builder: type, builder_kwargs: dict, concurrency: int
+) -> tuple[PrepareReport, dict]:
+    """Build and write every unfinished part of ``plan`` (split -> its tasks, part 0, 1, ... each with a
+    ``key`` that changes with its content) under ``root/<split>/`` with a pool of PartWriter actors.
+
+    Parts whose marker holds the same key (and whose file exists) are skipped; part files beyond the plan
+    are removed. Returns the report (rows, files, errors from the markers; errors.jsonl is the caller's)
+    and {"written": parts done now, "skipped": parts already done}.
+    """
+    import ray.data
+
+    todo, order = [], []
+    for split, tasks in plan.items():
+        folder = root / split
+        for stale in folder.glob("part-*.parquet*"):  # parts beyond this plan (an earlier, larger run)
+            if not stale.name.endswith(".parquet") or int(stale.name[5:10]) >= len(tasks):
+                stale.unlink()
+        for task in tasks:
+            order.append((split, task["part"]))
+            marker = folder / DONE_DIR / f"part-{task['part']:05d}.json"
+            done = json.loads(marker.read_text()) if marker.is_file() else None
+            if (
+                done
+                and done["key"] == task["key"]
+                and (done["file"] is None or (folder / done["file"]).is_file())
+            ):
+                continue
+            todo.append({"split": split, **task})
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
+            PartWriter,
+            fn_constructor_kwargs=dict(builder=builder, builder_kwargs=builder_kwargs, root=str(root)),
+            concurrency=min(concurrency, len(todo)),
+        )
+        ds.materialize()  # a handful of tiny result rows; the part files are the output
+    report = PrepareReport()
+    for split, part in order:
+        folder = root / split
+        done = json.loads((folder / DONE_DIR / f"part-{part:05d}.json").read_text())
+        report.written[split] = report.written.get(split, 0) + done["rows"]
+        if done["file"]:
+            report.files.append(str(folder / done["file"]))
+        report.errors += done["errors"]
+    for split in plan:
+        report.written.setdefault(split, 0)
+    return report, {"written": len(todo), "skipped": len(order) - len(todo)}
 
 
 def prepare_shards_ray(
@@ -100,8 +163,6 @@ def prepare_shards_ray(
     """Convert a REFER dataset to shards with Ray Data. Returns the report (rows per split, files,
     skipped records, also in `<out>/<dataset>_<split_by>/errors.jsonl`) and counts of parts
     {"written": n, "skipped": m} (parts finished by an earlier run are skipped)."""
-    import ray.data
-
     if rows_per_file < 1:
         raise ValueError("rows_per_file must be >= 1")
     if concurrency < 1:
@@ -111,44 +172,15 @@ def prepare_shards_ray(
     ids_by_split = {
         s: sorted({r.image_id for r in refer.refs(s)}) for s in splits
     }  # ValueError on a bad split
-    out = Path(out)
-    todo, plan = [], []
+    plan = {}
     for split, ids in ids_by_split.items():
-        folder = shard_dir(out, dataset, split_by, split)
-        n_parts = (len(ids) + rows_per_file - 1) // rows_per_file
-        for stale in folder.glob("part-*.parquet*"):  # parts beyond this plan (an earlier, larger run)
-            if not stale.name.endswith(".parquet") or int(stale.name[5:10]) >= n_parts:
-                stale.unlink()
-        for part in range(n_parts):
-            chunk = ids[part * rows_per_file : (part + 1) * rows_per_file]
-            key = _plan_key(split, part, chunk)
-            plan.append((split, part))
-            marker = folder / DONE_DIR / f"part-{part:05d}.json"
-            done = json.loads(marker.read_text()) if marker.is_file() else None
-            if done and done["key"] == key and (done["file"] is None or (folder / done["file"]).is_file()):
-                continue
-            todo.append({"split": split, "part": part, "image_ids": chunk, "key": key})
-    if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
-            PartWriter,
-            fn_constructor_kwargs=dict(
-                refer_root=str(refer_root),
-                images_dir=str(images_dir),
-                dataset=dataset,
-                split_by=split_by,
-                out=str(out),
-            ),
-            concurrency=min(concurrency, len(todo)),
-        )
-        ds.materialize()  # a handful of tiny result rows; the part files are the output
-    report = PrepareReport()
-    for split, part in plan:
-        folder = shard_dir(out, dataset, split_by, split)
-        done = json.loads((folder / DONE_DIR / f"part-{part:05d}.json").read_text())
-        report.written[split] = report.written.get(split, 0) + done["rows"]
-        if done["file"]:
-            report.files.append(str(folder / done["file"]))
-        report.errors += done["errors"]
-    root = out / f"{dataset}_{split_by}"
+        chunks = [ids[i : i + rows_per_file] for i in range(0, len(ids), rows_per_file)]
+        plan[split] = [
+            {"part": part, "image_ids": chunk, "key": _plan_key(split, part, chunk)}
+            for part, chunk in enumerate(chunks)
+        ]
+    root = Path(out) / f"{dataset}_{split_by}"
+    kwargs = dict(refer_root=str(refer_root), images_dir=str(images_dir), dataset=dataset, split_by=split_by)
+    report, parts = run_parts(root, plan, ReferParts, kwargs, concurrency)
     _atomic_write_text("".join(json.dumps(e) + "\n" for e in report.errors), root / "errors.jsonl")
-    return report, {"written": len(todo), "skipped": len(plan) - len(todo)}
+    return report, parts

@@ -15,7 +15,6 @@ Boxes are XYXY in continuous pixel coordinates (the image spans ``[0, W] x [0, H
 from __future__ import annotations
 
 import json
-import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from .masks import MaskError, bbox_xywh_to_xyxy, segmentation_rle
 
 __all__ = [
     "DATASET_SPLITS",
@@ -288,8 +289,9 @@ class ReferDataset:
         """Mask of annotation ``ann_id`` as COCO compressed RLE ``{"size": [h, w], "counts": str}``.
 
         Polygons are rasterised at the image's size and merged (union); RLE is passed through
-        (uncompressed counts are compressed). Malformed data -> ReferDataError naming instances.json
-        and the ann id.
+        (uncompressed counts are compressed). Both are checked and their work bounded before pycocotools
+        runs (`ppcr.data.masks.segmentation_rle`). Malformed or out-of-bounds data -> ReferDataError naming
+        instances.json and the ann id.
         """
         ann = self._ann(ann_id)
         image_id = ann.get("image_id")
@@ -298,57 +300,26 @@ class ReferDataset:
             raise ReferDataError(
                 self.instances_path, "annotation's image not in instances.json", ann_id=ann_id
             )
-        h, w = int(im["height"]), int(im["width"])
-        seg = ann.get("segmentation")
-
-        def bad(reason: str) -> ReferDataError:
-            return ReferDataError(self.instances_path, reason, ann_id=ann_id, image_id=image_id)
-
-        if isinstance(seg, list):
-            if not seg:
-                raise bad("empty polygon list")
-            polys = []
-            for k, poly in enumerate(seg):
-                if not isinstance(poly, (list, tuple)):
-                    raise bad(f"polygon {k} is not a list of numbers")
-                try:
-                    coords = [float(v) for v in poly]
-                except (TypeError, ValueError):
-                    raise bad(f"polygon {k} has non-numeric coordinates") from None
-                if len(coords) < 6 or len(coords) % 2:
-                    raise bad(f"malformed polygon {k}: {len(coords)} numbers (need an even count >= 6)")
-                if not all(math.isfinite(v) for v in coords):
-                    raise bad(f"malformed polygon {k}: non-finite coordinate")
-                polys.append(coords)
-            rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-        elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-            size = [int(v) for v in seg["size"]]
-            if size != [h, w]:
-                raise bad(f"RLE size {size} != image size [{h}, {w}]")
-            counts = seg["counts"]
-            if isinstance(counts, list):
-                rle = mask_utils.frPyObjects({"size": size, "counts": counts}, h, w)
-            elif isinstance(counts, (str, bytes)):
-                rle = {"size": size, "counts": _counts_bytes(counts)}
-            else:
-                raise bad(f"RLE counts of unsupported type {type(counts).__name__}")
-        else:
-            raise bad(f"unsupported segmentation of type {type(seg).__name__}")
-        counts_out = rle["counts"]
-        if isinstance(counts_out, bytes):
-            counts_out = counts_out.decode("ascii")
-        return {"size": [h, w], "counts": counts_out}
+        try:
+            h, w = int(im["height"]), int(im["width"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ReferDataError(
+                self.instances_path, f"image without a valid height/width ({e!r})", image_id=image_id
+            ) from None
+        try:
+            return segmentation_rle(ann.get("segmentation"), h, w)
+        except MaskError as e:
+            raise ReferDataError(self.instances_path, str(e), ann_id=ann_id, image_id=image_id) from None
 
     def ann_bbox_xyxy(self, ann_id: int) -> list[float]:
         """COCO XYWH bbox of ``ann_id`` as ``[x1, y1, x2, y2]`` in continuous pixel coords."""
         ann = self._ann(ann_id)
         try:
-            x, y, bw, bh = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError):
-            raise ReferDataError(self.instances_path, "missing or malformed bbox", ann_id=ann_id) from None
-        if not all(math.isfinite(v) for v in (x, y, bw, bh)) or bw < 0 or bh < 0:
-            raise ReferDataError(self.instances_path, f"invalid bbox {[x, y, bw, bh]}", ann_id=ann_id)
-        return [x, y, x + bw, y + bh]
+            return bbox_xywh_to_xyxy(ann.get("bbox"))
+        except MaskError as e:
+            raise ReferDataError(
+                self.instances_path, f"missing or malformed bbox: {e}", ann_id=ann_id
+            ) from None
 
     def __repr__(self) -> str:
         return (

@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,12 @@ __all__ = [
     "read_image_rows",
     "shard_dir",
     "validate_shard_schema",
+    "write_split",
 ]
 
 SHARD_FORMAT_VERSION = "1"
+#: Per split folder, `prepare --ray` marks its finished parts here (ppcr/data/distributed_prepare.py).
+DONE_DIR = "_done"
 
 
 def _list(value_type: pa.DataType) -> pa.DataType:
@@ -209,6 +213,73 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _refer_rows(
+    refer: ReferDataset,
+    split: str,
+    images_dir: str | Path,
+    skip_bad: bool,
+    errors: list[dict],
+    progress: bool,
+) -> Iterator[dict]:
+    """The rows of one REFER split in image_id order; with ``skip_bad`` bad records go to ``errors``."""
+    by_image: dict[int, list[ReferRef]] = {}
+    for ref in refer.refs(split):
+        by_image.setdefault(ref.image_id, []).append(ref)
+
+    def record(err: ReferDataError, image_id: int, ref_id: int | None) -> None:
+        entry: dict[str, Any] = {"split": split, "image_id": image_id}
+        if ref_id is not None:
+            entry["ref_id"] = ref_id
+        entry.update(file=err.path, reason=err.reason)
+        errors.append(entry)
+
+    name = f"{refer.dataset}_{refer.split_by}/{split}"
+    for image_id in tqdm(sorted(by_image), desc=name, disable=not progress):
+        on_bad = (lambda ref, e, i=image_id: record(e, i, ref.ref_id)) if skip_bad else None
+        try:
+            row = _build_row(refer, image_id, images_dir, by_image[image_id], on_bad)
+        except ReferDataError as e:
+            if not skip_bad:
+                raise
+            record(e, image_id, None)
+            continue
+        if row["refs"]:  # else every ref of this image was bad; each is already in errors
+            yield row
+
+
+def write_split(rows: Iterable[dict], out_dir: Path, rows_per_file: int) -> tuple[list[str], int]:
+    """Write one split's rows (SHARD_SCHEMA dicts, already in image_id order) into ``out_dir``.
+
+    The split's old ``part-*`` files (and ``--ray`` markers) are removed first; then every ``rows_per_file`` rows become
+    ``part-%05d.parquet`` (written to ``.tmp``, then renamed). ``rows`` is consumed lazily, so a split
+    never has to fit in memory. Returns (the files written, the number of rows).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("part-*.parquet"), *out_dir.glob("part-*.parquet.tmp")]:
+        stale.unlink()
+    if (out_dir / DONE_DIR).is_dir():  # an earlier --ray run's markers describe parts no longer there
+        shutil.rmtree(out_dir / DONE_DIR)
+    files: list[str] = []
+    chunk: list[dict] = []
+    n = 0
+
+    def flush() -> None:
+        nonlocal n
+        path = out_dir / f"part-{n // rows_per_file:05d}.parquet"
+        _atomic_write_table(chunk, path)
+        files.append(str(path))
+        n += len(chunk)
+        chunk.clear()
+
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == rows_per_file:
+            flush()
+    if chunk:
+        flush()
+    return files, n
+
+
 def prepare_shards(
     refer_root: str | Path,
     images_dir: str | Path,
@@ -239,52 +310,11 @@ def prepare_shards(
     root = Path(out) / f"{dataset}_{split_by}"
 
     for split in splits:
-        out_dir = shard_dir(out, dataset, split_by, split)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*out_dir.glob("part-*.parquet"), *out_dir.glob("part-*.parquet.tmp")]:
-            stale.unlink()
-        by_image: dict[int, list[ReferRef]] = {}
-        for ref in refer.refs(split):
-            by_image.setdefault(ref.image_id, []).append(ref)
-
-        def record_error(err: ReferDataError, image_id: int, ref_id: int | None, split: str = split) -> None:
-            entry: dict[str, Any] = {"split": split, "image_id": image_id}
-            if ref_id is not None:
-                entry["ref_id"] = ref_id
-            entry.update(file=err.path, reason=err.reason)
-            report.errors.append(entry)
-
-        rows: list[dict] = []
-        n_written = 0
-        for image_id in tqdm(sorted(by_image), desc=f"{dataset}_{split_by}/{split}", disable=not progress):
-            try:
-                row = _build_row(
-                    refer,
-                    image_id,
-                    images_dir,
-                    by_image[image_id],
-                    (lambda ref, e, i=image_id: record_error(e, i, ref.ref_id)) if skip_bad else None,
-                )
-            except ReferDataError as e:
-                if not skip_bad:
-                    raise
-                record_error(e, image_id, None)
-                continue
-            if not row["refs"]:
-                continue  # every ref of this image was bad; each is already in report.errors
-            rows.append(row)
-            if len(rows) == rows_per_file:
-                path = out_dir / f"part-{n_written // rows_per_file:05d}.parquet"
-                _atomic_write_table(rows, path)
-                report.files.append(str(path))
-                n_written += len(rows)
-                rows = []
-        if rows:
-            path = out_dir / f"part-{n_written // rows_per_file:05d}.parquet"
-            _atomic_write_table(rows, path)
-            report.files.append(str(path))
-            n_written += len(rows)
-        report.written[split] = n_written
+        rows = _refer_rows(refer, split, images_dir, skip_bad, report.errors, progress)
+        files, report.written[split] = write_split(
+            rows, shard_dir(out, dataset, split_by, split), rows_per_file
+        )
+        report.files += files
 
     root.mkdir(parents=True, exist_ok=True)
     _atomic_write_text("".join(json.dumps(e) + "\n" for e in report.errors), root / "errors.jsonl")

@@ -11,6 +11,7 @@ Nothing is materialised: Ray Data streams blocks and Ray Train splits the stream
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections import Counter
@@ -31,7 +32,9 @@ from .shards import SHARD_SCHEMA, shard_dir
 #: One training row per expression (the output of `preprocess_images`).
 ROW_COLUMNS = (
     "key",  # "<dataset>/<split_by>/<sent_id>": unique across a mix; the data position of a resume
-    "image_key",  # file name: equal images (refcoco and refcoco+ share COCO) are encoded once per batch
+    # A hash of the image's file bytes: equal images (refcoco and refcoco+ share COCO) are encoded once
+    # per batch, and two data sets of a mix whose different images share a file name never swap pixels.
+    "image_key",
     "clip_pixels",  # float32 (3, C, C)
     "sam_pixels",  # float32 (3, S, S)
     "original_hw",  # int64 (2,)
@@ -83,11 +86,12 @@ def preprocess_images(
         h, w = image.shape[:2]
         clip, sam, in_hw = preprocess_image(image, clip_size, sam_size, clip_mode)
         clip, sam = clip.numpy(), sam.numpy()
+        key = hashlib.blake2b(row["image"], digest_size=16).hexdigest()
         for ref in row["refs"]:
             box = normalize_box(np.asarray(ref["bbox"], dtype=np.float64), (h, w)).clip(0, 1)
             for s in ref["sentences"]:
                 out["key"].append(f"{dataset}/{split_by}/{s['sent_id']}")
-                out["image_key"].append(row["file_name"])
+                out["image_key"].append(key)
                 out["clip_pixels"].append(clip)
                 out["sam_pixels"].append(sam)
                 out["original_hw"].append(np.array([h, w], dtype=np.int64))
