@@ -356,3 +356,40 @@ def test_prepare_refuses_what_the_readers_would_refuse(
     assert [x["image_id"] for x in report.errors] == [image_id]
     assert "has an aspect ratio of" in report.errors[0]["reason"]
     assert "(sizes are width x height; images must have" in report.errors[0]["reason"]
+
+
+def test_prepare_refuses_sentences_the_text_rules_refuse(
+    synth: dict, refer: ReferDataset, tmp_path: Path
+) -> None:
+    """A sentence with a terminal escape (or a reserved token) never reaches a shard: training's prompt
+    builder would refuse it mid-run. The ref is named; with --skip-bad only that ref is dropped."""
+    import pickle
+
+    refer_root = tmp_path / "refer"
+    shutil.copytree(Path(synth["refer_root"]) / "synthref", refer_root / "synthref")
+    refs_path = refer_root / "synthref" / "refs(unc).p"
+    refs = pickle.loads(refs_path.read_bytes())
+    bad = next(r for r in refs if r["split"] == "val")
+    bad["sentences"][0]["sent"] = "the \x1b[31mred\x1b[0m square"
+    refs_path.write_bytes(pickle.dumps(refs))
+    with pytest.raises(ReferDataError, match=rf"sentence {bad['sentences'][0]['sent_id']}: .*U\+001B"):
+        prepare_shards(
+            refer_root,
+            synth["images_dir"],
+            "synthref",
+            "unc",
+            tmp_path / "strict",
+            splits=["val"],
+            progress=False,
+        )
+    out = tmp_path / "out"
+    report = prepare_shards(
+        refer_root, synth["images_dir"], "synthref", "unc", out, splits=["val"], skip_bad=True, progress=False
+    )
+    assert [e["ref_id"] for e in report.errors] == [bad["ref_id"]]
+    kept = [
+        ref["ref_id"]
+        for row in read_image_rows(shard_dir(out, "synthref", "unc", "val"))
+        for ref in row["refs"]
+    ]
+    assert bad["ref_id"] not in kept and len(kept) == len(refer.refs("val")) - 1

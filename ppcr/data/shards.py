@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import InputError
 from ..geometry import ImageDecodeError, decode_image
+from ..prompts import clean_expression
 from .refer import ReferDataError, ReferDataset, ReferRef, decode_rle
 
 __all__ = [
@@ -94,6 +95,11 @@ def _ref_entry(refer: ReferDataset, ref: ReferRef, h: int, w: int) -> dict:
         )
     if not ref.sentences:
         raise ReferDataError(refer.refs_path, "ref has no sentences", ref_id=ref.ref_id)
+    for s in ref.sentences:  # the text rules every entry point applies: a shard never holds what they refuse
+        try:
+            clean_expression(s.text)
+        except InputError as exc:
+            raise ReferDataError(refer.refs_path, f"sentence {s.sent_id}: {exc}", ref_id=ref.ref_id) from None
     return {
         "ref_id": ref.ref_id,
         "ann_id": ref.ann_id,
