@@ -152,7 +152,7 @@ def test_a_manifest_that_is_not_text_of_its_format_names_the_line(tmp_path):
         read_manifest(tmp_path / "bad.jsonl")
 
 
-def test_the_decode_stage_reads_images_as_every_entry_point_does(tmp_path):
+def test_the_decode_stage_reads_images_as_every_entry_point_does(tmp_path, checkpoint):
     """A 16-bit PNG by path and by URI gets the pixels of its 8-bit original; a 1×512 strip gets the
     shape message the library and the server give (before: SAM's resize error)."""
     cam = skimage.data.camera()[::4, ::4]
@@ -166,7 +166,9 @@ def test_the_decode_stage_reads_images_as_every_entry_point_does(tmp_path):
         {"image": "strip.png", "expression": "the line"},
     ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    rows = decode_stage(group_by_image(read_manifest(tmp_path / "m.jsonl")), 32, 64).to_pylist()
+    rows = decode_stage(
+        group_by_image(read_manifest(tmp_path / "m.jsonl")), 32, 64, checkpoint=str(checkpoint)
+    ).to_pylist()
     assert [r["errors"] for r in rows[:3]] == [[None]] * 3
     assert rows[0]["clip"] == rows[1]["clip"] == rows[2]["clip"]
     assert rows[0]["sam"] == rows[1]["sam"] == rows[2]["sam"]
@@ -410,7 +412,7 @@ def test_protocol_and_predictions_through_the_stage_functions(val_dir, checkpoin
     every = shard_rows_to_images(shard, split="val", with_gt=True, done=None)
     images = protocol_stage(every, "glamm", 0)
     assert sum(map(len, images["ids"].to_pylist())) < sum(map(len, every["ids"].to_pylist()))
-    decoded = decode_stage(images, model.clip_size, model.sam_size)
+    decoded = decode_stage(images, model.clip_size, model.sam_size, checkpoint=str(checkpoint))
     reasoned = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=16)(decoded)
     rows = SAMStage(str(checkpoint), None, "cpu", 1, None, evaluation=True)(reasoned)
     got = [json.loads(r) for r in predictions_stage(rows)["record"].to_pylist()]

@@ -259,7 +259,7 @@ def tag_rotated(path: Path) -> None:
 
 
 def test_an_exif_rotated_image_is_stored_and_read_as_displayed(
-    synth: dict, refer: ReferDataset, images_copy: Path, tmp_path: Path
+    synth: dict, refer: ReferDataset, images_copy: Path, tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
     # Before: prepare compared the stored size with instances.json, which annotation tools write in the
     # displayed size, and refused the image ("image size 225x180 != instances.json 180x225").
@@ -291,7 +291,9 @@ def test_an_exif_rotated_image_is_stored_and_read_as_displayed(
     sample = next(s for s in iter_expressions(split) if s.image_id == image_id)
     np.testing.assert_array_equal(ImageCache().get(sample), shown)
     table = pa.concat_tables([pq.read_table(f) for f in sorted(split.glob("part-*.parquet"))])
-    decoded = decode_stage(shard_rows_to_images(table, "val", True, None), 32, 64).to_pylist()
+    decoded = decode_stage(
+        shard_rows_to_images(table, "val", True, None), 32, 64, checkpoint=str(tiny_checkpoint)
+    ).to_pylist()
     assert all(err is None for r in decoded for err in r["errors"])
     assert [r["hw"] for r in decoded if r["image"] == row["file_name"]] == [[info["height"], info["width"]]]
 
