@@ -27,6 +27,7 @@ from .shards import (
     _atomic_write_table,
     _atomic_write_text,
     _build_row,
+    error_entry,
 )
 
 
@@ -50,11 +51,7 @@ class ReferParts:
         errors: list[dict] = []
 
         def record(err: ReferDataError, image_id: int, ref_id: int | None) -> None:
-            entry: dict[str, Any] = {"split": split, "image_id": image_id}
-            if ref_id is not None:
-                entry["ref_id"] = ref_id
-            entry.update(file=err.path, reason=err.reason)
-            errors.append(entry)
+            errors.append(error_entry(split, image_id, ref_id, err))
 
         rows = []
         for image_id in ids:

@@ -87,6 +87,15 @@ def shard_dir(root: str | Path, dataset: str, split_by: str, split: str) -> Path
 # ----------------------------------------------------------------------------- writer
 
 
+def error_entry(split: str, image_id: int, ref_id: int | None, err: ReferDataError) -> dict[str, Any]:
+    """One line of ``errors.jsonl`` (``--skip-bad``): where the bad record is and why."""
+    entry: dict[str, Any] = {"split": split, "image_id": image_id}
+    if ref_id is not None:
+        entry["ref_id"] = ref_id
+    entry.update(file=err.path, reason=err.reason)
+    return entry
+
+
 def _ref_entry(refer: ReferDataset, ref: ReferRef, h: int, w: int) -> dict:
     rle = refer.ann_rle(ref.ann_id)
     if list(rle["size"]) != [h, w]:
@@ -233,11 +242,7 @@ def _refer_rows(
         by_image.setdefault(ref.image_id, []).append(ref)
 
     def record(err: ReferDataError, image_id: int, ref_id: int | None) -> None:
-        entry: dict[str, Any] = {"split": split, "image_id": image_id}
-        if ref_id is not None:
-            entry["ref_id"] = ref_id
-        entry.update(file=err.path, reason=err.reason)
-        errors.append(entry)
+        errors.append(error_entry(split, image_id, ref_id, err))
 
     name = f"{refer.dataset}_{refer.split_by}/{split}"
     for image_id in tqdm(sorted(by_image), desc=name, disable=not progress):
