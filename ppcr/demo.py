@@ -45,8 +45,8 @@ def _demo_data(num_images: int) -> SynthConfig:
 class DemoSettings:
     data: SynthConfig = field(default_factory=lambda: _demo_data(900))
     # The amount of training is a step count, so the numbers are the same on any machine (README).
-    # 2200 steps of 32 expressions with the 2-layer language model: ~0.37 s/step on a quiet 2-core AVX2
-    # EPYC; 16 per step would be cheaper but learns far less per step (docs/learning.md, findings 13-14).
+    # 2200 steps of 32 expressions with the 2-layer language model: 0.39-0.56 s/step on a quiet 2-core
+    # AVX2 EPYC; 16 per step would be cheaper but learns far less per step (docs/learning.md, 13-14).
     steps: int = 2200
     batch_size: int = 32
     # A safety net, not the plan: a machine too slow to finish `steps` in this time stops early, and the
@@ -60,7 +60,7 @@ class DemoSettings:
 QUICK = DemoSettings(data=_demo_data(40), train_minutes=5.0, steps=30, overlays=4)
 
 # What the full demo reaches with DemoSettings' steps (README and docs/learning.md, same run).
-PUBLISHED = "val mIoU 0.72, BoxAcc@0.5 0.62"
+PUBLISHED = "val mIoU 0.74, BoxAcc@0.5 0.69"
 
 
 def _say(msg: str) -> None:
