@@ -147,7 +147,7 @@ def _manifest_of(refer_root, images, tmp_path) -> tuple[Path, list[dict], ReferD
 
 def test_custom_manifest_with_ray_equals_the_local_import(bad_data, tmp_path):
     """`prepare --format jsonl --ray`: the same rows and bad lines as `--skip-bad` in one process."""
-    refer_root, images, (missing, _) = bad_data
+    refer_root, images, (missing, *_) = bad_data
     manifest, _, refer = _manifest_of(refer_root, images, tmp_path)
     source = read_jsonl(manifest, "mine")
     report, parts = prepare_custom_ray(source, tmp_path / "ray", rows_per_file=ROWS)

@@ -188,10 +188,11 @@ def test_converted_checkpoint_holds_glamm_tensors(fakes, converted):
     changed = LLM + "layers.1.post_attention_layernorm.weight"
     assert list(report.base_overrides) == [changed] and model.cfg.base_overrides == [changed]
     assert torch.equal(sd[changed], glamm["model.layers.1.post_attention_layernorm.weight"])
-    assert report.dropped == {"model.layers.N.self_attn.rotary_emb": 3, "model.region_encoder": 2}
+    layers = model.cfg.language.num_layers
+    assert report.dropped == {"model.layers.N.self_attn.rotary_emb": layers, "model.region_encoder": 2}
     # LoRA: base + scale·B·A reproduces GLaMM's merged q/v (true rank 8 = r for A, 4 for B).
     scale = model.cfg.lora.alpha / model.cfg.lora.r
-    for layer in range(3):
+    for layer in range(layers):
         for proj in ("q_proj", "v_proj"):
             p = f"{LLM}layers.{layer}.self_attn.{proj}."
             key = f"model.layers.{layer}.self_attn.{proj}.weight"
