@@ -224,6 +224,16 @@ def _unknown(obj: dict, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown key(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
 
 
+def _line_object(obj: object, err: str | None, allowed: tuple[str, ...]) -> None:
+    """Check one manifest line: ValueError if it did not parse, is not a JSON object, or has a key
+    outside `allowed` (the same rules for the JSONL and the COCO-expressions manifest)."""
+    if err is not None:
+        raise ValueError(err)
+    if not isinstance(obj, dict):
+        raise ValueError(f"a line must be a JSON object; got {type(obj).__name__}")
+    _unknown(obj, allowed)
+
+
 def _bbox(obj: dict) -> list[float] | None:
     if "bbox" not in obj:
         return None
@@ -265,11 +275,7 @@ def read_jsonl(manifest: str | Path, dataset: str) -> CustomSource:
     image_ids: dict[str, int] = {}
     for line, obj, err in _json_lines(path, data):
         try:
-            if err is not None:
-                raise ValueError(err)
-            if not isinstance(obj, dict):
-                raise ValueError(f"a line must be a JSON object; got {type(obj).__name__}")
-            _unknown(obj, JSONL_KEYS)
+            _line_object(obj, err, JSONL_KEYS)
             image = obj.get("image")
             if not isinstance(image, str) or not image.strip():
                 raise ValueError(f"image must be a non-empty path or URI; got {image!r}")
@@ -368,11 +374,7 @@ def read_coco(
     used: dict[int, int] = {}
     for line, obj, err in _json_lines(refs_path, refs_bytes):
         try:
-            if err is not None:
-                raise ValueError(err)
-            if not isinstance(obj, dict):
-                raise ValueError(f"a line must be a JSON object; got {type(obj).__name__}")
-            _unknown(obj, COCO_REF_KEYS)
+            _line_object(obj, err, COCO_REF_KEYS)
             if "ann_id" not in obj:
                 raise ValueError("missing ann_id")
             ann_id = _int(obj["ann_id"], "ann_id", 0, 2**63)
