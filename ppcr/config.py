@@ -58,6 +58,10 @@ class LanguageConfig:
     # Embedding rows of a randomly initialised model (None: the tokenizer's size). A model loaded from
     # `mllm_path` keeps the folder's rows (llava-hf: 32064). Used by benchmarks/gpu_check.py.
     vocab_size: int | None = None
+    # Std of the normal init of a randomly initialised language model's linear and embedding weights
+    # (transformers' `initializer_range`; also the projector's). Llama's 0.02 is sized for 4096 wide
+    # layers; the tiny preset sets its own (docs/learning.md, finding 16). Unused with `mllm_path`.
+    initializer_range: float = 0.02
 
 
 @dataclass
@@ -332,8 +336,11 @@ def validate(obj: Any, prefix: str = "") -> None:
             )
         if obj.hidden_size % obj.num_heads:
             raise ConfigError(f"{p}hidden_size must be divisible by num_heads")
-    if isinstance(obj, LanguageConfig) and obj.hidden_size % obj.num_heads:
-        raise ConfigError(f"{p}hidden_size must be divisible by num_heads")
+    if isinstance(obj, LanguageConfig):
+        if obj.hidden_size % obj.num_heads:
+            raise ConfigError(f"{p}hidden_size must be divisible by num_heads")
+        if not 0 < obj.initializer_range <= 1:
+            raise ConfigError(f"{p}initializer_range must be in (0, 1], got {obj.initializer_range}")
     if isinstance(obj, SamConfig):
         if obj.patch_size < 1 or obj.image_size % obj.patch_size:
             raise ConfigError(

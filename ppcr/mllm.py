@@ -221,6 +221,7 @@ def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaFo
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
+            initializer_range=lang.initializer_range,
         )
         config = LlavaConfig(
             vision_config=vision,

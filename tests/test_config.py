@@ -192,6 +192,8 @@ def test_vision_image_size_not_multiple_of_patch(tmp_path):
         ({"train": {"steps": 0}}, "train.steps"),
         ({"train": {"lr": 0.0}}, "train.lr"),
         ({"model": {"language": {"num_heads": 3}}}, "model.language.hidden_size"),
+        ({"model": {"language": {"initializer_range": 0.0}}}, "model.language.initializer_range"),
+        ({"model": {"language": {"initializer_range": 2.0}}}, "model.language.initializer_range"),
     ],
 )
 def test_cross_field_validation_names_key(tmp_path, override, key):

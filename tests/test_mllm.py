@@ -386,3 +386,29 @@ def test_base_llava_folder_must_have_the_presets_context(model):
     config.text_config.max_position_embeddings = 4096
     with pytest.raises(WeightsError, match=r"text_config.max_position_embeddings 4096 \(preset 512\)"):
         check_llava_config(config, model.cfg, "folder")
+
+
+def test_initializer_range_sets_the_language_model_and_projector_init_only(cfg):
+    """`model.language.initializer_range` is the std of a random language model's (and projector's)
+    linear and embedding weights; the CLIP tower keeps its own width-scaled init."""
+    import dataclasses
+
+    from ppcr.mllm import MLLM
+
+    stds = {}
+    for r in (0.02, 0.1):
+        language = dataclasses.replace(cfg.model.language, initializer_range=r)
+        torch.manual_seed(0)
+        llava = MLLM(dataclasses.replace(cfg.model, language=language)).llava
+        lm = llava.model.language_model
+        stds[r] = {
+            "q_proj": float(lm.layers[0].self_attn.q_proj.base_layer.weight.std()),
+            "down_proj": float(lm.layers[-1].mlp.down_proj.weight.std()),
+            "embed": float(lm.embed_tokens.weight[:100].std()),
+            "projector": float(llava.model.multi_modal_projector.linear_1.weight.std()),
+            "clip": float(llava.model.vision_tower.encoder.layers[0].mlp.fc1.weight.std()),
+        }
+    for name in ("q_proj", "down_proj", "embed", "projector"):
+        assert stds[0.02][name] == pytest.approx(0.02, rel=0.1), name
+        assert stds[0.1][name] == pytest.approx(0.1, rel=0.1), name
+    assert stds[0.02]["clip"] == pytest.approx(stds[0.1]["clip"])
