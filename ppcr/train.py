@@ -8,7 +8,6 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,29 +133,6 @@ def to_item(sample: ExpressionSample, cache: ImageCache) -> Item:
         gt_box=sample.bbox_xyxy,
         meta={"image_id": sample.image_id, "ref_id": sample.ref_id, "sent_id": sample.sent_id},
     )
-
-
-def prepared_batches(
-    chunks: Iterator[list[ExpressionSample]], cache: ImageCache, model: PPCRModel
-) -> Iterator[tuple[list[Item], Batch]]:
-    """(items, collated batch) for each chunk, each built one step ahead in a worker thread.
-
-    Decoding, mask decoding and preprocessing (~20 ms of a 0.45 s tiny-preset step on 2 cores) then
-    overlap the previous step's compute instead of adding to it; the batches and their order are
-    the same as building them inline (nothing here draws random numbers). An error building a batch
-    is raised here, at the step that would use it. Only this thread touches `cache`.
-    """
-
-    def build(chunk: list[ExpressionSample]) -> tuple[list[Item], Batch]:
-        items = [to_item(s, cache) for s in chunk]
-        return items, collate(items, model.clip_size, model.sam_size, model.clip_mode)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppcr-batch") as pool:
-        pending = pool.submit(build, next(chunks))
-        while True:
-            ready = pending.result()
-            pending = pool.submit(build, next(chunks))
-            yield ready
 
 
 def load_training_samples(split_dir: Path, max_per_image: int | None = None) -> list[ExpressionSample]:
@@ -302,13 +278,16 @@ def train(
     stopped_by_time = False
     bar = tqdm(total=tcfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
     with (out / "train_log.jsonl").open("w") as log_file:
-        chunks = batches_forever(samples, tcfg.batch_size, tcfg.seed, tcfg.group_by_image)
-        for step, (items, batch) in enumerate(prepared_batches(chunks, cache, model)):
+        for step, chunk in enumerate(
+            batches_forever(samples, tcfg.batch_size, tcfg.seed, tcfg.group_by_image)
+        ):
             if step >= tcfg.steps:
                 break
             if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
                 stopped_by_time = True
                 break
+            items = [to_item(s, cache) for s in chunk]
+            batch = collate(items, model.clip_size, model.sam_size, model.clip_mode)
             embeddings = sam_cache.get(batch, batch_image_keys(items))
             logs = train_step(model, batch, cfg, optimizer, rng, step, image_embeddings=embeddings)
             scheduler.step()
