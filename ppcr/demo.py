@@ -45,9 +45,10 @@ def _demo_data(num_images: int) -> SynthConfig:
 class DemoSettings:
     data: SynthConfig = field(default_factory=lambda: _demo_data(900))
     # The amount of training is a step count, so the numbers are the same on any machine (README).
-    # 2200 steps of 32 expressions with the 2-layer language model: 0.39-0.56 s/step on a quiet 2-core
-    # AVX2 EPYC; 16 per step would be cheaper but learns far less per step (docs/learning.md, 13-14).
-    steps: int = 2200
+    # 1800 steps of 32 expressions: ~0.37-0.43 s/step on a quiet 2-core AVX2 EPYC. With the tiny preset's
+    # width-sized init, grounding starts by step ~400 in every run instead of somewhere in 500-1400+
+    # (docs/learning.md, findings 16-17); 16 per step learns far less per step (finding 13).
+    steps: int = 1800
     batch_size: int = 32
     # A safety net, not the plan: a machine too slow to finish `steps` in this time stops early, and the
     # console and the top of report.md say so (steps done, steps planned, what it means).
