@@ -154,7 +154,7 @@ class SegmentationStage(nn.Module):
         bilinear resizing is linear and separable, so both resizes and the crop are one (H, 4h) and
         one (W, 4w) matrix, built from F.interpolate's own weights (`_resize_matrix`). Equal to SAM's
         call to ~1e-6 (tests/test_segmentation_stage.py); its backward is two matrix products, where
-        F.interpolate's scatters into the low-res grid (~6x faster on CPU for the tiny preset).
+        F.interpolate's scatters into the low-res grid (tiny preset, 2 CPU threads: 19 -> 9.5 ms a step).
         """
         if low_res.dim() == 2:
             return self.upscale(low_res[None], input_hw, original_hw)[0]
@@ -166,7 +166,9 @@ class SegmentationStage(nn.Module):
 
 
 @lru_cache(maxsize=1024)
-def _resize_matrix(n_low: int, frame: int, n_input: int, n_original: int, device: torch.device) -> torch.Tensor:
+def _resize_matrix(
+    n_low: int, frame: int, n_input: int, n_original: int, device: torch.device
+) -> torch.Tensor:
     """(n_original, n_low) float32: one axis of SAM's postprocess_masks as a matrix — bilinear
     n_low -> frame, keep the first n_input, bilinear n_input -> n_original. Each resize's weights
     are F.interpolate's own (applied to the identity), so they match it exactly."""
