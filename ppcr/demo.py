@@ -46,7 +46,7 @@ class DemoSettings:
     data: SynthConfig = field(default_factory=lambda: _demo_data(900))
     # The amount of training is a step count, so the numbers are the same on any machine (README).
     # 1800 steps of 32 expressions: ~0.37-0.43 s/step on a quiet 2-core AVX2 EPYC. With the tiny preset's
-    # width-sized init, grounding starts by step ~400 in every run instead of somewhere in 500-1400+
+    # width-sized init, grounding starts at step 300-575 in every run instead of somewhere in 500-1400+
     # (docs/learning.md, findings 16-17); 16 per step learns far less per step (finding 13).
     steps: int = 1800
     batch_size: int = 32

@@ -160,18 +160,18 @@ class SegmentationStage(nn.Module):
             return self.upscale(low_res[None], input_hw, original_hw)[0]
         h, w = low_res.shape[-2:]
         s = self.image_size
-        ay = _resize_matrix(h, s, int(input_hw[0]), int(original_hw[0]), low_res.device)
-        ax = _resize_matrix(w, s, int(input_hw[1]), int(original_hw[1]), low_res.device)
+        ay = _resize_matrix(h, s, int(input_hw[0]), int(original_hw[0])).to(low_res.device)
+        ax = _resize_matrix(w, s, int(input_hw[1]), int(original_hw[1])).to(low_res.device)
         return (ay @ low_res.float() @ ax.T).to(low_res.dtype)
 
 
+# Kept in host memory, so a replica that sees many image sizes never holds them on its GPU; the demo's
+# 630 training images need ~630 entries (~40 MB).
 @lru_cache(maxsize=1024)
-def _resize_matrix(
-    n_low: int, frame: int, n_input: int, n_original: int, device: torch.device
-) -> torch.Tensor:
-    """(n_original, n_low) float32: one axis of SAM's postprocess_masks as a matrix — bilinear
-    n_low -> frame, keep the first n_input, bilinear n_input -> n_original. Each resize's weights
-    are F.interpolate's own (applied to the identity), so they match it exactly."""
+def _resize_matrix(n_low: int, frame: int, n_input: int, n_original: int) -> torch.Tensor:
+    """(n_original, n_low) float32 on the CPU: one axis of SAM's postprocess_masks as a matrix —
+    bilinear n_low -> frame, keep the first n_input, bilinear n_input -> n_original. Each resize's
+    weights are F.interpolate's own (applied to the identity), so they match it exactly."""
 
     def resize(n_in: int, n_out: int) -> torch.Tensor:  # (n_out, n_in)
         eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
@@ -179,7 +179,7 @@ def _resize_matrix(
         return out[:, 0, :, 0].T
 
     composed = resize(n_input, n_original) @ resize(n_low, frame)[:n_input]
-    return composed.to(device=device, dtype=torch.float32)
+    return composed.float()
 
 
 def _predict_masks_per_prompt(

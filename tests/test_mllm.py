@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 from ppcr.batching import Item, collate
 from ppcr.config import InputError
 from ppcr.losses import ppcr_loss
-from ppcr.mllm import ADAPTERS, IGNORE_INDEX, PromptTokenizer, check_llava_config, control_tokens
+from ppcr.mllm import ADAPTERS, IGNORE_INDEX, MLLM, PromptTokenizer, check_llava_config, control_tokens
 from ppcr.model import PPCRModel
 from ppcr.prompts import (
     BOX_TOKEN,
@@ -391,10 +392,6 @@ def test_base_llava_folder_must_have_the_presets_context(model):
 def test_initializer_range_sets_the_language_model_and_projector_init_only(cfg):
     """`model.language.initializer_range` is the std of a random language model's (and projector's)
     linear and embedding weights; the CLIP tower keeps its own width-scaled init."""
-    import dataclasses
-
-    from ppcr.mllm import MLLM
-
     stds = {}
     for r in (0.02, 0.1):
         language = dataclasses.replace(cfg.model.language, initializer_range=r)

@@ -95,8 +95,7 @@ def test_grouped_masks_and_losses_equal_the_per_expression_ones(model, batch, cf
     for i in range(len(batch)):  # each full-size mask is the upscale of its own low-res mask
         img = int(batch.image_index[i])
         sizes = tuple(batch.sam_input_hw[img].tolist()), tuple(batch.original_hw[img].tolist())
-        one = model.segmentation.upscale(out.low_res_masks[i], *sizes)
-        torch.testing.assert_close(out.mask_logits[i], one, rtol=0, atol=1e-5)
+        assert torch.equal(out.mask_logits[i], model.segmentation.upscale(out.low_res_masks[i], *sizes))
         sam = model.segmentation.sam.postprocess_masks(out.low_res_masks[i][None, None], *sizes)[0, 0]
         torch.testing.assert_close(out.mask_logits[i], sam, rtol=0, atol=2e-4)
     # SAM got each prompt's box in its own image's frame.
