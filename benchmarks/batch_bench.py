@@ -48,8 +48,8 @@ from ppcr.batch import (
 )
 from ppcr.checkpoint import load_checkpoint, save_checkpoint
 from ppcr.config import load_config
-from ppcr.data.refer import encode_mask
 from ppcr.data.synth import SynthConfig, synthesize
+from ppcr.masks import encode_mask
 from ppcr.model import PPCRModel
 from ppcr.predictor import Segmenter
 from ppcr.ray_cluster import init_ray

@@ -15,6 +15,8 @@ _LAZY = {
     "PPCRModel": "ppcr.model",
     "load_config": "ppcr.config",
     "RISMetrics": "ppcr.metrics",
+    "decode_rle": "ppcr.masks",
+    "encode_mask": "ppcr.masks",
 }
 
 

@@ -337,7 +337,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     if a.server:
         import requests
 
-        from .data.refer import decode_rle
+        from .masks import decode_rle
         from .serve.client import ServerError, segment_remote
 
         try:

@@ -35,10 +35,10 @@ from ppcr.batch.stages import predictions_stage, protocol_stage
 from ppcr.checkpoint import load_checkpoint, load_model_config
 from ppcr.cli import main
 from ppcr.config import ConfigError
-from ppcr.data.refer import decode_rle
 from ppcr.data.shards import shard_dir
 from ppcr.evaluate import evaluate_split
 from ppcr.geometry import ImageShapeError, as_rgb_array
+from ppcr.masks import decode_rle
 from ppcr.metrics import RISMetrics
 from ppcr.predictor import Segmenter
 from ppcr.report import metrics_from_predictions, write_predictions

@@ -25,9 +25,9 @@ from ppcr.data.custom import (
     read_coco,
     read_jsonl,
 )
-from ppcr.data.refer import decode_rle, encode_mask
 from ppcr.data.shards import iter_expressions, read_image_rows, shard_dir, validate_shard_schema
 from ppcr.data.streaming import preprocess_images
+from ppcr.masks import decode_rle, encode_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

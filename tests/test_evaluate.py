@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from ppcr.cli import main
-from ppcr.data.refer import decode_rle
 from ppcr.data.shards import iter_expressions, read_image_rows
 from ppcr.evaluate import evaluate_baselines, evaluate_split, mean_training_box, protocol_samples
+from ppcr.masks import decode_rle
 from ppcr.metrics import GLAMM_EXPRESSIONS_PER_IMAGE, protocol_indices
 from ppcr.report import metrics_from_predictions, write_predictions
 

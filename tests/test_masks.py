@@ -1,4 +1,4 @@
-"""Annotation geometry -> RLE (ppcr/data/masks.py): pixel-exact where valid, refused with a reason where
+"""Annotation geometry -> RLE (ppcr/masks.py): pixel-exact where valid, refused with a reason where
 not, and never handed to pycocotools with unbounded work (issue 17.3)."""
 
 from __future__ import annotations
@@ -17,19 +17,21 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ppcr.data import masks
-from ppcr.data.masks import (
+from ppcr import masks
+from ppcr.data.refer import ReferDataError, ReferDataset
+from ppcr.data.synth import SynthConfig, synthesize
+from ppcr.masks import (
     MAX_BOUNDARY_POINTS,
     MaskError,
     bbox_xywh_to_xyxy,
+    decode_rle,
+    encode_mask,
     png_mask_rle,
     polygon_boundary_points,
     rle_bbox_xyxy,
     rle_string_counts,
     segmentation_rle,
 )
-from ppcr.data.refer import ReferDataError, ReferDataset, decode_rle, encode_mask
-from ppcr.data.synth import SynthConfig, synthesize
 
 H, W = 48, 64
 #: The issue's polygon: coordinates up to 3.5e8 on a 512×512 image (~20 GiB inside pycocotools).

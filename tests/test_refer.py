@@ -17,10 +17,9 @@ from ppcr.data.refer import (
     ReferRef,
     Sentence,
     coco_image_filename,
-    decode_rle,
-    encode_mask,
 )
 from ppcr.data.synth import SynthConfig, synthesize
+from ppcr.masks import decode_rle, encode_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ppcr.batch import decode_stage, shard_rows_to_images
-from ppcr.data.refer import ReferDataError, ReferDataset, decode_rle
+from ppcr.data.refer import ReferDataError, ReferDataset
 from ppcr.data.shards import (
     SHARD_SCHEMA,
     build_image_row,
@@ -27,6 +27,7 @@ from ppcr.data.shards import (
 )
 from ppcr.data.synth import SynthConfig, synthesize
 from ppcr.geometry import decode_image
+from ppcr.masks import decode_rle
 from ppcr.train import ImageCache
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

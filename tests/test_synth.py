@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ppcr.data.refer import ReferDataset, coco_image_filename, decode_rle
+from ppcr.data.refer import ReferDataset, coco_image_filename
 from ppcr.data.synth import SynthConfig, synthesize
+from ppcr.masks import decode_rle
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 SPLITS = ("train", "val", "testA", "testB")

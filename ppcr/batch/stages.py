@@ -203,8 +203,8 @@ class SAMStage:
         """For each row, (mask bool H×W, box pixel XYXY, score) per expression without error."""
         import torch
 
-        from ..data.refer import encode_mask
         from ..inference import ground_truth_boxes, segmentations
+        from ..masks import encode_mask
 
         m = self.model
         s, d = m.sam_size, m.cfg.prompt_dim
@@ -268,8 +268,8 @@ def _safe_name(rid: str) -> str:
 
 def overlay_stage(table: pa.Table, out_dir: str) -> pa.Table:
     """CPU task: draw `<out>/overlays/<id>.png` for the result rows (each image decoded once per batch)."""
-    from ..data.refer import decode_rle
     from ..geometry import decode_image
+    from ..masks import decode_rle
     from ..visualize import save_overlay
 
     cache: dict[str, np.ndarray] = {}
@@ -291,7 +291,7 @@ def overlay_stage(table: pa.Table, out_dir: str) -> pa.Table:
 
 def metrics_stage(table: pa.Table) -> pa.Table:
     """CPU task: RISMetrics of a batch of evaluation rows, one state per split (merged in the driver)."""
-    from ..data.refer import decode_rle
+    from ..masks import decode_rle
     from ..metrics import RISMetrics
 
     per: dict[str, RISMetrics] = {}
@@ -331,7 +331,7 @@ def protocol_stage(table: pa.Table, protocol: str, seed: int) -> pa.Table:
 def predictions_stage(table: pa.Table) -> pa.Table:
     """CPU task: one prediction record (``ppcr.report.prediction_record``, as JSON) per evaluated
     expression, or its error; the driver sorts them and replays them into the metrics."""
-    from ..data.refer import decode_rle
+    from ..masks import decode_rle
     from ..metrics import score_expression
     from ..report import prediction_record
 

@@ -10,8 +10,6 @@ from .refer import (
     ReferRef,
     Sentence,
     coco_image_filename,
-    decode_rle,
-    encode_mask,
 )
 from .shards import (
     SHARD_SCHEMA,
@@ -38,8 +36,6 @@ __all__ = [
     "SynthConfig",
     "build_image_row",
     "coco_image_filename",
-    "decode_rle",
-    "encode_mask",
     "iter_expressions",
     "prepare_shards",
     "read_image_rows",

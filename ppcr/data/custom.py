@@ -20,7 +20,7 @@ Ids (all int64, as the schema says):
 
 Images are read as ``ppcr.geometry.decode_image`` reads them everywhere (EXIF orientation applied):
 ``height``/``width`` are the displayed size, and masks must have that size. Every mask goes through
-``ppcr.data.masks`` (bounded work, pixel-exact). A bad line raises ManifestLineError naming the file
+``ppcr.masks`` (bounded work, pixel-exact). A bad line raises ManifestLineError naming the file
 and line; with ``skip_bad`` it is reported (``errors.jsonl``, with its ``line``) and the rest is written.
 """
 
@@ -40,8 +40,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..config import InputError
+from ..masks import MaskError, bbox_xywh_to_xyxy, png_mask_rle, rle_bbox_xyxy, segmentation_rle
 from ..storage import filesystem_for, is_uri
-from .masks import MaskError, bbox_xywh_to_xyxy, png_mask_rle, rle_bbox_xyxy, segmentation_rle
 from .refer import ReferDataError
 from .shards import DONE_DIR, PrepareReport, _atomic_write_text, shard_dir, write_split
 

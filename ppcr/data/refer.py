@@ -8,7 +8,7 @@ Layout::
 Images live elsewhere (COCO ``train2014/``) and are named ``COCO_train2014_%012d.jpg % image_id``.
 Note that a ref's own ``file_name`` carries an extra ``_<ann_id>`` suffix and is *not* an image file name.
 
-All RLE work goes through :mod:`pycocotools.mask`; masks are ``bool`` arrays of shape ``(H, W)``.
+All RLE work goes through :mod:`ppcr.masks`; masks are ``bool`` arrays of shape ``(H, W)``.
 Boxes are XYXY in continuous pixel coordinates (the image spans ``[0, W] x [0, H]``).
 """
 
@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pycocotools import mask as mask_utils
-
-from .masks import MaskError, bbox_xywh_to_xyxy, segmentation_rle
+from ..masks import MaskError, bbox_xywh_to_xyxy, segmentation_rle
 
 __all__ = [
     "DATASET_SPLITS",
@@ -32,8 +29,6 @@ __all__ = [
     "ReferRef",
     "Sentence",
     "coco_image_filename",
-    "decode_rle",
-    "encode_mask",
     "valid_splits",
 ]
 
@@ -96,31 +91,6 @@ class ReferRef:
     split: str
     category_id: int
     sentences: list[Sentence] = field(default_factory=list)
-
-
-def _counts_bytes(counts: str | bytes) -> bytes:
-    return counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """Decode a COCO RLE ``{"size": [h, w], "counts": str | bytes | list[int]}`` to a bool ``(h, w)`` mask."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE -> compressed first
-        compressed = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-    else:
-        compressed = {"size": [h, w], "counts": _counts_bytes(counts)}
-    return mask_utils.decode(compressed).astype(bool)
-
-
-def encode_mask(mask: np.ndarray) -> dict:
-    """Encode a bool ``(h, w)`` mask as COCO compressed RLE ``{"size": [h, w], "counts": str}``."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"encode_mask expects a 2-D (H, W) mask, got shape {mask.shape}")
-    # pycocotools reads column-major memory; a C-ordered array would silently encode the transpose.
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def _load_pickle(path: Path) -> Any:
@@ -290,7 +260,7 @@ class ReferDataset:
 
         Polygons are rasterised at the image's size and merged (union); RLE is passed through
         (uncompressed counts are compressed). Both are checked and their work bounded before pycocotools
-        runs (`ppcr.data.masks.segmentation_rle`). Malformed or out-of-bounds data -> ReferDataError naming
+        runs (`ppcr.masks.segmentation_rle`). Malformed or out-of-bounds data -> ReferDataError naming
         instances.json and the ann id.
         """
         ann = self._ann(ann_id)

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from ..config import InputError
 from ..geometry import ImageDecodeError, decode_image
+from ..masks import decode_rle
 from ..prompts import clean_expression
-from .refer import ReferDataError, ReferDataset, ReferRef, decode_rle
+from .refer import ReferDataError, ReferDataset, ReferRef
 
 __all__ = [
     "SHARD_FORMAT_VERSION",

@@ -24,8 +24,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ..batching import Batch
 from ..config import ConfigError, MixEntry, RunConfig
-from ..data.refer import decode_rle
 from ..geometry import decode_image, normalize_box, preprocess_image
+from ..masks import decode_rle
 from ..storage import filesystem_for
 from .shards import SHARD_SCHEMA, shard_dir
 

@@ -1,7 +1,7 @@
 """HTTP client of the serving app (`ppcr segment IMAGE "expression" --server URL`); needs only `requests`.
 
 answer = segment_remote("http://127.0.0.1:8000", Path("dog.jpg").read_bytes(), "the dog on the left")
-mask = decode_rle(answer["mask"])     # bool H×W; answer["box"] is pixel XYXY, answer["score"] the IoU
+mask = ppcr.decode_rle(answer["mask"])     # bool H×W; answer["box"] is pixel XYXY, answer["score"] the IoU
 """
 
 from __future__ import annotations

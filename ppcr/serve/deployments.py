@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from ..data.refer import encode_mask
 from ..geometry import clip_preprocess, sam_input_size, sam_preprocess
 from ..inference import ItemFailure, group_images, item_failure, run_isolated, segmentations
+from ..masks import encode_mask
 from .settings import ServeSettings, load_serving_model
 
 logger = logging.getLogger("ppcr.serve")

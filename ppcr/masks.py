@@ -1,4 +1,8 @@
-"""Annotation geometry -> COCO compressed RLE: the one place every importer turns a mask into the shard's RLE.
+"""Masks <-> COCO RLE, the one codec: annotations, training targets, answers and metrics all go through it.
+
+`encode_mask` / `decode_rle` turn a bool (H, W) mask into COCO compressed RLE and back (the shards'
+masks, the Serve answers, the batch job's rows, the evaluator's records). The rest of this module turns
+annotation geometry (polygons, RLE, PNG masks) into the shard's RLE.
 
 Annotation files are untrusted input. pycocotools' C code trusts what it is given: a polygon is
 rasterised along its whole boundary (``rleFrPoly``: about 20 bytes per boundary point, five points per
@@ -34,6 +38,8 @@ __all__ = [
     "MAX_BOUNDARY_POINTS",
     "MaskError",
     "bbox_xywh_to_xyxy",
+    "decode_rle",
+    "encode_mask",
     "png_mask_rle",
     "polygon_boundary_points",
     "rle_bbox_xyxy",
@@ -49,12 +55,37 @@ MAX_BOUNDARY_POINTS = 2**23
 _POLY_SCALE = 5  # rleFrPoly upsamples coordinates by 5 before tracing the boundary
 
 
+def _counts_bytes(counts: str | bytes) -> bytes:
+    return counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """Decode a COCO RLE ``{"size": [h, w], "counts": str | bytes | list[int]}`` to a bool ``(h, w)`` mask."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, list):  # uncompressed RLE -> compressed first
+        compressed = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    else:
+        compressed = {"size": [h, w], "counts": _counts_bytes(counts)}
+    return mask_utils.decode(compressed).astype(bool)
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """Encode a bool ``(h, w)`` mask as COCO compressed RLE ``{"size": [h, w], "counts": str}``."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"encode_mask expects a 2-D (H, W) mask, got shape {mask.shape}")
+    # pycocotools reads column-major memory; a C-ordered array would silently encode the transpose.
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
 class MaskError(ValueError):
     """An annotation's mask is unusable; the message says why (the caller adds the file and record)."""
 
 
 def _check_size(height: int, width: int) -> tuple[int, int]:
-    from ..geometry import MAX_PIXELS  # the image limit: a mask is never larger than its image
+    from .geometry import MAX_PIXELS  # the image limit: a mask is never larger than its image
 
     h, w = int(height), int(width)
     if h < 1 or w < 1:
