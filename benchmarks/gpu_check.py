@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ppcr.batching import Item, collate
 from ppcr.config import RunConfig, load_config
+from ppcr.inputs import Item, collate
 from ppcr.model import PPCRModel
 from ppcr.precision import apply_dtype_policy, configure_device, dtype_report
 from ppcr.predictor import Segmenter

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from ppcr.batching import Item, collate
 from ppcr.config import load_config
+from ppcr.inputs import Item, collate
 from ppcr.losses import ppcr_loss
 from ppcr.model import PPCRModel
 from ppcr.segmentation_stage import SegmentationStage

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ppcr.batching import collate
 from ppcr.config import load_config
 from ppcr.data.shards import prepare_shards, shard_dir
 from ppcr.data.synth import synthesize
 from ppcr.demo import DemoSettings
 from ppcr.geometry import normalized_to_sam_frame, order_box
+from ppcr.inputs import collate
 from ppcr.losses import ppcr_loss
 from ppcr.model import PPCRModel, PPCROutput, _inverse_order
 from ppcr.prompts import BOX_TOKEN, SPATIAL_ANSWER, spatial_question

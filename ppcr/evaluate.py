@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batching import collate
 from .config import InputError
 from .data.shards import ExpressionSample, iter_expressions, read_image_rows
 from .geometry import denormalize_box, mask_to_box
 from .inference import predict_torch
+from .inputs import collate
 from .masks import decode_rle, encode_mask
 from .metrics import RISMetrics, protocol_indices, score_expression
 from .model import PPCRModel

@@ -3,8 +3,6 @@
 `Segmenter` (predictor.py), `ppcr evaluate` (evaluate.py), the Serve deployments and the batch actors all
 call these functions instead of re-deriving them:
 
-    group_images(keys)                 expressions -> one row per distinct image + `image_index`
-    ground_truth_boxes(boxes, hws)     pixel XYXY ground truth -> normalized XYXY (the oracle's box)
     binarize(mask_logits)              SAM's logits -> bool mask, at SAM's own `mask_threshold`
     segmentations(logits, boxes, iou)  -> Segmentation(mask, box pixel XYXY, score) per expression
     predict_torch(model, batch, ...)   the tensor API (as SamPredictor.predict_torch): stages 1-3 on a
@@ -20,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -28,10 +26,10 @@ import torch
 from segment_anything.modeling import Sam
 
 from .config import InputError
-from .geometry import normalize_box, output_box
+from .geometry import output_box
 
-if TYPE_CHECKING:  # batching and model build on this module
-    from .batching import Batch
+if TYPE_CHECKING:
+    from .inputs import Batch
     from .model import PPCRModel
 
 # SAM's logit threshold for a binary mask (segment_anything.modeling.Sam.mask_threshold = 0.0).
@@ -44,34 +42,6 @@ class Segmentation(NamedTuple):
     mask: np.ndarray  # bool (H, W), original size
     box: np.ndarray  # (4,) float64 pixel XYXY, original frame
     score: float  # SAM's predicted IoU of `mask`
-
-
-def group_images(keys: Sequence[Hashable]) -> tuple[list[int], torch.Tensor]:
-    """Distinct images of a list of expressions, in first-seen order.
-
-    keys: one image key per expression (a content hash, an image id). Returns (for each distinct image
-    the position of its first expression, image_index (B,) long: each expression's image row).
-    """
-    rows: dict[Hashable, int] = {}
-    first: list[int] = []
-    index = []
-    for i, key in enumerate(keys):
-        if key not in rows:
-            rows[key] = len(rows)
-            first.append(i)
-        index.append(rows[key])
-    return first, torch.tensor(index, dtype=torch.long)
-
-
-def ground_truth_boxes(boxes_xyxy: Sequence[np.ndarray], hws: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Pixel XYXY ground-truth boxes, each in its image's (H, W), -> (B, 4) float32 normalized XYXY
-    clamped to [0, 1] (what training targets and the oracle box prompt are)."""
-    if len(boxes_xyxy) != len(hws):
-        raise ValueError(f"{len(boxes_xyxy)} boxes but {len(hws)} image sizes")
-    out = np.stack(
-        [normalize_box(np.asarray(b, dtype=np.float64), tuple(hw)) for b, hw in zip(boxes_xyxy, hws)]
-    )
-    return torch.tensor(out, dtype=torch.float32).clamp(0, 1)
 
 
 def binarize(mask_logits: torch.Tensor) -> np.ndarray:

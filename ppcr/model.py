@@ -16,9 +16,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .batching import Batch
 from .config import ModelConfig
 from .geometry import normalized_to_sam_frame, order_box
+from .inputs import Batch
 from .mllm import MLLM
 from .precision import apply_dtype_policy
 from .segmentation_stage import SegmentationStage

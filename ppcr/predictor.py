@@ -13,7 +13,6 @@ Bad text raises InputError naming it (docs/inputs.md), before any model work.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,18 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batching import Item, collate
 from .checkpoint import load_checkpoint
 from .config import InputError, RunConfig, load_config
 from .geometry import ImageInput, as_rgb_array
 from .inference import Segmentation, predict_torch
+from .inputs import Item, collate, image_key
 from .model import PPCRModel
 from .precision import configure_device
-
-
-def image_key(image: np.ndarray) -> str:
-    """Content hash of a decoded image: equal pixels share SAM/CLIP encodings within a call."""
-    return hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).hexdigest()
 
 
 class Segmenter:

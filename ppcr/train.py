@@ -15,12 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batching import Batch, Item, collate
 from .checkpoint import load_init_weights, save_checkpoint
 from .config import RunConfig, TrainConfig, to_dict
 from .data.shards import ExpressionSample, iter_expressions, shard_dir
 from .geometry import decode_image
-from .inference import group_images
+from .inputs import Batch, Item, collate, group_images
 from .losses import ppcr_loss
 from .model import PPCRModel
 

@@ -11,7 +11,6 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from ppcr.batching import Item, collate
 from ppcr.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_DIR,
@@ -21,6 +20,7 @@ from ppcr.checkpoint import (
     save_checkpoint,
 )
 from ppcr.config import ConfigError, load_config
+from ppcr.inputs import Item, collate
 from ppcr.model import PPCRModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

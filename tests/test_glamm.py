@@ -377,8 +377,8 @@ def test_glamm_prompt_format_wraps_the_image():
 
 
 def test_clip_crop_keeps_the_centre_and_pad_keeps_everything():
-    from ppcr.batching import Item, collate
     from ppcr.geometry import clip_preprocess
+    from ppcr.inputs import Item, collate
 
     img = np.zeros((40, 120, 3), dtype=np.uint8)
     img[:, :40] = (255, 0, 0)  # red left third, white centre, blue right third

@@ -8,7 +8,6 @@ import pytest
 import torch
 from segment_anything.modeling import Sam
 
-from ppcr.batching import Item, collate
 from ppcr.checkpoint import load_checkpoint, save_checkpoint
 from ppcr.cli import main
 from ppcr.config import ConfigError, InputError, load_config
@@ -16,13 +15,12 @@ from ppcr.inference import (
     MASK_THRESHOLD,
     ItemFailure,
     binarize,
-    ground_truth_boxes,
-    group_images,
     one_line,
     predict_torch,
     run_isolated,
     segmentations,
 )
+from ppcr.inputs import Item, collate, ground_truth_boxes, group_images
 from ppcr.model import PPCRModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ppcr.batching import Item, collate
 from ppcr.config import InputError
+from ppcr.inputs import Item, collate
 from ppcr.losses import ppcr_loss
 from ppcr.mllm import ADAPTERS, IGNORE_INDEX, MLLM, PromptTokenizer, check_llava_config, control_tokens
 from ppcr.model import PPCRModel

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppcr.batching import Item, collate
 from ppcr.config import load_config
+from ppcr.inputs import Item, collate
 from ppcr.losses import ppcr_loss
 from ppcr.spatial_stage import AttentionBoxHead, MLPBoxHead, SpatialStage
 

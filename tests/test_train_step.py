@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ppcr.batching import Item, collate
 from ppcr.geometry import normalized_to_sam_frame
+from ppcr.inputs import Item, collate
 from ppcr.losses import dice_loss, ppcr_loss
 from ppcr.model import PPCRModel
 from ppcr.train import SamEmbeddingCache, batch_image_keys

@@ -125,7 +125,7 @@ class MLLMStage:
         """pairs: (row, expression) -> one (prompt (D,), box (4,) or None) per pair, as numpy."""
         import torch
 
-        from ..inference import group_images
+        from ..inputs import group_images
 
         m = self.model
         c = m.clip_size
@@ -203,7 +203,8 @@ class SAMStage:
         """For each row, (mask bool H×W, box pixel XYXY, score) per expression without error."""
         import torch
 
-        from ..inference import ground_truth_boxes, segmentations
+        from ..inference import segmentations
+        from ..inputs import ground_truth_boxes
         from ..masks import encode_mask
 
         m = self.model

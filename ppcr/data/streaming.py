@@ -22,9 +22,9 @@ import pyarrow.fs as pafs
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from ..batching import Batch
 from ..config import ConfigError, MixEntry, RunConfig
 from ..geometry import decode_image, normalize_box, preprocess_image
+from ..inputs import Batch
 from ..masks import decode_rle
 from ..storage import filesystem_for
 from .shards import SHARD_SCHEMA, shard_dir

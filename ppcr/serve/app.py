@@ -45,8 +45,8 @@ from ..geometry import (
     decode_image,
 )
 from ..inference import ItemFailure, one_line
+from ..inputs import image_key
 from ..mllm import PromptTokenizer
-from ..predictor import image_key
 from .deployments import MLLMStage, SAMStage
 from .schema import (
     ERROR_RESPONSES,

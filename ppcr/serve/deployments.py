@@ -25,7 +25,8 @@ import torch
 from ray import serve
 
 from ..geometry import clip_preprocess, sam_input_size, sam_preprocess
-from ..inference import ItemFailure, group_images, item_failure, run_isolated, segmentations
+from ..inference import ItemFailure, item_failure, run_isolated, segmentations
+from ..inputs import group_images
 from ..masks import encode_mask
 from .settings import ServeSettings, load_serving_model
 

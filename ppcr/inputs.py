@@ -1,19 +1,59 @@
-"""Turn (image, expression[, ground truth]) items into a model batch: one row per image, one per expression.
+"""Model inputs: (image, expression[, ground truth]) items -> a model batch, one row per image, one per expression.
 
 Images are deduplicated by key so a batch with several expressions on one image encodes it once
-(CLIP and SAM), which is how RefCOCO is shaped (≈ 7 expressions per image).
+(CLIP and SAM), which is how RefCOCO is shaped (≈ 7 expressions per image). Every consumer (training,
+evaluation, `Segmenter`, the Serve deployments, the batch actors, the streaming loader) forms its
+inputs with these:
+
+    image_key(image)                   content hash of a decoded image (equal pixels, one encoding)
+    group_images(keys)                 expressions -> one row per distinct image + `image_index`
+    ground_truth_boxes(boxes, hws)     pixel XYXY ground truth -> normalized XYXY (targets, the oracle box)
+    collate(items, ...)                Items -> Batch
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .geometry import preprocess_image
-from .inference import ground_truth_boxes, group_images
+from .geometry import normalize_box, preprocess_image
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of a decoded image: equal pixels share SAM/CLIP encodings within a call."""
+    return hashlib.blake2b(image.tobytes() + str(image.shape).encode(), digest_size=16).hexdigest()
+
+
+def group_images(keys: Sequence[Hashable]) -> tuple[list[int], torch.Tensor]:
+    """Distinct images of a list of expressions, in first-seen order.
+
+    keys: one image key per expression (a content hash, an image id). Returns (for each distinct image
+    the position of its first expression, image_index (B,) long: each expression's image row).
+    """
+    rows: dict[Hashable, int] = {}
+    first: list[int] = []
+    index = []
+    for i, key in enumerate(keys):
+        if key not in rows:
+            rows[key] = len(rows)
+            first.append(i)
+        index.append(rows[key])
+    return first, torch.tensor(index, dtype=torch.long)
+
+
+def ground_truth_boxes(boxes_xyxy: Sequence[np.ndarray], hws: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Pixel XYXY ground-truth boxes, each in its image's (H, W), -> (B, 4) float32 normalized XYXY
+    clamped to [0, 1] (what training targets and the oracle box prompt are)."""
+    if len(boxes_xyxy) != len(hws):
+        raise ValueError(f"{len(boxes_xyxy)} boxes but {len(hws)} image sizes")
+    out = np.stack(
+        [normalize_box(np.asarray(b, dtype=np.float64), tuple(hw)) for b, hw in zip(boxes_xyxy, hws)]
+    )
+    return torch.tensor(out, dtype=torch.float32).clamp(0, 1)
 
 
 @dataclass
