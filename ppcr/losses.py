@@ -8,7 +8,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from .config import LossConfig
 from .geometry import normalized_to_clip_square
-from .inference import MASK_THRESHOLD
+from .segmentation_stage import MASK_THRESHOLD
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

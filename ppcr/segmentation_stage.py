@@ -22,6 +22,10 @@ from .geometry import SAM_MEAN, SAM_STD
 from .precision import module_dtype
 from .weights import check_keys
 
+# SAM's logit threshold for a binary mask (segment_anything.modeling.Sam.mask_threshold = 0.0): the
+# answers (`inference.binarize`) and the training metrics (`losses`) cut at the same value.
+MASK_THRESHOLD: float = Sam.mask_threshold
+
 
 def build_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
     """A SAM of size `cfg.size` (random init unless `cfg.checkpoint` names an official .pth)."""

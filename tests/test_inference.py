@@ -11,17 +11,11 @@ from segment_anything.modeling import Sam
 from ppcr.checkpoint import load_checkpoint, save_checkpoint
 from ppcr.cli import main
 from ppcr.config import ConfigError, InputError, load_config
-from ppcr.inference import (
-    MASK_THRESHOLD,
-    ItemFailure,
-    binarize,
-    one_line,
-    predict_torch,
-    run_isolated,
-    segmentations,
-)
+from ppcr.failures import ItemFailure, one_line, run_isolated
+from ppcr.inference import binarize, predict_torch, segmentations
 from ppcr.inputs import Item, collate, ground_truth_boxes, group_images
 from ppcr.model import PPCRModel
+from ppcr.segmentation_stage import MASK_THRESHOLD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

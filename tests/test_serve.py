@@ -28,7 +28,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from ppcr.config import load_config  # noqa: E402
-from ppcr.inference import ItemFailure  # noqa: E402
+from ppcr.failures import ItemFailure  # noqa: E402
 from ppcr.masks import decode_rle  # noqa: E402
 from ppcr.mllm import PromptTokenizer  # noqa: E402
 from ppcr.predictor import Segmenter  # noqa: E402

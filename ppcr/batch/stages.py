@@ -142,7 +142,7 @@ class MLLMStage:
         return [(prompts[k], None if box is None else box[k]) for k in range(len(pairs))]
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from ..inference import ItemFailure, run_isolated
+        from ..failures import ItemFailure, run_isolated
 
         rows = table.to_pylist()
         pairs = [(i, j) for i, r in enumerate(rows) for j, err in enumerate(r["errors"]) if err is None]
@@ -235,7 +235,7 @@ class SAMStage:
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from ..inference import ItemFailure, run_isolated
+        from ..failures import ItemFailure, run_isolated
 
         rows = table.to_pylist()
         work = [r for r in rows if any(err is None for err in r["errors"])]

@@ -39,12 +39,12 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from ..config import InputError
+from ..failures import ItemFailure, one_line
 from ..geometry import (
     ImageDecodeError,
     ImageTooLargeError,
     decode_image,
 )
-from ..inference import ItemFailure, one_line
 from ..inputs import image_key
 from ..mllm import PromptTokenizer
 from .deployments import MLLMStage, SAMStage

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from ray import serve
 
+from ..failures import ItemFailure, item_failure, run_isolated
 from ..geometry import clip_preprocess, sam_input_size, sam_preprocess
-from ..inference import ItemFailure, item_failure, run_isolated, segmentations
+from ..inference import segmentations
 from ..inputs import group_images
 from ..masks import encode_mask
 from .settings import ServeSettings, load_serving_model
