@@ -37,8 +37,8 @@ import torch
 
 from ppcr.batch import (
     BatchConfig,
-    MLLMStage,
-    SAMStage,
+    MLLMActor,
+    SAMActor,
     StageConfig,
     decode_f32,
     decode_stage,
@@ -84,7 +84,7 @@ class ProcessTreeMonitor:
         return used - self.own_cpu
 
     def cpu_by_process(self) -> dict[str, float]:
-        """CPU-seconds per process title (`ray::MapWorker(MapBatches(MLLMStage))`, `raylet`, ...)."""
+        """CPU-seconds per process title (`ray::MapWorker(MapBatches(MLLMActor))`, `raylet`, ...)."""
         out: dict[str, float] = {}
         for pid, v in self._cpu_last.items():
             name = self._names.get(pid, "?")
@@ -168,8 +168,8 @@ def stage_cpu_seconds(checkpoint: Path, manifest: Path, cfg: BatchConfig, ratio:
     torch.set_num_threads(1)
     model = load_checkpoint(checkpoint)
     images = group_by_image(read_manifest(manifest))
-    mllm = MLLMStage(str(checkpoint), None, "cpu", 1, cfg.max_expressions)
-    sam = SAMStage(str(checkpoint), None, "cpu", 1, counter=None)
+    mllm = MLLMActor(str(checkpoint), None, "cpu", 1, cfg.max_expressions)
+    sam = SAMActor(str(checkpoint), None, "cpu", 1, counter=None)
     n_rows = sum(len(x) for x in images["ids"].to_pylist())
     blocks = [images.slice(s, cfg.mllm.batch_size) for s in range(0, len(images), cfg.mllm.batch_size)]
     for _ in range(2):  # the first pass warms up

@@ -252,7 +252,7 @@ def mllm_replica_gb(c: Counts, sequences_per_forward: int) -> float:
 
 
 def sam_embedding_bytes(dtype_bytes: int = 2) -> int:
-    """One cached image embedding: the encoder's output, kept in its dtype (bf16) by SAMStage."""
+    """One cached image embedding: the encoder's output, kept in its dtype (bf16) by SAMDeployment."""
     return math.prod(SAM_EMBEDDING) * dtype_bytes
 
 

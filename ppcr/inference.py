@@ -7,6 +7,11 @@ call these functions instead of re-deriving them:
     segmentations(logits, boxes, iou)  -> Segmentation(mask, box pixel XYXY, score) per expression
     predict_torch(model, batch, ...)   the tensor API (as SamPredictor.predict_torch): stages 1-3 on a
                                        collated Batch -> (Segmentation list, boxes given to SAM)
+    reason_rows(model, keys, ...)      stages 1 + 2 for expressions given row by row -> numpy prompts, boxes
+    segment_rows(model, emb, ...)      stage 3 for given prompts -> answers (COCO RLE mask, box, score)
+
+`reason_rows` and `segment_rows` are the model glue of both Ray layers (the Serve deployments and the
+batch actors), which keep only batching, caching, statistics and Arrow <-> tensor moves.
 
 Coordinate frames: boxes inside the model are normalized XYXY of the original image in [0, 1];
 answers are pixel XYXY of the original image (geometry.py has every conversion).
@@ -14,13 +19,15 @@ answers are pixel XYXY of the original image (geometry.py has every conversion).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from .geometry import output_box
+from .inputs import group_images
+from .masks import encode_mask
 from .segmentation_stage import MASK_THRESHOLD
 
 if TYPE_CHECKING:
@@ -70,3 +77,58 @@ def predict_torch(
     model.eval()
     out = model(batch, image_embeddings=image_embeddings, oracle_box=oracle_box, max_sequences=max_sequences)
     return segmentations(out.mask_logits, out.sam_box, out.iou_pred)
+
+
+@torch.no_grad()
+def reason_rows(
+    model: PPCRModel,
+    keys: Sequence[Hashable],
+    expressions: Sequence[str],
+    clip_pixels: Callable[[int], torch.Tensor],
+    original_hw: Callable[[int], Sequence[int]],
+    max_sequences: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stages 1 + 2 (`PPCRModel.reason`, fixed templates) for B expressions given one by one.
+
+    keys: (B,) the image key of each expression; equal keys share one CLIP forward. clip_pixels(i) /
+    original_hw(i): the CLIP-frame pixels (3, C, C) and the original (H, W) of expression i's image,
+    asked once per distinct image (its first expression). Returns the semantic prompts (B, D) float32
+    and the boxes (B, 4) float32 normalized XYXY of the original image, or None without a spatial stage.
+    """
+    first, index = group_images(keys)
+    device = model.device
+    out = model.reason(
+        torch.stack([clip_pixels(i) for i in first]).to(device),
+        index.to(device),
+        list(expressions),
+        torch.tensor([tuple(original_hw(i)) for i in first], dtype=torch.long),
+        max_sequences=max_sequences,
+    )
+    box = None if out.box is None else out.box.float().cpu().numpy()
+    return out.semantic_prompt.float().cpu().numpy(), box
+
+
+@torch.no_grad()
+def segment_rows(
+    model: PPCRModel,
+    image_embeddings: torch.Tensor,
+    image_index: torch.Tensor,
+    semantic_prompt: torch.Tensor,
+    box: torch.Tensor | None,
+    original_hw: torch.Tensor,
+    sam_input_hw: torch.Tensor,
+) -> list[dict]:
+    """Stage 3 (`PPCRModel.segment`) for given prompts -> one answer per expression.
+
+    image_embeddings (N, C, h, w) on the model's device; image_index (B,); semantic_prompt (B, D);
+    box (B, 4) normalized XYXY or None; original_hw / sam_input_hw (N, 2). Each answer is
+    {"box": (4,) float64 pixel XYXY of the original image, "mask": COCO compressed RLE of the bool
+    (H, W) mask, "score": SAM's predicted IoU} (`segmentations`, `masks.encode_mask`).
+    """
+    _, iou, logits = model.segment(
+        image_embeddings, image_index, semantic_prompt, box, original_hw, sam_input_hw
+    )
+    return [
+        {"box": seg.box, "mask": encode_mask(seg.mask), "score": seg.score}
+        for seg in segmentations(logits, box, iou)
+    ]

@@ -20,8 +20,8 @@ from PIL import Image
 
 from ppcr.batch import (
     BatchConfig,
-    MLLMStage,
-    SAMStage,
+    MLLMActor,
+    SAMActor,
     StageConfig,
     decode_stage,
     group_by_image,
@@ -363,8 +363,8 @@ def test_oracle_box_through_the_stage_functions(val_dir, checkpoint):
     shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))])
     images = shard_rows_to_images(shard, split="val", with_gt=True, done=None)
     decoded = decode_stage(images, model.clip_size, model.sam_size, checkpoint=str(checkpoint))
-    reasoned = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=7)(decoded)
-    rows = SAMStage(str(checkpoint), None, "cpu", 1, None, oracle_box=True, evaluation=True)(reasoned)
+    reasoned = MLLMActor(str(checkpoint), None, "cpu", 1, max_expr=7)(decoded)
+    rows = SAMActor(str(checkpoint), None, "cpu", 1, None, oracle_box=True, evaluation=True)(reasoned)
     for box, gt in zip(rows["box"].to_pylist(), rows["gt_box"].to_pylist()):
         np.testing.assert_allclose(box, gt, atol=1e-3)  # SAM was given the ground-truth box
     states = metrics_stage(rows).to_pylist()
@@ -384,8 +384,8 @@ def test_actor_pools_fail_only_the_culprit_and_classify_text_errors(val_dir, che
     images = shard_rows_to_images(shard, split="val", with_gt=False, done=None)
     cfg = load_model_config(checkpoint)
     decoded = decode_stage(images, cfg.vision.image_size, cfg.sam.image_size, checkpoint=str(checkpoint))
-    mllm = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=64)
-    sam = SAMStage(str(checkpoint), None, "cpu", 1, None)
+    mllm = MLLMActor(str(checkpoint), None, "cpu", 1, max_expr=64)
+    sam = SAMActor(str(checkpoint), None, "cpu", 1, None)
     clean = sam(mllm(decoded)).to_pylist()
     rows = decoded.to_pylist()
     rows[1]["texts"][0] = "the circle </s> on the left"
@@ -413,8 +413,8 @@ def test_protocol_and_predictions_through_the_stage_functions(val_dir, checkpoin
     images = protocol_stage(every, "glamm", 0)
     assert sum(map(len, images["ids"].to_pylist())) < sum(map(len, every["ids"].to_pylist()))
     decoded = decode_stage(images, model.clip_size, model.sam_size, checkpoint=str(checkpoint))
-    reasoned = MLLMStage(str(checkpoint), None, "cpu", 1, max_expr=16)(decoded)
-    rows = SAMStage(str(checkpoint), None, "cpu", 1, None, evaluation=True)(reasoned)
+    reasoned = MLLMActor(str(checkpoint), None, "cpu", 1, max_expr=16)(decoded)
+    rows = SAMActor(str(checkpoint), None, "cpu", 1, None, evaluation=True)(reasoned)
     got = [json.loads(r) for r in predictions_stage(rows)["record"].to_pylist()]
     want: list[dict] = []
     metrics = evaluate_split(model, val_dir, progress=False, protocol="glamm", on_prediction=want.append)

@@ -122,7 +122,9 @@ def test_sam_memory_and_bound_follow_the_dtype_policy(capacity, plan):
     assert _keeps_float32("segmentation.sam.mask_decoder.iou_token.weight")
     c = plan["counts"]
     assert c.fp32 > c.sam - c.sam_encoder  # LoRA and heads are float32 too
-    assert capacity.sam_embedding_bytes() == 256 * 64 * 64 * 2  # SAMStage caches the encoder's bf16 output
+    assert (
+        capacity.sam_embedding_bytes() == 256 * 64 * 64 * 2
+    )  # SAMDeployment caches the encoder's bf16 output
     assert plan["req_s"]["H200 SAM bf16"] / plan["req_s"]["L20 SAM bf16"] == pytest.approx(989 / 119.5)
     assert plan["req_s"]["H200 SAM bf16"] > 10 * plan["req_s"]["H200 SAM fp32 (not served)"]
 

@@ -9,13 +9,13 @@ pipeline.py  build_pipeline, run_batch (`ppcr batch`), evaluate_shards (`ppcr ev
 from .config import BatchConfig, StageConfig, load_batch_config
 from .io import group_by_image, read_manifest, shard_rows_to_images
 from .pipeline import BatchSummary, build_pipeline, evaluate_shards, run_batch
-from .stages import MLLMStage, SAMStage, decode_f32, decode_stage, metrics_stage
+from .stages import MLLMActor, SAMActor, decode_f32, decode_stage, metrics_stage
 
 __all__ = [
     "BatchConfig",
     "BatchSummary",
-    "MLLMStage",
-    "SAMStage",
+    "MLLMActor",
+    "SAMActor",
     "StageConfig",
     "build_pipeline",
     "decode_f32",

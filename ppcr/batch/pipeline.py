@@ -46,7 +46,7 @@ from .io import (
     shard_dataset,
     shard_split_dirs,
 )
-from .stages import EncoderCounter, MLLMStage, SAMStage, decode_stage, metrics_stage, overlay_stage
+from .stages import EncoderCounter, MLLMActor, SAMActor, decode_stage, metrics_stage, overlay_stage
 
 # ----------------------------------------------------------------------------- pipeline
 
@@ -84,9 +84,9 @@ def build_pipeline(
         | {"checkpoint": checkpoint, "overrides": overrides},
     )
     model = {"checkpoint": checkpoint, "overrides": overrides, "threads": cfg.torch_threads}
-    reasoned = _actor_stage(decoded, MLLMStage, cfg.mllm, **model, max_expr=cfg.max_expressions)
+    reasoned = _actor_stage(decoded, MLLMActor, cfg.mllm, **model, max_expr=cfg.max_expressions)
     return _actor_stage(
-        reasoned, SAMStage, cfg.sam, **model, counter=counter, oracle_box=oracle_box, evaluation=evaluation
+        reasoned, SAMActor, cfg.sam, **model, counter=counter, oracle_box=oracle_box, evaluation=evaluation
     )
 
 

@@ -1,7 +1,8 @@
 """The pipeline's stages: decode + preprocess (CPU tasks), MLLM and SAM (actor pools), overlays, metrics.
 
-The model stages call the inference runtime (ppcr/inference.py) and `PPCRModel.reason` / `segment`;
-each actor builds only the model part it runs (`load_checkpoint(parts=...)`)."""
+The model actors call the inference runtime (ppcr/inference.py: `reason_rows`, `segment_rows`, the code
+the Serve deployments run) and keep only batching and Arrow <-> tensor moves; each actor builds only the
+model part it runs (`load_checkpoint(parts=...)`)."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def _load_model(checkpoint: str, overrides: dict | None, device: str, threads: i
     return load_checkpoint(checkpoint, overrides=overrides, device=device, parts=(part,))
 
 
-class MLLMStage:
+class MLLMActor:
     """Actor: stages 1 + 2 (`PPCRModel.reason`) for every valid expression of a batch of image rows."""
 
     def __init__(self, checkpoint: str, overrides: dict | None, device: str, threads: int, max_expr: int):
@@ -123,22 +124,16 @@ class MLLMStage:
 
     def _reason(self, rows: list[dict], pairs: list[tuple[int, int]]) -> list[tuple]:
         """pairs: (row, expression) -> one (prompt (D,), box (4,) or None) per pair, as numpy."""
-        import torch
+        from ..inference import reason_rows
 
-        from ..inputs import group_images
-
-        m = self.model
-        c = m.clip_size
-        first, index = group_images([i for i, _ in pairs])
-        images = [pairs[k][0] for k in first]
-        clip = torch.stack([decode_f32(rows[i]["clip"], (3, c, c)) for i in images]).to(m.device)
-        hw = torch.tensor([rows[i]["hw"] for i in images], dtype=torch.long, device=m.device)
-        index = index.to(m.device)
-        texts = [rows[i]["texts"][j] for i, j in pairs]
-        with torch.no_grad():
-            r = m.reason(clip, index, texts, hw)
-        box = None if r.box is None else r.box.float().cpu().numpy()
-        prompts = r.semantic_prompt.float().cpu().numpy()
+        m, c = self.model, self.model.clip_size
+        prompts, box = reason_rows(
+            m,
+            [i for i, _ in pairs],
+            [rows[i]["texts"][j] for i, j in pairs],
+            lambda k: decode_f32(rows[pairs[k][0]]["clip"], (3, c, c)),
+            lambda k: rows[pairs[k][0]]["hw"],
+        )
         return [(prompts[k], None if box is None else box[k]) for k in range(len(pairs))]
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -179,7 +174,7 @@ class EncoderCounter:
         return self.n
 
 
-class SAMStage:
+class SAMActor:
     """Actor: stage 3. Encodes each image of the batch once (`segmentation.encode`), then decodes every
     prompt of it (`PPCRModel.segment`); emits one RESULT row per expression, errors included."""
 
@@ -203,9 +198,8 @@ class SAMStage:
         """For each row, (mask bool H×W, box pixel XYXY, score) per expression without error."""
         import torch
 
-        from ..inference import segmentations
+        from ..inference import segment_rows
         from ..inputs import ground_truth_boxes
-        from ..masks import encode_mask
 
         m = self.model
         s, d = m.sam_size, m.cfg.prompt_dim
@@ -226,12 +220,11 @@ class SAMStage:
         box_t = torch.cat(boxes).to(m.device) if boxes else None
         with torch.no_grad():
             emb = m.segmentation.encode(sam)
-            if self.counter is not None:  # None when the stage is called in-process (benchmarks)
-                ray.get(self.counter.add.remote(len(rows)))
-            _, iou, logits = m.segment(emb, index_t, prompt_t, box_t, hw, sam_hw)
+        if self.counter is not None:  # None when the actor is called in-process (benchmarks)
+            ray.get(self.counter.add.remote(len(rows)))
         out: list[list[tuple]] = [[] for _ in rows]
-        for i, seg in zip(index, segmentations(logits, box_t, iou)):
-            out[i].append((encode_mask(seg.mask), [float(v) for v in seg.box], seg.score))
+        for i, a in zip(index, segment_rows(m, emb, index_t, prompt_t, box_t, hw, sam_hw)):
+            out[i].append((a["mask"], [float(v) for v in a["box"]], a["score"]))
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -47,7 +47,7 @@ from ..geometry import (
 )
 from ..inputs import image_key
 from ..mllm import PromptTokenizer
-from .deployments import MLLMStage, SAMStage
+from .deployments import MLLMDeployment, SAMDeployment
 from .schema import (
     ERROR_RESPONSES,
     REQUEST_BODY,
@@ -324,7 +324,7 @@ def make_app(args: dict | None = None, options: dict[str, dict] | None = None) -
     unknown = set(opts) - {"Ingress", "MLLM", "SAM"}
     if unknown:
         raise ValueError(f"unknown deployment(s) {sorted(unknown)}; the app has Ingress, MLLM, SAM")
-    ingress, mllm, sam = (d.options(**opts.get(d.name, {})) for d in (Ingress, MLLMStage, SAMStage))
+    ingress, mllm, sam = (d.options(**opts.get(d.name, {})) for d in (Ingress, MLLMDeployment, SAMDeployment))
     return ingress.bind(mllm.bind(settings), sam.bind(settings), settings)
 
 

@@ -1,8 +1,9 @@
 """The model deployments: MLLM (stages 1 + 2) and SAM (stage 3), each batching concurrent requests.
 
 Default options are the tiny CPU ones; serve_configs/*.yaml override them by name. They hold no model
-logic: they call `PPCRModel.reason`, `SegmentationStage.encode` and `PPCRModel.segment` through the
-inference runtime (ppcr/inference.py), the code that training and evaluation run.
+logic: they call `SegmentationStage.encode` and the inference runtime's `reason_rows` / `segment_rows`
+(ppcr/inference.py: `PPCRModel.reason` / `segment`, the code the batch actors, training and evaluation
+run); what they keep is batching, the embedding cache, statistics and numpy <-> tensor moves.
 
 Failure isolation: one request never fails the requests batched with it. Each batch runs through
 `inference.run_isolated`: when it raises, its requests run again one by one, and only a request that
@@ -26,9 +27,7 @@ from ray import serve
 
 from ..failures import ItemFailure, item_failure, run_isolated
 from ..geometry import clip_preprocess, sam_input_size, sam_preprocess
-from ..inference import segmentations
-from ..inputs import group_images
-from ..masks import encode_mask
+from ..inference import reason_rows, segment_rows
 from .settings import ServeSettings, load_serving_model
 
 logger = logging.getLogger("ppcr.serve")
@@ -89,7 +88,7 @@ MODEL_DEPLOYMENT_DEFAULTS = dict(
 
 
 @serve.deployment(name="MLLM", **MODEL_DEPLOYMENT_DEFAULTS)
-class MLLMStage:
+class MLLMDeployment:
     """Stages 1 + 2: LLaVA with LoRA A (semantic prompt) and LoRA B (box), vision features once per image."""
 
     def __init__(self, settings: dict):
@@ -132,23 +131,17 @@ class MLLMStage:
     def _reason(self, items: list[tuple]) -> list[dict]:
         """items: (index, key, image H×W×3 uint8, cleaned expressions) -> one result dict each."""
         t0 = time.perf_counter()
-        keys = [key for _, key, _, _ in items]
-        images = [image for _, _, image, _ in items]
         expressions = [exprs for *_, exprs in items]
-        per_expr = [(key, image) for key, image, exprs in zip(keys, images, expressions) for _ in exprs]
-        first, index = group_images([key for key, _ in per_expr])
-        distinct = [per_expr[i][1] for i in first]
-        out = self.model.reason(
-            torch.stack(
-                [clip_preprocess(im, self.model.clip_size, self.model.clip_mode) for im in distinct]
-            ).to(self.device),
-            index.to(self.device),
+        per_expr = [(key, image) for _, key, image, exprs in items for _ in exprs]
+        m = self.model
+        sem, box = reason_rows(
+            m,
+            [key for key, _ in per_expr],
             [t for exprs in expressions for t in exprs],
-            torch.tensor([im.shape[:2] for im in distinct], dtype=torch.long),
+            lambda i: clip_preprocess(per_expr[i][1], m.clip_size, m.clip_mode),
+            lambda i: per_expr[i][1].shape[:2],
             max_sequences=self.s.max_sequences_per_forward,
         )
-        sem = out.semantic_prompt.float().cpu().numpy()
-        box = None if out.box is None else out.box.float().cpu().numpy()
         ms = (time.perf_counter() - t0) * 1000
         results, start = [], 0
         for exprs in expressions:
@@ -159,7 +152,7 @@ class MLLMStage:
 
 
 @serve.deployment(name="SAM", **MODEL_DEPLOYMENT_DEFAULTS)
-class SAMStage:
+class SAMDeployment:
     """Stage 3: SAM image encoder (with an LRU cache of embeddings), prompt encoder and mask decoder."""
 
     def __init__(self, settings: dict):
@@ -259,7 +252,8 @@ class SAMStage:
         index = torch.tensor([i for i, s in enumerate(semantic) for _ in range(len(s))], device=self.device)
         sem = _tensor(np.concatenate(semantic), self.device)
         box = None if boxes[0] is None else _tensor(np.concatenate(boxes), self.device)
-        low, iou, masks = self.model.segment(
+        found = segment_rows(
+            self.model,
             emb,
             index,
             sem,
@@ -267,10 +261,6 @@ class SAMStage:
             torch.tensor([tuple(hw) for hw in hws], dtype=torch.long),
             torch.tensor([tuple(e["sam_input_hw"]) for e in encoded], dtype=torch.long),
         )
-        found = [
-            {"box": seg.box, "mask": encode_mask(seg.mask), "score": seg.score}
-            for seg in segmentations(masks, box, iou)
-        ]
         ms = (time.perf_counter() - t0) * 1000
         results, start = [], 0
         for e, s in zip(encoded, semantic):
