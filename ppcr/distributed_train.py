@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, RunConfig, deep_merge, from_dict, read_yaml, to_dict
+from .storage import is_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED_TAG = "deepspeed"
@@ -114,7 +115,7 @@ def deepspeed_config(cfg: RunConfig) -> dict:
 def storage_root(cfg: RunConfig) -> str:
     """`distributed.storage_path` as Ray Train takes it: a URI as given, a local folder made absolute."""
     root = cfg.distributed.storage_path
-    return root.rstrip("/") if "://" in root else str(Path(root).resolve())
+    return root.rstrip("/") if is_uri(root) else str(Path(root).resolve())
 
 
 def run_dir(cfg: RunConfig) -> str:
@@ -128,7 +129,7 @@ def worker_config(cfg: RunConfig) -> dict:
     out = to_dict(cfg)
     for section, key in (("data", "shards_root"), ("model", "init_weights")):
         value = out[section].get(key)
-        if value and "://" not in value:
+        if value and not is_uri(value):
             out[section][key] = str(Path(value).resolve())
     return out
 
@@ -152,7 +153,7 @@ def check_before_launch(cfg: RunConfig, resume: bool) -> dict:
     if cfg.model.init_weights and not (Path(cfg.model.init_weights) / "config.yaml").is_file():
         # Workers read it from this path: fail here, before any worker starts.
         raise ConfigError(f"model.init_weights: not a ppcr checkpoint folder: {cfg.model.init_weights}")
-    if "://" not in d.storage_path:
+    if not is_uri(d.storage_path):
         run = Path(run_dir(cfg))
         exists = (run / "checkpoint_manager_snapshot.json").exists() or any(run.glob("step_*"))
         if exists and not resume:
@@ -222,9 +223,7 @@ def run_training(
         raise result.error
     exported = None
     if result.checkpoint is not None:
-        target = (
-            Path(out) if out else (Path(run_dir(cfg)) / "export" if "://" not in d.storage_path else None)
-        )
+        target = Path(out) if out else (Path(run_dir(cfg)) / "export" if not is_uri(d.storage_path) else None)
         if target is not None:
             exported = export_inference(result.checkpoint, target)
     return DistributedResult(
@@ -259,7 +258,7 @@ def export_inference(checkpoint, out: str | Path) -> Path:
     """Copy the inference checkpoint (LoRA, token rows, heads, SAM decoder, config, tokenizer) out of a
     training checkpoint (a ray.train.Checkpoint or a run folder/URI, whose newest checkpoint is used)."""
     if isinstance(checkpoint, (str, Path)):
-        if "://" not in str(checkpoint) and (Path(checkpoint) / INFERENCE_DIR).is_dir():
+        if not is_uri(checkpoint) and (Path(checkpoint) / INFERENCE_DIR).is_dir():
             from ray.train import Checkpoint
 
             checkpoint = Checkpoint.from_directory(str(checkpoint))  # one step_* folder
@@ -375,7 +374,7 @@ def _maybe_fail(cfg: RunConfig, rank: int, step: int, run: str) -> None:
     if d.fail_at_step is None or step != d.fail_at_step or rank != min(1, d.num_workers - 1):
         return
     marker = Path(run) / f".failed_once_at_{step}"
-    if "://" in run or marker.exists():
+    if is_uri(run) or marker.exists():
         return
     last = (step - 1) // d.checkpoint_every * d.checkpoint_every
     snapshot = Path(run) / "checkpoint_manager_snapshot.json"
@@ -503,7 +502,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _append_log(run: str, metrics: dict) -> None:
     """Rank 0 keeps `<run>/train_log.jsonl` (local storage), one line per report, across restarts."""
-    if "://" in run:
+    if is_uri(run):
         return
     Path(run).mkdir(parents=True, exist_ok=True)
     with open(Path(run) / "train_log.jsonl", "a") as f:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..config import InputError
 from ..masks import MaskError, bbox_xywh_to_xyxy, png_mask_rle, rle_bbox_xyxy, segmentation_rle
-from ..storage import filesystem_for, is_uri
+from ..storage import is_uri, read_bytes
 from .refer import ReferDataError
 from .shards import DONE_DIR, PrepareReport, _atomic_write_text, shard_dir, write_split
 
@@ -115,14 +115,6 @@ class CustomSource:
 
 
 # ----------------------------------------------------------------------------- reading files
-
-
-def _read(location: str) -> bytes:
-    if is_uri(location):
-        fs, inner = filesystem_for(location)
-        with fs.open_input_stream(inner) as f:
-            return f.read()
-    return Path(location).read_bytes()
 
 
 def _join(base: str, rel: str) -> str:
@@ -265,7 +257,7 @@ def read_jsonl(manifest: str | Path, dataset: str) -> CustomSource:
     _check_dataset(dataset)
     path = str(manifest)
     try:
-        data = _read(path)
+        data = read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest not found: {path}") from None
     base = _folder(path)
@@ -360,8 +352,8 @@ def read_coco(
     _check_dataset(dataset)
     inst_path, refs_path = str(instances), str(expressions)
     try:
-        inst_bytes = _read(inst_path)
-        refs_bytes = _read(refs_path)
+        inst_bytes = read_bytes(inst_path)
+        refs_bytes = read_bytes(refs_path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"not found: {e.filename or e}") from None
     try:
@@ -430,7 +422,7 @@ def _ref_entry(rec: Record, h: int, w: int) -> dict:
     try:
         if isinstance(rec.mask, str):
             try:
-                data = _read(rec.mask)
+                data = read_bytes(rec.mask)
             except FileNotFoundError:
                 raise MaskError(f"mask file missing: {rec.mask}") from None
             except OSError as e:
@@ -477,7 +469,7 @@ def build_custom_row(records: list[Record], source_path: str) -> tuple[dict | No
         }
 
     try:
-        data = _read(first.image)
+        data = read_bytes(first.image)
     except FileNotFoundError:
         return None, [error(r, f"image file missing: {first.image}") for r in records]
     except OSError as e:

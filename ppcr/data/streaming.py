@@ -23,10 +23,10 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ..config import ConfigError, MixEntry, RunConfig
-from ..geometry import decode_image, normalize_box, preprocess_image
-from ..inputs import Batch
+from ..geometry import decode_image, preprocess_image
+from ..inputs import Batch, ground_truth_boxes, group_images
 from ..masks import decode_rle
-from ..storage import filesystem_for
+from ..storage import filesystem_for, is_uri
 from .shards import SHARD_SCHEMA, shard_dir
 
 #: One training row per expression (the output of `preprocess_images`).
@@ -56,7 +56,7 @@ def mix_entries(cfg: RunConfig) -> list[MixEntry]:
 
 def shard_files(entry: MixEntry) -> list[str]:
     """Sorted part files of one mix entry (paths or URIs); ConfigError naming the folder if none exist."""
-    if "://" in entry.shards_root:
+    if is_uri(entry.shards_root):
         folder = f"{entry.shards_root.rstrip('/')}/{entry.dataset}_{entry.split_by}/{entry.split}"
     else:
         folder = str(shard_dir(entry.shards_root, entry.dataset, entry.split_by, entry.split))
@@ -71,8 +71,8 @@ def shard_files(entry: MixEntry) -> list[str]:
     )
     if not files:
         raise ConfigError(f"no part-*.parquet shard files in {folder}")
-    scheme = folder.split("://", 1)[0] + "://" if "://" in folder else ""
-    return [scheme + f if scheme and "://" not in f else f for f in files]
+    scheme = folder.split("://", 1)[0] + "://" if is_uri(folder) else ""
+    return [scheme + f if scheme and not is_uri(f) else f for f in files]
 
 
 def preprocess_images(
@@ -88,7 +88,7 @@ def preprocess_images(
         clip, sam = clip.numpy(), sam.numpy()
         key = hashlib.blake2b(row["image"], digest_size=16).hexdigest()
         for ref in row["refs"]:
-            box = normalize_box(np.asarray(ref["bbox"], dtype=np.float64), (h, w)).clip(0, 1)
+            box = ground_truth_boxes([ref["bbox"]], [(h, w)])[0].numpy()
             for s in ref["sentences"]:
                 out["key"].append(f"{dataset}/{split_by}/{s['sent_id']}")
                 out["image_key"].append(key)
@@ -97,7 +97,7 @@ def preprocess_images(
                 out["original_hw"].append(np.array([h, w], dtype=np.int64))
                 out["sam_input_hw"].append(np.array(in_hw, dtype=np.int64))
                 out["expression"].append(s["text"])
-                out["gt_box"].append(box.astype(np.float32))
+                out["gt_box"].append(box)
                 out["mask_size"].append(np.asarray(ref["mask"]["size"], dtype=np.int64))
                 out["mask_counts"].append(ref["mask"]["counts"])
     strings = ("key", "image_key", "expression", "mask_counts")
@@ -164,14 +164,8 @@ class RowsToBatch(NumpyBatchCollateFn):
                     keep.append(i)
         if not keep:
             return None
-        rows: dict[str, int] = {}
-        first, index = [], []
-        for i in keep:
-            k = batch["image_key"][i]
-            if k not in rows:
-                rows[k] = len(rows)
-                first.append(i)
-            index.append(rows[k])
+        firsts, index = group_images([batch["image_key"][i] for i in keep])
+        first = [keep[j] for j in firsts]
         # Arrays from Ray's object store are read-only: copy before handing them to torch.
         t = lambda name, idx: torch.from_numpy(np.array(batch[name][idx]))  # noqa: E731
         masks = []
@@ -183,7 +177,7 @@ class RowsToBatch(NumpyBatchCollateFn):
             sam_pixels=t("sam_pixels", first),
             original_hw=t("original_hw", first),
             sam_input_hw=t("sam_input_hw", first),
-            image_index=torch.tensor(index, dtype=torch.long),
+            image_index=index,
             expressions=[str(batch["expression"][i]) for i in keep],
             gt_masks=masks,
             gt_boxes=t("gt_box", keep).float(),
