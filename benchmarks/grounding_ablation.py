@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from ppcr.config import load_config
-from ppcr.data.shards import iter_expressions, prepare_shards, shard_dir
+from ppcr.data.shards import ImageCache, iter_expressions, prepare_shards, shard_dir, to_item
 from ppcr.data.synth import SynthConfig, synthesize
 from ppcr.demo import DemoSettings
 from ppcr.evaluate import evaluate_baselines, evaluate_split
 from ppcr.geometry import denormalize_box
 from ppcr.inputs import collate
-from ppcr.train import ImageCache, to_item, train
+from ppcr.train import train
 
 _ATTRIBUTES = (
     ("size", {"small", "big"}),

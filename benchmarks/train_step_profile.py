@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ppcr.config import load_config
-from ppcr.data.shards import prepare_shards, shard_dir
+from ppcr.data.shards import ImageCache, prepare_shards, shard_dir, to_item
 from ppcr.data.synth import synthesize
 from ppcr.demo import DemoSettings
 from ppcr.geometry import normalized_to_sam_frame, order_box
@@ -39,14 +39,12 @@ from ppcr.losses import ppcr_loss
 from ppcr.model import PPCRModel, PPCROutput, _inverse_order
 from ppcr.prompts import BOX_TOKEN, SPATIAL_ANSWER, spatial_question
 from ppcr.train import (
-    ImageCache,
     SamEmbeddingCache,
     batch_image_keys,
     batches_forever,
     build_optimizer,
     gt_box_probability,
     load_training_samples,
-    to_item,
     train_step,
 )
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import InputError
-from .data.shards import ExpressionSample, iter_expressions, read_image_rows
+from .data.shards import ExpressionSample, ImageCache, iter_expressions, read_image_rows, to_item
 from .geometry import denormalize_box, mask_to_box
 from .inference import predict_torch
 from .inputs import collate
@@ -22,7 +22,6 @@ from .masks import decode_rle, encode_mask
 from .metrics import RISMetrics, protocol_indices, score_expression
 from .model import PPCRModel
 from .report import prediction_record
-from .train import ImageCache, to_item
 
 
 def _chunks(samples: Iterable[ExpressionSample], size: int) -> Iterator[list[ExpressionSample]]:

@@ -11,14 +11,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_init_weights, save_checkpoint
 from .config import RunConfig, TrainConfig, to_dict
-from .data.shards import ExpressionSample, iter_expressions, shard_dir
-from .geometry import decode_image
+from .data.shards import ExpressionSample, ImageCache, iter_expressions, shard_dir, to_item
 from .inputs import Batch, Item, collate, group_images
 from .losses import ppcr_loss
 from .model import PPCRModel
@@ -63,27 +61,6 @@ def gt_box_probability(step: int, tcfg: TrainConfig) -> float:
     return max(tcfg.gt_box_min_prob, 1.0 - step / tcfg.gt_box_warmup_steps)
 
 
-class ImageCache:
-    """Decoded images by id, bounded (FIFO), so each training image is decoded about once."""
-
-    def __init__(self, capacity: int = 4096):
-        self.capacity = capacity
-        self._data: dict[int, np.ndarray] = {}
-
-    def get(self, sample: ExpressionSample) -> np.ndarray:
-        img = self._data.get(sample.image_id)
-        if img is None:
-            img = decode_image(
-                sample.image_bytes,
-                f"image {sample.image_id} ({sample.file_name})",
-                expected_hw=(sample.height, sample.width),
-            )
-            if len(self._data) >= self.capacity:
-                self._data.pop(next(iter(self._data)))
-            self._data[sample.image_id] = img
-        return img
-
-
 class SamEmbeddingCache:
     """SAM image embeddings by image id across training steps.
 
@@ -120,18 +97,6 @@ def batch_image_keys(items: Sequence[Item]) -> list:
     """Image keys in `collate`'s row order, for `SamEmbeddingCache.get` (the same grouping collate uses)."""
     first, _ = group_images([it.key for it in items])
     return [items[i].key for i in first]
-
-
-def to_item(sample: ExpressionSample, cache: ImageCache) -> Item:
-    """A shard expression as a model input with ground truth (mask bool H×W, box pixel XYXY)."""
-    return Item(
-        key=sample.image_id,
-        image=cache.get(sample),
-        expression=sample.text,
-        gt_mask=sample.mask(),
-        gt_box=sample.bbox_xyxy,
-        meta={"image_id": sample.image_id, "ref_id": sample.ref_id, "sent_id": sample.sent_id},
-    )
 
 
 def load_training_samples(split_dir: Path, max_per_image: int | None = None) -> list[ExpressionSample]:

@@ -491,8 +491,8 @@ def test_manifest_given_as_a_uri(manifest, tmp_path):
 def test_exif_rotated_photo_rows_have_the_size_the_readers_decode(photos, tmp_path):
     """A camera JPEG stored 160x120 with EXIF orientation 6 (shown 120x160): the row's height/width and
     the mask's size are those of `geometry.decode_image`, which every reader uses."""
+    from ppcr.data.shards import ImageCache
     from ppcr.geometry import decode_image
-    from ppcr.train import ImageCache
 
     raw = np.asarray(Image.open(photos["astronaut"]))
     exif = Image.Exif()

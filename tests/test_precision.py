@@ -82,9 +82,8 @@ def test_policy_puts_each_part_in_its_dtype():
 def test_each_stage_runs_whole_model_in_bf16_as_deepspeed_casts_it(synth_data, val_dir):
     """DeepSpeed bf16 casts *every parameter* to bf16 and keeps the buffers (SAM's Fourier matrix)
     float32: the forward pass must still run (it raised a dtype mismatch at the mask decoder)."""
-    from ppcr.data.shards import iter_expressions
+    from ppcr.data.shards import ImageCache, iter_expressions, to_item
     from ppcr.inputs import collate
-    from ppcr.train import ImageCache, to_item
 
     torch.manual_seed(0)
     model = PPCRModel(load_config("tiny").model)
@@ -250,9 +249,8 @@ def test_training_loop_calls_collectives_only_through_the_device_helpers():
 
 
 def test_reason_in_chunks_gives_the_same_answers(synth_data, val_dir, monkeypatch):
-    from ppcr.data.shards import iter_expressions
+    from ppcr.data.shards import ImageCache, iter_expressions, to_item
     from ppcr.inputs import collate
-    from ppcr.train import ImageCache, to_item
 
     torch.manual_seed(0)
     model = PPCRModel(load_config("tiny").model).eval()

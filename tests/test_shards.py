@@ -18,6 +18,7 @@ from ppcr.batch import decode_stage, shard_rows_to_images
 from ppcr.data.refer import ReferDataError, ReferDataset
 from ppcr.data.shards import (
     SHARD_SCHEMA,
+    ImageCache,
     build_image_row,
     iter_expressions,
     prepare_shards,
@@ -28,7 +29,6 @@ from ppcr.data.shards import (
 from ppcr.data.synth import SynthConfig, synthesize
 from ppcr.geometry import decode_image
 from ppcr.masks import decode_rle
-from ppcr.train import ImageCache
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 ROWS_PER_FILE = 3

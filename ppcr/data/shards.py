@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import InputError
 from ..geometry import ImageDecodeError, decode_image
+from ..inputs import Item
 from ..masks import decode_rle
 from ..prompts import clean_expression
 from .refer import ReferDataError, ReferDataset, ReferRef
@@ -33,12 +34,14 @@ __all__ = [
     "SHARD_FORMAT_VERSION",
     "SHARD_SCHEMA",
     "ExpressionSample",
+    "ImageCache",
     "PrepareReport",
     "build_image_row",
     "iter_expressions",
     "prepare_shards",
     "read_image_rows",
     "shard_dir",
+    "to_item",
     "validate_shard_schema",
     "write_split",
 ]
@@ -397,6 +400,39 @@ class ExpressionSample:
     def mask(self) -> np.ndarray:
         """Decoded bool mask of shape ``(height, width)``."""
         return decode_rle(self.mask_rle)
+
+
+class ImageCache:
+    """Decoded images by id, bounded (FIFO), so each training image is decoded about once."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._data: dict[int, np.ndarray] = {}
+
+    def get(self, sample: ExpressionSample) -> np.ndarray:
+        img = self._data.get(sample.image_id)
+        if img is None:
+            img = decode_image(
+                sample.image_bytes,
+                f"image {sample.image_id} ({sample.file_name})",
+                expected_hw=(sample.height, sample.width),
+            )
+            if len(self._data) >= self.capacity:
+                self._data.pop(next(iter(self._data)))
+            self._data[sample.image_id] = img
+        return img
+
+
+def to_item(sample: ExpressionSample, cache: ImageCache) -> Item:
+    """A shard expression as a model input with ground truth (mask bool H×W, box pixel XYXY)."""
+    return Item(
+        key=sample.image_id,
+        image=cache.get(sample),
+        expression=sample.text,
+        gt_mask=sample.mask(),
+        gt_box=sample.bbox_xyxy,
+        meta={"image_id": sample.image_id, "ref_id": sample.ref_id, "sent_id": sample.sent_id},
+    )
 
 
 def iter_expressions(split_dir: str | Path, limit_images: int | None = None) -> Iterator[ExpressionSample]:
