@@ -31,3 +31,11 @@ def read_bytes(location: str | Path) -> bytes:
         with filesystem.open_input_stream(path) as f:
             return f.read()
     return Path(location).read_bytes()
+
+
+def parquet_files(folder: str | Path, prefix: str = "") -> list[Path]:
+    """Sorted ``<prefix>*.parquet`` files of a local folder; [] when there are none or the folder does not
+    exist (whether that is an error is the caller's to say: a shard split must have parts, a batch
+    job's output folder starts empty)."""
+    folder = Path(folder)
+    return sorted(folder.glob(f"{prefix}*.parquet")) if folder.is_dir() else []

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ..ray_cluster import init_ray, require_resources
+from ..storage import parquet_files
 from .config import BatchConfig, StageConfig
 from .io import (
     ERRORS_DIR,
@@ -112,14 +113,10 @@ def _prepare_ray(cfg: BatchConfig, what: str, progress: bool) -> None:
     ctx.verbose_stats_logs = False
 
 
-def _part_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-
-
 def _read_ids(folder: Path) -> tuple[pa.Array, int]:
     """Ids in the part files of `folder` and their row count; unreadable files (a crash mid-write) are deleted."""
     chunks = []
-    for f in _part_files(folder):
+    for f in parquet_files(folder):
         try:
             chunks.append(pq.read_table(f, columns=["id"])["id"].combine_chunks())
         except Exception as exc:  # truncated / corrupt part file: redo its rows
@@ -130,7 +127,7 @@ def _read_ids(folder: Path) -> tuple[pa.Array, int]:
 
 
 def _count_rows(folder: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in _part_files(folder))
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(folder))
 
 
 @dataclass
@@ -176,7 +173,7 @@ def run_batch(
     cfg = cfg or BatchConfig()
     out = Path(output)
     if retry_errors:
-        for f in _part_files(out / ERRORS_DIR):
+        for f in parquet_files(out / ERRORS_DIR):
             f.unlink()
     done_ids, n_done = _read_ids(out / RESULTS_DIR)
     err_ids, n_err = _read_ids(out / ERRORS_DIR)

@@ -28,6 +28,7 @@ from ..geometry import ImageDecodeError, decode_image
 from ..inputs import Item
 from ..masks import decode_rle
 from ..prompts import clean_expression
+from ..storage import parquet_files
 from .refer import ReferDataError, ReferDataset, ReferRef
 
 __all__ = [
@@ -358,19 +359,15 @@ def validate_shard_schema(path: str | Path) -> None:
         raise InputError(f"{path}: column order {schema.names} != {SHARD_SCHEMA.names}")
 
 
-def _part_files(split_dir: str | Path) -> list[Path]:
-    files = sorted(Path(split_dir).glob("part-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no part-*.parquet shard files in {split_dir}")
-    return files
-
-
 def read_image_rows(split_dir: str | Path, batch_size: int = 32) -> Iterator[dict]:
     """Yield shard rows as python dicts (SHARD_SCHEMA), file by file in file-name order.
 
     Streams ``batch_size`` rows at a time so a split never has to fit in memory.
     """
-    for path in _part_files(split_dir):
+    files = parquet_files(split_dir, "part-")
+    if not files:
+        raise FileNotFoundError(f"no part-*.parquet shard files in {split_dir}")
+    for path in files:
         validate_shard_schema(path)
         pf = pq.ParquetFile(path)
         for batch in pf.iter_batches(batch_size=batch_size):
