@@ -30,10 +30,8 @@ from transformers import (
 from .config import InputError, ModelConfig
 from .precision import torch_dtype
 from .prompts import (
-    BOX_TOKEN,
     GLAMM_TOKENS,
     IMAGE_TOKEN,
-    SEG_TOKEN,
     SEM_TOKEN,
     SEMANTIC_ANSWER,
     SEMANTIC_TEMPLATES,
@@ -41,6 +39,7 @@ from .prompts import (
     SPATIAL_TEMPLATE_EXPRESSION,
     SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC,
     SPATIAL_TEMPLATES,
+    SPECIAL_TOKENS,
     clean_expression,
     conversation,
     semantic_question,
@@ -49,7 +48,6 @@ from .prompts import (
 from .weights import SHOWN, WeightsError, check_keys
 
 ADAPTERS = ("semantic", "spatial")
-SPECIAL_TOKENS_TO_ADD = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
 IGNORE_INDEX = -100
 
 # Words the offline tokenizer learns merges for; anything else still encodes (byte-level BPE).
@@ -64,7 +62,7 @@ _TINY_CORPUS_WORDS = (
 def special_tokens(cfg: ModelConfig) -> tuple[str, ...]:
     """The tokens ppcr adds, in order: ours, then GLaMM's image wrappers under prompt_format glamm
     (appended after ours, so switching the format never moves the ids of [SEG] / [BOX] / <sem>)."""
-    return SPECIAL_TOKENS_TO_ADD + (GLAMM_TOKENS if cfg.prompt_format == "glamm" else ())
+    return SPECIAL_TOKENS + (GLAMM_TOKENS if cfg.prompt_format == "glamm" else ())
 
 
 def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -80,12 +78,12 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
                 f"tokenizer folder not found: {path} (model.tokenizer_path / model.mllm_path)"
             )
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
-        tok.add_tokens(list(SPECIAL_TOKENS_TO_ADD), special_tokens=True)
+        tok.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
         if tok.pad_token is None:
             tok.pad_token = tok.unk_token
     else:
         tok = _build_offline_bpe()
-    extra = special_tokens(cfg)[len(SPECIAL_TOKENS_TO_ADD) :]
+    extra = special_tokens(cfg)[len(SPECIAL_TOKENS) :]
     if extra:
         tok.add_tokens(list(extra), special_tokens=True)
     for token in special_tokens(cfg):
@@ -115,7 +113,7 @@ def _build_offline_bpe(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
-    tok.add_tokens(list(SPECIAL_TOKENS_TO_ADD), special_tokens=True)
+    tok.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
     return tok
 
 

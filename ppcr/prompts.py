@@ -18,6 +18,7 @@ IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "[SEG]"
 BOX_TOKEN = "[BOX]"
 SEM_TOKEN = "<sem>"  # placeholder replaced by the Semantic Segmentation Prompt embedding
+# The tokens every PPCR tokenizer gets (mllm.build_tokenizer adds them, each a single id).
 SPECIAL_TOKENS = (IMAGE_TOKEN, SEG_TOKEN, BOX_TOKEN, SEM_TOKEN)
 # GLaMM wraps the image in these (model.prompt_format: glamm); added to the tokenizer only then.
 IM_START_TOKEN = "<im_start>"
