@@ -44,7 +44,8 @@ def mask_iou_parts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
     return inter, union
 
 
-def _as_box(box: Any, name: str) -> tuple[float, float, float, float]:
+def check_box_xyxy(box: Any, name: str) -> tuple[float, float, float, float]:
+    """A pixel XYXY box as 4 floats; ValueError naming `name` unless 4 finite values with x1 <= x2, y1 <= y2."""
     vals = np.asarray(box, dtype=np.float64).reshape(-1)
     if vals.shape != (4,):
         raise ValueError(f"{name} must have 4 values (x1, y1, x2, y2), got shape {np.shape(box)}")
@@ -62,8 +63,8 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     Zero-area boxes are allowed; if the union has zero area the IoU is 0.0. Raises ValueError when a box
     does not have 4 finite values or has ``x2 < x1`` / ``y2 < y1``.
     """
-    ax1, ay1, ax2, ay2 = _as_box(a, "box a")
-    bx1, by1, bx2, by2 = _as_box(b, "box b")
+    ax1, ay1, ax2, ay2 = check_box_xyxy(a, "box a")
+    bx1, by1, bx2, by2 = check_box_xyxy(b, "box b")
     iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
     ih = max(0.0, min(ay2, by2) - max(ay1, by1))
     inter = iw * ih

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .geometry import pil_to_rgb
+from .metrics import check_box_xyxy
 
 MASK_COLOR = (255, 40, 40)  # red tint for the predicted mask
 MASK_ALPHA = 0.5
@@ -37,16 +38,6 @@ def _to_rgb_array(image: Any) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"image must be HxWx3 (or HxW / HxWx4), got shape {arr.shape}")
     return np.ascontiguousarray(arr[..., :3]).copy()
-
-
-def _check_box(box: Sequence[float], name: str) -> tuple[float, float, float, float]:
-    vals = np.asarray(box, dtype=np.float64).reshape(-1)
-    if vals.shape != (4,) or not np.all(np.isfinite(vals)):
-        raise ValueError(f"{name} must be 4 finite values (x1, y1, x2, y2), got {box!r}")
-    x1, y1, x2, y2 = (float(v) for v in vals)
-    if x2 < x1 or y2 < y1:
-        raise ValueError(f"{name} must satisfy x1 <= x2 and y1 <= y2, got {[x1, y1, x2, y2]}")
-    return x1, y1, x2, y2
 
 
 def _box_pixels(box: tuple[float, float, float, float], w: int, h: int) -> tuple[int, int, int, int] | None:
@@ -148,11 +139,11 @@ def draw_overlay(
     draw = ImageDraw.Draw(canvas)
     thick = max(2, round(min(w, h) / 150))
     if gt_box is not None:
-        rect = _box_pixels(_check_box(gt_box, "gt_box"), w, h)
+        rect = _box_pixels(check_box_xyxy(gt_box, "gt_box"), w, h)
         if rect is not None:
             _dashed_rect(draw, rect, GT_BOX_COLOR, max(1, thick // 2))
     if box is not None:
-        rect = _box_pixels(_check_box(box, "box"), w, h)
+        rect = _box_pixels(check_box_xyxy(box, "box"), w, h)
         if rect is not None:
             draw.rectangle(rect, outline=PRED_BOX_COLOR, width=thick)
 
