@@ -73,6 +73,9 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     _check_prepare_flags(a)
     if a.format != "refer":
         return _prepare_custom(a)
+    from .data.refer import valid_splits
+
+    valid_splits(a.dataset, a.split_by)  # an unknown name is a one-line error before Ray or any file
     source = (a.refer_root, a.images, a.dataset, a.split_by, a.out)
     common = dict(splits=a.splits, rows_per_file=a.rows_per_file)
     if a.ray:

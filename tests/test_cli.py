@@ -54,6 +54,18 @@ def test_prepare_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("ray", [False, True])
+def test_prepare_unknown_dataset_is_one_line(tmp_path, capsys, ray):
+    argv = ["prepare", "--refer-root", str(tmp_path), "--images", str(tmp_path), "--dataset", "refcocoo"]
+    rc = main(argv + ["--split-by", "unc", "--out", str(tmp_path / "o")] + (["--ray"] if ray else []))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert (
+        err.count("\n") == 1 and "unknown dataset/split_by 'refcocoo'/'unc'" in err and "refcoco/unc" in err
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_bad_config_key_is_a_clear_error(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("base: tiny\nmodel:\n  box_head: mpl\n")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import InputError
 from ..masks import MaskError, bbox_xywh_to_xyxy, segmentation_rle
 
 __all__ = [
@@ -58,12 +59,13 @@ class ReferDataError(ValueError):
 
 
 def valid_splits(dataset: str, split_by: str) -> tuple[str, ...]:
-    """Split names of a known ``(dataset, split_by)``; ValueError listing the valid combinations otherwise."""
+    """Split names of a known ``(dataset, split_by)``; InputError (a ValueError) listing the valid
+    combinations otherwise, which the CLI prints as one line."""
     try:
         return DATASET_SPLITS[(dataset, split_by)]
     except KeyError:
         choices = ", ".join(f"{d}/{s}" for d, s in DATASET_SPLITS)
-        raise ValueError(
+        raise InputError(
             f"unknown dataset/split_by {dataset!r}/{split_by!r}; valid choices: {choices}"
         ) from None
 
