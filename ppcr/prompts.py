@@ -110,10 +110,24 @@ def clean_expression(expression: str, max_chars: int | None = None) -> str:
     return text
 
 
+# An expression that opens with an article ("the cup", "a man on the left"): a template's own "the"
+# before it would double it ("segment the the cup").
+_ARTICLE = re.compile(r"(?:the|a|an)\b", re.IGNORECASE)
+
+
+def fill_expression(template: str, expression: str) -> str:
+    """`template` with `{expr}` replaced by the cleaned `expression` (`clean_expression`); the template's
+    "the " before `{expr}` is left out when the expression already opens with an article."""
+    text = clean_expression(expression)
+    if _ARTICLE.match(text):
+        template = template.replace("the {expr}", "{expr}")
+    return template.replace("{expr}", text)
+
+
 def semantic_question(expression: str, rng: random.Random | None = None) -> str:
     """Fill a semantic template: random in training (rng given), the first one in evaluation."""
     template = rng.choice(SEMANTIC_TEMPLATES) if rng is not None else SEMANTIC_TEMPLATES[0]
-    return template.format(expr=clean_expression(expression))
+    return fill_expression(template, expression)
 
 
 def spatial_question(expression: str, mode: str, rng: random.Random | None = None) -> str:
@@ -122,9 +136,11 @@ def spatial_question(expression: str, mode: str, rng: random.Random | None = Non
         template = rng.choice(SPATIAL_TEMPLATES) if rng is not None else SPATIAL_TEMPLATES[0]
         return template.format(sem=SEM_TOKEN)
     if mode == "expression+semantic":
-        return SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC.format(sem=SEM_TOKEN, expr=clean_expression(expression))
+        return fill_expression(
+            SPATIAL_TEMPLATE_EXPRESSION_SEMANTIC.format(sem=SEM_TOKEN, expr="{expr}"), expression
+        )
     if mode == "expression":
-        return SPATIAL_TEMPLATE_EXPRESSION.format(expr=clean_expression(expression))
+        return fill_expression(SPATIAL_TEMPLATE_EXPRESSION, expression)
     raise ValueError(f"spatial prompt mode {mode!r} has no spatial question")
 
 

@@ -132,18 +132,45 @@ def test_clean_expression_rejects_non_string():
         clean_expression(None)  # type: ignore[arg-type]
 
 
+def _filled(template: str, expr: str) -> str:
+    """What a template reads with `expr` (which opens with an article) in place: one "the", not two."""
+    return template.replace("the {expr}", "{expr}").format(expr=expr)
+
+
 def test_semantic_question_fixed_without_rng():
     q = semantic_question(EXPR)
-    assert q == SEMANTIC_TEMPLATES[0].format(expr=EXPR)
+    assert q == "Can you segment the red circle on the left in this image?"
+    assert q == _filled(SEMANTIC_TEMPLATES[0], EXPR)
     assert all(semantic_question(EXPR) == q for _ in range(5))
     # The expression is cleaned before it is inserted.
-    assert semantic_question("  the   dog ") == SEMANTIC_TEMPLATES[0].format(expr="the dog")
+    assert semantic_question("  the   dog ") == _filled(SEMANTIC_TEMPLATES[0], "the dog")
+
+
+@pytest.mark.parametrize(
+    "expr, want",
+    [
+        ("the big blue square", "Can you segment the big blue square in this image?"),
+        ("The cup", "Can you segment The cup in this image?"),
+        ("a man on the left", "Can you segment a man on the left in this image?"),
+        ("an apple", "Can you segment an apple in this image?"),
+        ("big blue square", "Can you segment the big blue square in this image?"),
+        ("theater seat", "Can you segment the theater seat in this image?"),
+    ],
+)
+def test_prompts_never_double_the_article(expr, want):
+    assert semantic_question(expr) == want
+    rng = random.Random(0)
+    for q in [semantic_question(expr, rng) for _ in range(100)] + [
+        spatial_question(expr, "expression"),
+        spatial_question(expr, "expression+semantic"),
+    ]:
+        assert not re.search(r"\bthe (the|a|an) ", q, re.IGNORECASE), q
 
 
 def test_semantic_question_random_covers_templates():
     rng = random.Random(0)
     seen = {semantic_question(EXPR, rng) for _ in range(600)}
-    expected = {t.format(expr=EXPR) for t in SEMANTIC_TEMPLATES}
+    expected = {_filled(t, EXPR) for t in SEMANTIC_TEMPLATES}
     assert seen == expected  # every distinct template is drawn (the list has printed duplicates)
     assert len(expected) >= 8
 
