@@ -8,7 +8,7 @@ call these functions instead of re-deriving them:
     predict_torch(model, batch, ...)   the tensor API (as SamPredictor.predict_torch): stages 1-3 on a
                                        collated Batch -> (Segmentation list, boxes given to SAM)
     reason_rows(model, keys, ...)      stages 1 + 2 for expressions given row by row -> numpy prompts, boxes
-    segment_rows(model, emb, ...)      stage 3 for given prompts -> answers (COCO RLE mask, box, score)
+    segment_rows(model, images, ...)   stage 3 for given prompts -> answers (COCO RLE mask, box, score)
 
 `reason_rows` and `segment_rows` are the model glue of both Ray layers (the Serve deployments and the
 batch actors), which keep only batching, caching, statistics and Arrow <-> tensor moves.
@@ -111,23 +111,19 @@ def reason_rows(
 @torch.no_grad()
 def segment_rows(
     model: PPCRModel,
-    image_embeddings: torch.Tensor,
-    image_index: torch.Tensor,
-    semantic_prompt: torch.Tensor,
-    box: torch.Tensor | None,
-    original_hw: torch.Tensor,
-    sam_input_hw: torch.Tensor,
+    images: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
 ) -> list[dict]:
     """Stage 3 (`PPCRModel.segment`) for given prompts -> one answer per expression.
 
-    image_embeddings (N, C, h, w) on the model's device; image_index (B,); semantic_prompt (B, D);
-    box (B, 4) normalized XYXY or None; original_hw / sam_input_hw (N, 2). Each answer is
-    {"box": (4,) float64 pixel XYXY of the original image, "mask": COCO compressed RLE of the bool
-    (H, W) mask, "score": SAM's predicted IoU} (`segmentations`, `masks.encode_mask`).
+    images: per image, (embeddings (N, C, h, w) on the model's device, original_hw (N, 2), sam_input_hw
+    (N, 2)); prompts: per expression, (image_index (B,), semantic prompts (B, D), boxes (B, 4)
+    normalized XYXY or None). Each answer is {"box": (4,) float64 pixel XYXY of the original image,
+    "mask": COCO compressed RLE of the bool (H, W) mask, "score": SAM's predicted IoU}
+    (`segmentations`, `masks.encode_mask`).
     """
-    _, iou, logits = model.segment(
-        image_embeddings, image_index, semantic_prompt, box, original_hw, sam_input_hw
-    )
+    (embeddings, original_hw, sam_input_hw), (image_index, semantic, box) = images, prompts
+    _, iou, logits = model.segment(embeddings, image_index, semantic, box, original_hw, sam_input_hw)
     return [
         {"box": seg.box, "mask": encode_mask(seg.mask), "score": seg.score}
         for seg in segmentations(logits, box, iou)

@@ -12,8 +12,9 @@ from ppcr.checkpoint import load_checkpoint, save_checkpoint
 from ppcr.cli import main
 from ppcr.config import ConfigError, InputError, load_config
 from ppcr.failures import ItemFailure, one_line, run_isolated
-from ppcr.inference import binarize, predict_torch, segmentations
+from ppcr.inference import binarize, predict_torch, reason_rows, segment_rows, segmentations
 from ppcr.inputs import Item, collate, ground_truth_boxes, group_images
+from ppcr.masks import decode_rle
 from ppcr.model import PPCRModel
 from ppcr.segmentation_stage import MASK_THRESHOLD
 
@@ -96,6 +97,35 @@ def test_the_two_parts_together_answer_as_the_whole_model(ckpt, batch):
         np.testing.assert_array_equal(want.mask, got.mask)
         np.testing.assert_allclose(want.box, got.box, rtol=1e-6)
         assert want.score == pytest.approx(got.score, rel=1e-6)
+
+
+def test_the_row_level_calls_of_the_ray_layers_answer_as_predict_torch(ckpt, batch):
+    """reason_rows + segment_rows (what the Serve deployments and the batch actors call) on expressions
+    given one by one, images asked once each, give predict_torch's answers, masks as COCO RLE."""
+    whole = load_checkpoint(ckpt)
+    mllm, sam = load_checkpoint(ckpt, parts=("mllm",)), load_checkpoint(ckpt, parts=("sam",))
+    expected = predict_torch(whole, batch)
+    index = batch.image_index.tolist()
+    asked = []
+
+    def clip(i):
+        asked.append(i)
+        return batch.clip_pixels[index[i]]
+
+    keys = [f"image {k}" for k in index]
+    sem, box = reason_rows(
+        mllm, keys, batch.expressions, clip, lambda i: batch.original_hw[index[i]].tolist()
+    )
+    assert asked == [0, 1]  # the third expression shares the first one's image
+    assert sem.dtype == np.float32 and sem.shape[0] == len(batch) and box.shape == (len(batch), 4)
+    with torch.no_grad():
+        emb = sam.segmentation.encode(batch.sam_pixels)
+    images = (emb, batch.original_hw, batch.sam_input_hw)
+    got = segment_rows(sam, images, (batch.image_index, torch.from_numpy(sem), torch.from_numpy(box)))
+    for want, answer in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(want.mask, decode_rle(answer["mask"]))
+        np.testing.assert_allclose(want.box, answer["box"], rtol=1e-5, atol=1e-4)
+        assert want.score == pytest.approx(answer["score"], rel=1e-5)
 
 
 def test_a_part_built_alone_has_the_whole_models_random_weights():

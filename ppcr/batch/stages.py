@@ -223,7 +223,7 @@ class SAMActor:
         if self.counter is not None:  # None when the actor is called in-process (benchmarks)
             ray.get(self.counter.add.remote(len(rows)))
         out: list[list[tuple]] = [[] for _ in rows]
-        for i, a in zip(index, segment_rows(m, emb, index_t, prompt_t, box_t, hw, sam_hw)):
+        for i, a in zip(index, segment_rows(m, (emb, hw, sam_hw), (index_t, prompt_t, box_t))):
             out[i].append((a["mask"], [float(v) for v in a["box"]], a["score"]))
         return out
 

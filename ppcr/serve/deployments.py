@@ -252,15 +252,9 @@ class SAMDeployment:
         index = torch.tensor([i for i, s in enumerate(semantic) for _ in range(len(s))], device=self.device)
         sem = _tensor(np.concatenate(semantic), self.device)
         box = None if boxes[0] is None else _tensor(np.concatenate(boxes), self.device)
-        found = segment_rows(
-            self.model,
-            emb,
-            index,
-            sem,
-            box,
-            torch.tensor([tuple(hw) for hw in hws], dtype=torch.long),
-            torch.tensor([tuple(e["sam_input_hw"]) for e in encoded], dtype=torch.long),
-        )
+        hw = torch.tensor([tuple(hw) for hw in hws], dtype=torch.long)
+        sam_hw = torch.tensor([tuple(e["sam_input_hw"]) for e in encoded], dtype=torch.long)
+        found = segment_rows(self.model, (emb, hw, sam_hw), (index, sem, box))
         ms = (time.perf_counter() - t0) * 1000
         results, start = [], 0
         for e, s in zip(encoded, semantic):
