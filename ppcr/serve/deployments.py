@@ -6,7 +6,7 @@ logic: they call `SegmentationStage.encode` and the inference runtime's `reason_
 run); what they keep is batching, the embedding cache, statistics and numpy <-> tensor moves.
 
 Failure isolation: one request never fails the requests batched with it. Each batch runs through
-`inference.run_isolated`: when it raises, its requests run again one by one, and only a request that
+`failures.run_isolated`: when it raises, its requests run again one by one, and only a request that
 fails alone gets an error. A handler returns, per request, its result or an `ItemFailure` (never
 raises for one request), which the ingress answers as 422 (the request's own input, InputError) or
 500 (a fault of the service, one line without traceback). The MLLM replica applies the text rules
