@@ -2,7 +2,7 @@
 
 config.py    BatchConfig / StageConfig: actor pools and batch sizes (configs/batch/*.yaml)
 io.py        output folders, the Arrow schemas between stages, manifest and shard readers
-stages.py    decode + preprocess (CPU tasks), MLLM and SAM (actor pools), overlays, metrics
+stages.py    decode + preprocess (CPU tasks), MLLMActor and SAMActor (actor pools), overlays, metrics
 pipeline.py  build_pipeline, run_batch (`ppcr batch`), evaluate_shards (`ppcr evaluate --ray`)
 """
 

@@ -1,7 +1,8 @@
 """Online serving with Ray Serve (docs/serving.md): an HTTP ingress and two model deployments.
 
     app.py          the FastAPI ingress, the request pipeline, build_app / make_app, start
-    deployments.py  MLLM (stages 1 + 2) and SAM (stage 3) replicas, batching concurrent requests
+    deployments.py  MLLMDeployment (stages 1 + 2) and SAMDeployment (stage 3): replicas batching
+                    concurrent requests (Serve names MLLM and SAM, which serve_configs/*.yaml use)
     schema.py       the HTTP contract: response models, errors, request parsing
     settings.py     ServeSettings (the `args:` of a Serve config) and the model part a replica loads
     client.py       segment_remote: the Python client of the HTTP API
