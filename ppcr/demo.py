@@ -182,6 +182,7 @@ def run_demo(
         key("val"): evaluate_split(result.model, split("val"), oracle_box=True)
     }
 
+    _record_in_checkpoint(ckpt, s, results)
     meta = {
         "steps": result.steps,
         "planned_steps": result.planned_steps,
@@ -217,6 +218,26 @@ def run_demo(
     if warning:
         _shout(warning)  # again, last, where it cannot scroll away
     return results
+
+
+def _record_in_checkpoint(ckpt: Path, s: DemoSettings, results: dict) -> None:
+    """Add what the checkpoint was trained on and its evaluation numbers to its meta.json, where the
+    serving app reads them (`/healthz`, the page's banner)."""
+    import json
+
+    meta_file = ckpt / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta["trained_on"] = {
+        "dataset": "synthref",
+        "split_by": "unc",
+        "synthetic": True,
+        "what": f"{s.data.num_images} synthetic scenes of coloured shapes (ppcr synth)",
+    }
+    meta["evaluation"] = {
+        "/".join(key): {k: round(v, 4) for k, v in m.items() if k in ("oIoU", "mIoU", "BoxAcc@0.5")}
+        for key, m in results.get("PPCR (trained)", {}).items()
+    }
+    meta_file.write_text(json.dumps(meta, indent=2))
 
 
 def _serve_step(ckpt: Path, val: Path, out_file: Path, count: int) -> None:

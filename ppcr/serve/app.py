@@ -58,7 +58,14 @@ from .schema import (
     read_body,
     unavailable,
 )
-from .settings import RANDOM_INIT_WARNING, ServeSettings, prompt_tokenizer, resolve_settings
+from .settings import (
+    RANDOM_INIT_WARNING,
+    ServeSettings,
+    check_checkpoint,
+    describe_model,
+    prompt_tokenizer,
+    resolve_settings,
+)
 
 logger = logging.getLogger("ppcr.serve")
 
@@ -113,6 +120,23 @@ def _example_png() -> bytes:
     return buf.getvalue()
 
 
+def deployment_states(app_name: str) -> dict[str, dict]:
+    """{deployment: {"status": Serve's DeploymentStatus, "replicas": {state: count}, "up": has a
+    RUNNING replica}} of the application, from the Serve controller (`serve.status()`). Blocking."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {
+        name: {
+            "status": getattr(d.status, "value", str(d.status)),
+            "replicas": {getattr(k, "value", str(k)): v for k, v in d.replica_states.items() if v},
+            "up": d.replica_states.get("RUNNING", 0) > 0,
+            **({"message": d.message.strip().splitlines()[-1]} if d.message.strip() else {}),
+        }
+        for name, d in app.deployments.items()
+    }
+
+
 class Pipeline:
     """The composition behind the HTTP routes: validate, decode once, MLLM ∥ SAM encode, then SAM decode."""
 
@@ -122,17 +146,27 @@ class Pipeline:
         sam: DeploymentHandle,
         settings: dict,
         prompts: PromptTokenizer | None = None,
+        model: dict | None = None,
     ):
-        """prompts: the text rules; default `settings.prompt_tokenizer` (the served checkpoint's tokenizer)."""
+        """prompts: the text rules; default `settings.prompt_tokenizer` (the served checkpoint's tokenizer).
+        model: what is served, for /healthz; default `settings.describe_model` (reads the checkpoint)."""
         self.mllm, self.sam = mllm, sam
         self.s = ServeSettings(**settings)
         self.prompts = prompts if prompts is not None else prompt_tokenizer(self.s)
+        self.model = model if model is not None else describe_model(self.s)
 
-    def health(self) -> dict:
+    def health(self, deployments: dict[str, dict] | None = None) -> tuple[int, dict]:
+        """(HTTP status, body) of `/healthz`: 200 when every deployment has a running replica, else 503.
+
+        deployments: {name: {"status", "replicas", "up"}} (`deployment_states`); None (outside Serve,
+        in unit tests) reports the model only. The body says what is served (`describe_model`: preset,
+        checkpoint, random weights or not, what it was trained on and its evaluation numbers)."""
+        up = deployments is None or all(d["up"] for d in deployments.values())
         out = {
-            "status": "ok",
+            "status": "ok" if up else "unavailable",
             "checkpoint": self.s.checkpoint,
-            "preset": None if self.s.checkpoint else self.s.preset,
+            "preset": self.model.get("preset"),
+            "model": self.model,
             "limits": {
                 k: getattr(self.s, k)
                 for k in (
@@ -144,9 +178,11 @@ class Pipeline:
                 )
             },
         }
-        if self.s.checkpoint is None:
-            out["warning"] = RANDOM_INIT_WARNING
-        return out
+        if deployments is not None:
+            out["deployments"] = deployments
+        if self.model.get("warning"):
+            out["warning"] = self.model["warning"]
+        return (200 if up else 503), out
 
     def check_texts(self, expressions: list) -> list[str]:
         """The text rules every entry point applies (`PromptTokenizer.check_expression`, with the
@@ -254,6 +290,9 @@ class Ingress:
         self.pipeline = Pipeline(mllm, sam, settings)
         self.s = self.pipeline.s
         self.page = _PAGE.read_text(encoding="utf-8")
+        self.app_name = serve.get_replica_context().app_name
+        self._states: dict[str, dict] = {}
+        self._states_at = -1e9
 
     @fastapi_app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -265,9 +304,20 @@ class Ingress:
         return Response(_example_png(), media_type="image/png")
 
     @fastapi_app.get("/healthz")
-    async def healthz(self) -> dict:
-        """Liveness of the ingress and what it serves; `warning` is set when no checkpoint is served."""
-        return self.pipeline.health()
+    async def healthz(self) -> JSONResponse:
+        """What the app serves (`model`: preset, checkpoint, random weights or not, training data and
+        evaluation numbers) and whether each deployment has a running replica: 200 when all do, 503
+        otherwise. `warning` is set for random weights, a toy model or an under-trained one."""
+        states = await asyncio.to_thread(self._deployment_states)
+        status, body = self.pipeline.health(states)
+        return JSONResponse(body, status_code=status)
+
+    def _deployment_states(self) -> dict[str, dict]:
+        # One controller call per second at most, however often /healthz is polled.
+        now = time.monotonic()
+        if now - self._states_at > 1.0:
+            self._states, self._states_at = deployment_states(self.app_name), now
+        return self._states
 
     @fastapi_app.post(
         "/v1/segment",
@@ -315,10 +365,7 @@ def make_app(args: dict | None = None, options: dict[str, dict] | None = None) -
     s = resolve_settings(args)
     if s.checkpoint is None:
         logger.warning(RANDOM_INIT_WARNING)
-    elif not Path(s.checkpoint).is_dir():
-        logger.warning(
-            "checkpoint %s is not a folder on this node; replicas will fail to start", s.checkpoint
-        )
+    check_checkpoint(s)  # a checkpoint that cannot load fails here, in one line, before any replica starts
     settings = asdict(s)
     opts = options or {}
     unknown = set(opts) - {"Ingress", "MLLM", "SAM"}
@@ -338,6 +385,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServeStartError(RuntimeError):
+    """The app did not start (a replica failed in its constructor); the message is the cause, one line."""
+
+
 def start(
     args: dict | None = None,
     host: str = "127.0.0.1",
@@ -348,13 +399,29 @@ def start(
     num_cpus: int | None = None,
     options: dict[str, dict] | None = None,
 ) -> str:
-    """Start Ray (ppcr.ray_cluster) and Serve on host:port, run the app; returns its base URL."""
+    """Start Ray (ppcr.ray_cluster) and Serve on host:port, run the app; returns its base URL.
+
+    The checkpoint is checked before anything starts (`check_checkpoint`: FileNotFoundError,
+    ConfigError or WeightsError naming it); a replica that still fails to start ends the app, and
+    raises ServeStartError with the failure's last line. blocking: then wait until KeyboardInterrupt."""
     from ..ray_cluster import init_ray, require_resources
 
+    app = make_app(args, options)  # validates the settings and the checkpoint before Ray starts
     init_ray(address=ray_address, num_cpus=num_cpus)
     require_resources({"CPU": 2.0}, "the ppcr serving app (one MLLM and one SAM replica)")
     serve.start(http_options={"host": host, "port": port})
-    serve.run(make_app(args, options), name=name, route_prefix="/", blocking=blocking)
+    try:
+        serve.run(app, name=name, route_prefix="/")
+    except RuntimeError as exc:
+        if f"Deploying application {name} failed" not in str(exc):
+            raise
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        raise ServeStartError(f"the app did not start: {lines[-1]}") from None
+    if blocking:
+        while True:
+            time.sleep(3600)
     return f"http://{host}:{port}"
 
 
