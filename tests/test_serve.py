@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -319,6 +320,20 @@ def test_healthz_and_openapi(url, checkpoint):
     assert "swagger" in requests.get(f"{url}/docs", timeout=10).text.lower()
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_nothing_from_outside(url, page):
+    """Before, /docs and /redoc took Swagger UI and ReDoc from a CDN: blank pages offline. Every script,
+    style sheet and icon they load now comes from the app (the fastapi-offline package's assets)."""
+    html = requests.get(f"{url}{page}", timeout=10).text
+    assert not re.findall(r"https?://", html), re.findall(r"https?://[^\s\"']+", html)
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html) + re.findall(r"url: ?'([^']+)'", html)
+    assets += re.findall(r"""spec-url=["']([^"']+)["']""", html)
+    assert any(a.endswith(".js") for a in assets), html
+    for asset in assets:
+        r = requests.get(f"{url}{asset}", timeout=30)
+        assert r.status_code == 200 and len(r.content) > 100, (asset, r.status_code)
+
+
 def test_random_init_is_announced_by_healthz(monkeypatch):
     monkeypatch.delenv("PPCR_CHECKPOINT", raising=False)
     status, health = Pipeline(None, None, asdict(resolve_settings({}))).health()
@@ -611,7 +626,9 @@ def test_a_stage_failure_is_a_422_or_a_500(failure, status, body):
     settings = asdict(resolve_settings({"checkpoint": "/x"}))
     with pytest.raises(HTTPError) as err:
         asyncio.run(
-            Pipeline(_Answers(failure), _Answers({}), settings, TINY_PROMPTS, model={}).segment(GOOD, ["the dog"])
+            Pipeline(_Answers(failure), _Answers({}), settings, TINY_PROMPTS, model={}).segment(
+                GOOD, ["the dog"]
+            )
         )
     assert (err.value.status, err.value.message) == (status, body)
 

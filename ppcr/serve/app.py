@@ -26,8 +26,9 @@ from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import (
@@ -72,7 +73,9 @@ logger = logging.getLogger("ppcr.serve")
 
 # FastAPI must see `Request` itself in the routes of the class: no `from __future__ import annotations`.
 
-fastapi_app = FastAPI(
+# FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline
+# package (served under /static-offline-docs), not from a CDN: they work on a machine without internet.
+fastapi_app = FastAPIOffline(
     title="ppcr referring image segmentation",
     description="POST an image and a referring expression, get the object's mask (COCO RLE) and box.",
     version="1",
