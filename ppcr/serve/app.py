@@ -49,6 +49,8 @@ from ..inference import ItemFailure, one_line
 from ..mllm import PromptTokenizer
 from ..predictor import image_key
 from .deployments import MLLMStage, SAMStage
+from .examples import catalogue as examples_catalogue
+from .examples import example_png
 from .schema import (
     ERROR_RESPONSES,
     REQUEST_BODY,
@@ -106,7 +108,8 @@ def _failed(stage: str, failure: ItemFailure) -> HTTPError:
     return HTTPError(500, f"internal error in the {stage} stage: {failure.message}")
 
 
-_PAGE = resources.files("ppcr").joinpath("web/index.html")
+_WEB = resources.files("ppcr").joinpath("web")
+_WEB_ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 
 # Defined above the deployments: Serve pickles their classes when decorated, with the globals then
@@ -292,7 +295,8 @@ class Ingress:
     def __init__(self, mllm: DeploymentHandle, sam: DeploymentHandle, settings: dict):
         self.pipeline = Pipeline(mllm, sam, settings)
         self.s = self.pipeline.s
-        self.page = _PAGE.read_text(encoding="utf-8")
+        self.page = _WEB.joinpath("index.html").read_text(encoding="utf-8")
+        self.assets = {name: _WEB.joinpath(name).read_bytes() for name in _WEB_ASSETS}
         self.app_name = serve.get_replica_context().app_name
         self._states: dict[str, dict] = {}
         self._states_at = -1e9
@@ -301,10 +305,32 @@ class Ingress:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self.page)
 
+    @fastapi_app.get("/web/{name}", include_in_schema=False)
+    async def web_asset(self, name: str) -> Response:
+        """The page's script and style sheet (ppcr/web/): the page loads nothing from elsewhere."""
+        if name not in _WEB_ASSETS:
+            raise HTTPError(404, f"no page asset {name!r}")
+        return Response(
+            self.assets[name], media_type=_WEB_ASSETS[name], headers={"Cache-Control": "no-cache"}
+        )
+
     @fastapi_app.get("/example.png", include_in_schema=False)
     async def example(self) -> Response:
         """A small synthetic image for trying the page (and for its browser test)."""
         return Response(_example_png(), media_type="image/png")
+
+    @fastapi_app.get("/examples", include_in_schema=False)
+    async def examples(self) -> dict:
+        """The page's gallery (ppcr.serve.examples): synthetic scenes, and photographs if scikit-image
+        is installed (else `photos` says how to get them)."""
+        return await asyncio.to_thread(examples_catalogue)
+
+    @fastapi_app.get("/examples/{name}.png", include_in_schema=False)
+    async def example_image(self, name: str) -> Response:
+        png = await asyncio.to_thread(example_png, name)
+        if png is None:
+            raise HTTPError(404, f"no example {name!r}")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> JSONResponse:
