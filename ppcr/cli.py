@@ -443,12 +443,19 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .serve import ServeStartError, start
+    from .serve import ServeStartError, read_serve_config, start
 
-    args = {"checkpoint": a.checkpoint} if a.checkpoint else {}
-    print(f"ppcr serve: starting on http://{a.host}:{a.port}/ ...", flush=True)
+    run = {"args": {}, "host": a.host, "port": a.port}
+    if a.config:  # the file's host and port unless given here
+        run = read_serve_config(a.config)
+        run.update({k: v for k, v in (("host", a.host), ("port", a.port)) if v is not None})
+    run["host"] = run["host"] or "127.0.0.1"
+    run["port"] = run["port"] or 8000
+    if a.checkpoint:
+        run["args"]["checkpoint"] = a.checkpoint
+    print(f"ppcr serve: starting on http://{run['host']}:{run['port']}/ ...", flush=True)
     try:
-        url = start(args, host=a.host, port=a.port, ray_address=a.address, num_cpus=a.num_cpus)
+        url = start(**run, ray_address=a.address, num_cpus=a.num_cpus)
         print(f"ppcr serve: ready at {url}/ (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
@@ -730,15 +737,28 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "serve",
         help="serve the HTTP API and web page with Ray Serve (see serve_configs/)",
-        epilog=_examples("ppcr serve --checkpoint demo_out/checkpoint --port 8000"),
+        epilog=_examples(
+            "ppcr serve --checkpoint demo_out/checkpoint --port 8000",
+            "ppcr serve --config serve_configs/tiny_cpu.yaml --checkpoint demo_out/checkpoint",
+        ),
     )
     s.add_argument(
         "--checkpoint",
         default=None,
         help="inference checkpoint (default: $PPCR_CHECKPOINT, else random tiny weights, announced)",
     )
-    s.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
-    s.add_argument("--port", type=int, default=8000, help="HTTP port")
+    s.add_argument(
+        "--config",
+        default=None,
+        help="a Serve config (serve_configs/*.yaml): its args, deployment options, host and port; "
+        "unlike `serve run FILE`, a checkpoint that cannot load ends the command at once",
+    )
+    s.add_argument(
+        "--host",
+        default=None,
+        help="bind address; 0.0.0.0 exposes it to the network (default: 127.0.0.1, or the --config's)",
+    )
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default: 8000, or the --config's)")
     _add_ray_args(s)
     s.set_defaults(fn=cmd_serve)
 

@@ -78,11 +78,38 @@ def test_bad_args_are_clear_errors():
         make_app({}, {"Sam": {}})
 
 
-def test_ppcr_serve_command_defaults_to_localhost():
-    from ppcr.cli import build_parser, cmd_serve
+def _serve_kwargs(argv: list[str], monkeypatch) -> dict:
+    """What `ppcr serve ARGV` passes to ppcr.serve.start (not started: the stand-in stops it)."""
+    import ppcr.serve.app as app
+    from ppcr.cli import main
 
-    a = build_parser().parse_args(["serve", "--checkpoint", "ckpt", "--port", "8123"])
-    assert a.fn is cmd_serve and (a.host, a.port, a.checkpoint) == ("127.0.0.1", 8123, "ckpt")
+    seen = {}
+
+    def fake_start(**kwargs):
+        seen.update(kwargs)
+        raise app.ServeStartError("stand-in")
+
+    monkeypatch.setattr(app, "start", fake_start)
+    assert main(["serve", *argv]) == 2
+    return seen
+
+
+def test_ppcr_serve_command_defaults_to_localhost(monkeypatch):
+    got = _serve_kwargs(["--checkpoint", "ckpt", "--port", "8123"], monkeypatch)
+    assert (got["host"], got["port"], got["args"]) == ("127.0.0.1", 8123, {"checkpoint": "ckpt"})
+
+
+def test_ppcr_serve_runs_a_serve_config_with_its_options(monkeypatch):
+    """`ppcr serve --config FILE` runs what `serve run FILE` runs (args, deployment options, host, port),
+    but in this process, so a checkpoint that cannot load ends it at once."""
+    path = CONFIGS[0].parent / "tiny_cpu.yaml"
+    got = _serve_kwargs(["--config", str(path), "--checkpoint", "ckpt", "--port", "8124"], monkeypatch)
+    raw = yaml.safe_load(path.read_text())
+    assert got["args"] == {**raw["applications"][0]["args"], "checkpoint": "ckpt"}
+    assert (got["host"], got["port"], got["name"]) == ("127.0.0.1", 8124, "ppcr")
+    assert got["http_options"] == {"request_timeout_s": raw["http_options"]["request_timeout_s"]}
+    for d in raw["applications"][0]["deployments"]:
+        assert got["options"][d["name"]] == {k: v for k, v in d.items() if k != "name"}
 
 
 def _break(ckpt: Path, how: str) -> None:
@@ -124,14 +151,15 @@ def test_a_checkpoint_that_cannot_load_fails_the_builder_in_one_line(tiny_checkp
         build_app({"checkpoint": str(tiny_checkpoint), "sam_checkpoint": "/nope/sam.pth"})
 
 
-def test_ppcr_serve_with_a_broken_checkpoint_fails_at_once(tiny_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("config", [[], ["--config", str(CONFIGS[0].parent / "tiny_cpu.yaml")]])
+def test_ppcr_serve_with_a_broken_checkpoint_fails_at_once(tiny_checkpoint, tmp_path, capsys, config):
     from ppcr.cli import main
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)
     _break(ckpt, "no-weights")
     t0 = time.monotonic()
-    assert main(["serve", "--checkpoint", str(ckpt), "--port", "1"]) == 2
+    assert main(["serve", *config, "--checkpoint", str(ckpt), "--port", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ppcr serve: error: checkpoint {ckpt} has no model.safetensors: its weights are missing"]
     assert time.monotonic() - t0 < 30  # before Ray starts: no replica is tried

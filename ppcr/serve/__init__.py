@@ -15,6 +15,7 @@ _LAZY = {
     "demo_serving": "app",
     "free_port": "app",
     "make_app": "app",
+    "read_serve_config": "app",
     "start": "app",
     "wait_healthy": "app",
     "ServeStartError": "app",

@@ -427,8 +427,10 @@ def start(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     options: dict[str, dict] | None = None,
+    http_options: dict | None = None,
 ) -> str:
     """Start Ray (ppcr.ray_cluster) and Serve on host:port, run the app; returns its base URL.
+    http_options: Serve's other HTTP options (e.g. request_timeout_s).
 
     The checkpoint is checked before anything starts (`check_checkpoint`: FileNotFoundError,
     ConfigError or WeightsError naming it); a replica that still fails to start ends the app, and
@@ -438,7 +440,7 @@ def start(
     app = make_app(args, options)  # validates the settings and the checkpoint before Ray starts
     init_ray(address=ray_address, num_cpus=num_cpus)
     require_resources({"CPU": 2.0}, "the ppcr serving app (one MLLM and one SAM replica)")
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={**(http_options or {}), "host": host, "port": port})
     try:
         serve.run(app, name=name, route_prefix="/")
     except RuntimeError as exc:
@@ -452,6 +454,36 @@ def start(
         while True:
             time.sleep(3600)
     return f"http://{host}:{port}"
+
+
+def read_serve_config(path: str | Path) -> dict:
+    """A Serve config file (serve_configs/*.yaml) as `start`'s keyword arguments: its application's
+    args, deployment options by name, name, host, port and other http_options. Validated by Serve's
+    own schema; ConfigError unless it holds exactly one application of `ppcr.serve:build_app`."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from ..config import ConfigError
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Serve config {file} not found")
+    try:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(file.read_text()) or {})
+    except Exception as exc:  # pydantic's ValidationError: many lines, the first names the key
+        raise ConfigError(f"{file}: not a Serve config ({str(exc).splitlines()[0]})") from None
+    apps = schema.applications
+    if len(apps) != 1 or apps[0].import_path != "ppcr.serve:build_app":
+        raise ConfigError(f"{file}: expected one application with import_path ppcr.serve:build_app")
+    http = schema.http_options.model_dump(exclude_unset=True)
+    return {
+        "args": dict(apps[0].args or {}),
+        "options": {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in apps[0].deployments},
+        "name": apps[0].name,
+        "host": http.pop("host", "127.0.0.1"),
+        "port": http.pop("port", 8000),
+        "http_options": http,
+    }
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:

@@ -57,6 +57,17 @@ def pick_example(page, name: str) -> None:
     )
 
 
+def small(path: Path, colours: int = 128) -> None:
+    """Rewrite a screenshot as a palette PNG (a few hundred KB of true colour become ~100 KB): the
+    committed images stay small, and text and flat colours survive the palette."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.convert("RGB").quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+            path, optimize=True
+        )
+
+
 def shoot(url: str, out: Path) -> list[Path]:
     """Drive the page at `url` through its main states; one PNG per state in `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +76,7 @@ def shoot(url: str, out: Path) -> list[Path]:
     def save(page, name: str) -> None:
         path = out / f"page_{name}.png"
         page.screenshot(path=str(path), full_page=True)
+        small(path)
         written.append(path)
 
     with chromium() as page:
