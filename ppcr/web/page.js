@@ -339,6 +339,8 @@ function draw() {
   const canvas = $("canvas"), ctx = canvas.getContext("2d");
   const im = state.image;
   $("download-overlay").disabled = !(im && state.answers.length);
+  $("placeholder").hidden = Boolean(im);
+  canvas.hidden = !im;
   if (!im) { canvas.width = 1; canvas.height = 1; canvas.setAttribute("aria-label", "No image"); return; }
   const {w, h} = im;
   // Small images are drawn at 2-4x, so outlines and labels stay sharp; masks keep their pixels.
