@@ -3,10 +3,13 @@
     app.py          the FastAPI ingress, the request pipeline, build_app / make_app, start
     deployments.py  MLLM (stages 1 + 2) and SAM (stage 3) replicas, batching concurrent requests
     schema.py       the HTTP contract: response models, errors, request parsing
-    settings.py     ServeSettings (the `args:` of a Serve config) and the model part a replica loads
+    settings.py     ServeSettings (the `args:` of a Serve config), the checkpoint check, what is served
+                    (/healthz) and the model part a replica loads
+    examples.py     the web page's example gallery (synthetic scenes, scikit-image photographs)
     client.py       segment_remote: the Python client of the HTTP API
 
-Launch: `serve run serve_configs/tiny_cpu.yaml` (import_path `ppcr.serve:build_app`) or `ppcr serve`.
+Launch: `ppcr serve [--config serve_configs/tiny_cpu.yaml]` or `serve run serve_configs/tiny_cpu.yaml`
+(import_path `ppcr.serve:build_app`). The web page itself is plain HTML/CSS/JS in ppcr/web/.
 """
 
 _LAZY = {
