@@ -312,3 +312,30 @@ def test_ctrl_c_stops_ppcr_serve_with_one_line(tiny_checkpoint):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1] == "ppcr serve: stopped (Ctrl-C)"
     assert f"ppcr serve: ready at http://127.0.0.1:{port}/" in out
+
+
+@pytest.mark.slow  # a Ray Data job in a child process
+def test_batch_prints_its_own_lines_not_ray_datas_progress_log(tiny_checkpoint, tmp_path):
+    """Before, `ppcr batch` printed ~60 lines of Ray Data's progress logging for 10 rows (stderr not a
+    terminal). Now: one start line, one summary line, and Ray's own start-up lines."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    rows = [
+        {"image": str(tmp_path / "a.png"), "expression": f"the red thing {i}", "id": str(i)}
+        for i in range(10)
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "ppcr", "batch", "--input", str(tmp_path / "rows.jsonl"), "--out",
+           str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    ours = [line for line in lines if line.startswith("ppcr batch:")]
+    assert len(ours) == 2 and ours[1].startswith("ppcr batch: done 10,"), lines
+    assert not [line for line in lines if "logging_progress" in line or "Execution plan" in line], lines
+    assert len(lines) <= 8, lines
+    assert json.loads(done.stdout)["done"] == 10
