@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 from typing import get_args
 
@@ -12,13 +14,36 @@ from .config import ConfigError, InputError, SpatialPrompt
 from .ray_cluster import ResourceError
 
 
-def _add_overrides(p: argparse.ArgumentParser) -> None:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help shows its default (unless it is off or says it already); examples keep
+    their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or default == []
+            or not action.option_strings
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
+def _examples(*lines: str) -> str:
+    """An `examples:` epilog; tests/test_cli.py parses every line (and runs the cheap ones)."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _add_overrides(p: argparse.ArgumentParser, example: str, what: str) -> None:
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.steps=100 (YAML value)",
+        help=f"override a key of the {what}, e.g. --set {example} (a YAML value; repeat for several)",
     )
 
 
@@ -42,7 +67,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from .config import from_dict
     from .data.synth import SynthConfig, synthesize
 
-    fields = dict(num_images=a.images, seed=a.seed, min_objects=a.min_objects, max_objects=a.max_objects)
+    fields = dict(num_images=a.num_images, seed=a.seed, min_objects=a.min_objects, max_objects=a.max_objects)
     cfg = from_dict(SynthConfig, {**fields, "relations": not a.no_relations}, "synth")
     summary = synthesize(a.out, cfg)
     print(json.dumps(summary, indent=2, default=str))
@@ -218,12 +243,38 @@ def _write_predictions(a: argparse.Namespace, records: list[dict] | None) -> Non
     write_predictions(a.predictions, records)
 
 
+def check_splits(root: str | Path, dataset: str, split_by: str, splits: list[str]) -> None:
+    """InputError naming what `root` holds when a split asked for has no shard files there: the data
+    sets (with their --split-by) and their splits. Called before any model is loaded."""
+    from .data.shards import shard_dir
+
+    missing = [s for s in splits if not any(shard_dir(root, dataset, split_by, s).glob("*.parquet"))]
+    if not missing:
+        return
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--shards {root}: no such folder")
+    present = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and "_" in p.name):
+        found = sorted(d.name for d in folder.iterdir() if d.is_dir() and any(d.glob("*.parquet")))
+        if found:
+            name, by = folder.name.rsplit("_", 1)
+            present.append(f"--dataset {name} --split-by {by}: {', '.join(found)}")
+    where = f"{root}/{dataset}_{split_by}/"
+    raise InputError(
+        f"--shards {root} has no split {', '.join(missing)} of --dataset {dataset} --split-by {split_by} "
+        f"(no shards in {where}{missing[0]}); "
+        + (f"it holds {'; '.join(present)}" if present else "it holds no shards (ppcr prepare writes them)")
+    )
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .data.shards import shard_dir
     from .evaluate import evaluate_split
     from .report import write_report
 
+    check_splits(a.shards, a.dataset, a.split_by, a.splits)
     overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else {}
     if not a.ray and (a.config or a.set):
         raise InputError("--config / --set size the --ray pipeline (BatchConfig); add --ray or drop them")
@@ -289,6 +340,14 @@ def _evaluate_ray(
 
 
 def cmd_batch(a: argparse.Namespace) -> int:
+    import os
+    from importlib import resources
+
+    # Ray Data's console log, progress included, was ~60 lines for 10 rows: warnings only (its full log
+    # stays in the session's ray-data.log). On a terminal one progress bar for the whole pipeline; one
+    # line of ours says what runs, the summary what was done.
+    quiet = resources.files("ppcr").joinpath("batch/ray_data_logging.yaml")
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(quiet))
     from .batch import load_batch_config, run_batch
     from .ray_cluster import init_ray
 
@@ -297,6 +356,12 @@ def cmd_batch(a: argparse.Namespace) -> int:
         overrides["overlays"] = True
     cfg = load_batch_config(a.config, overrides)
     init_ray(address=a.address, num_cpus=a.num_cpus)
+    if not a.no_progress:
+        print(
+            f"ppcr batch: segmenting {a.input} with {a.checkpoint} into {a.out} ...",
+            file=sys.stderr,
+            flush=True,
+        )
     summary = run_batch(
         a.input, a.out, a.checkpoint, cfg, retry_errors=a.retry_errors, progress=not a.no_progress
     )
@@ -306,9 +371,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
 
 
 def _add_device_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument(
-        "--device", default="cpu", help="torch device of the model, e.g. cuda or cuda:1 (default cpu)"
-    )
+    s.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda or cuda:1")
     s.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -325,28 +388,38 @@ def _add_ray_args(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)"
     )
-    s.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray cluster")
+    s.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of a local Ray cluster (default: the cores, at least 4)",
+    )
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
     from .geometry import decode_image
     from .visualize import save_overlay
 
+    if not (a.checkpoint or a.server or a.random_weights):
+        raise InputError(
+            "give --checkpoint DIR (a trained model) or --server URL; --random-weights runs the "
+            "untrained tiny preset, for checking the plumbing only"
+        )
     path = Path(a.image)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     data = path.read_bytes()
     image = decode_image(data, str(path))
     if a.server:
-        import requests
-
         from .masks import decode_rle
-        from .serve.client import ServerError, segment_remote
+        from .serve.client import ServerError, ServerUnreachable, segment_remote
 
         try:
             answer = segment_remote(a.server, data, a.expression)
-        except (ServerError, requests.RequestException) as exc:
-            raise InputError(f"--server {a.server}: {exc}") from exc
+        except ServerError as exc:
+            raise InputError(f"--server {a.server}: {exc}") from None
+        except ServerUnreachable as exc:
+            raise InputError(str(exc)) from None
         mask, box, score = decode_rle(answer["mask"]), answer["box"], answer["score"]
     else:
         from .predictor import Segmenter
@@ -354,6 +427,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
         if a.checkpoint:
             seg = Segmenter.from_checkpoint(a.checkpoint, device=a.device, **_dtype_override(a))
         else:
+            print("ppcr segment: RANDOM WEIGHTS (--random-weights): the mask is meaningless", file=sys.stderr)
             seg = Segmenter.from_preset("tiny", device=a.device)
         mask, box, score = seg.segment(image, a.expression)
     print(
@@ -372,12 +446,46 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .serve import start
+    from .serve import ServeStartError, read_serve_config, start
 
-    args = {"checkpoint": a.checkpoint} if a.checkpoint else {}
-    print(f"ppcr serve: http://{a.host}:{a.port}/ (Ctrl-C stops; for a Serve config: serve run FILE)")
-    start(args, host=a.host, port=a.port, blocking=True, ray_address=a.address, num_cpus=a.num_cpus)
+    run = {"args": {}, "host": a.host, "port": a.port}
+    if a.config:  # the file's host and port unless given here
+        run = read_serve_config(a.config)
+        run.update({k: v for k, v in (("host", a.host), ("port", a.port)) if v is not None})
+    run["host"] = run["host"] or "127.0.0.1"
+    run["port"] = run["port"] or 8000
+    if a.checkpoint:
+        run["args"]["checkpoint"] = a.checkpoint
+    print(f"ppcr serve: starting on http://{run['host']}:{run['port']}/ ...", flush=True)
+    try:
+        url = start(**run, ray_address=a.address, num_cpus=a.num_cpus)
+        print(f"ppcr serve: ready at {url}/ (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    except ServeStartError as exc:
+        print(f"ppcr serve: error: {exc}", file=sys.stderr)
+        _quiet_shutdown()
+        return 2
+    except KeyboardInterrupt:
+        logging.disable(logging.WARNING)  # Serve's and Ray's shutdown chatter: the user asked for it
+        _quiet_shutdown()
+        print("ppcr serve: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
+
+
+def _quiet_shutdown() -> None:
+    import contextlib
+    import io
+
+    import ray
+    from ray import serve
+
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -387,28 +495,59 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ppcr", description="PPCR referring image segmentation")
-    sub = p.add_subparsers(dest="command", required=True)
+def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
-    s = sub.add_parser("synth", help="write a synthetic RefCOCO-style data set in the REFER layout")
-    s.add_argument("--out", required=True)
-    s.add_argument("--images", type=int, default=200)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--min-objects", type=int, default=2)
-    s.add_argument("--max-objects", type=int, default=4)
+
+def _renamed(old: str, new: str):
+    def refuse(value: str):
+        raise argparse.ArgumentTypeError(f"{old} was renamed {new} (a count of images to draw)")
+
+    return refuse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ppcr", description="PPCR referring image segmentation", formatter_class=_HelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = _command(
+        sub,
+        "synth",
+        help="write a synthetic RefCOCO-style data set in the REFER layout",
+        epilog=_examples(
+            "ppcr synth --out data/synth --num-images 200",
+            "ppcr prepare --refer-root data/synth --images data/synth/images/train2014 --dataset synthref "
+            "--split-by unc --out data/shards",
+        ),
+    )
+    s.add_argument("--out", required=True, help="folder to write (the REFER layout and images/)")
+    s.add_argument("--num-images", type=int, default=200, help="how many images to draw")
+    s.add_argument(
+        "--images", type=_renamed("--images", "--num-images"), default=None, help=argparse.SUPPRESS
+    )
+    s.add_argument("--seed", type=int, default=0, help="random seed of the scenes and expressions")
+    s.add_argument("--min-objects", type=int, default=2, help="fewest objects per image")
+    s.add_argument("--max-objects", type=int, default=4, help="most objects per image")
     s.add_argument("--no-relations", action="store_true", help="attribute expressions only (easier)")
     s.set_defaults(fn=cmd_synth)
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "prepare",
         help="convert a REFER data set, a JSONL manifest or COCO + expressions into Parquet shards",
         description="--format refer (default): --refer-root, --images, --split-by. --format jsonl: "
         "--manifest (one referred object per line). --format coco: --instances, --expressions, --images. "
         "jsonl/coco write <out>/<dataset>_custom/<split>/ (read with --dataset NAME --split-by custom); "
         "formats: docs/custom_data.md.",
+        epilog=_examples(
+            "ppcr prepare --refer-root data/refer --images data/coco/train2014 --dataset refcoco "
+            "--split-by unc --out data/shards",
+            "ppcr prepare --format jsonl --manifest data/mine.jsonl --dataset mine --out data/shards",
+        ),
     )
-    s.add_argument("--format", choices=("refer", "jsonl", "coco"), default="refer")
+    s.add_argument("--format", choices=("refer", "jsonl", "coco"), default="refer", help="input layout")
     s.add_argument("--refer-root", default=None, help="refer: folder holding <dataset>/refs(<split_by>).p")
     s.add_argument(
         "--images", default=None, help="refer: folder of COCO_train2014_*.jpg; coco: folder of file_name"
@@ -416,11 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", default=None, help="jsonl: the manifest (a path or URI)")
     s.add_argument("--instances", default=None, help="coco: instances.json (images, annotations)")
     s.add_argument("--expressions", default=None, help="coco: JSON lines {ann_id, expressions[, split, id]}")
-    s.add_argument("--dataset", required=True)
+    s.add_argument("--dataset", required=True, help="data set name, e.g. refcoco, refcoco+, refcocog")
     s.add_argument("--split-by", default=None, help="refer: the partition, e.g. unc, umd")
-    s.add_argument("--out", required=True)
-    s.add_argument("--splits", nargs="*", default=None)
-    s.add_argument("--rows-per-file", type=int, default=256)
+    s.add_argument("--out", required=True, help="shards root: writes <out>/<dataset>_<split_by>/<split>/")
+    s.add_argument("--splits", nargs="*", default=None, help="splits to convert (default: all present)")
+    s.add_argument("--rows-per-file", type=int, default=256, help="rows per Parquet part file")
     s.add_argument("--skip-bad", action="store_true", help="report bad records to errors.jsonl and continue")
     s.add_argument(
         "--ray",
@@ -431,50 +570,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(s)
     s.set_defaults(fn=cmd_prepare)
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "train",
         help="train on shards: Ray Train + DeepSpeed ZeRO-2 workers fed by Ray Data (--local: one process)",
+        epilog=_examples(
+            "ppcr train --local --config tiny --out runs/tiny --set data.shards_root=data/shards "
+            "--set data.dataset=synthref --set train.steps=100",
+            "ppcr train --config configs/train/ppcr_llava7b.yaml --num-workers 8 --use-gpu --name ppcr-7b",
+        ),
     )
-    s.add_argument("--config", default="tiny", help="YAML path or preset name")
+    s.add_argument("--config", default="tiny", help="YAML path or preset name (tiny, llava-1.5-7b)")
     s.add_argument("--preset", default=None, help="preset name (same as --config NAME)")
     s.add_argument(
-        "--num-workers", type=int, default=None, help="Ray Train workers (distributed.num_workers)"
+        "--num-workers", type=int, default=None, help="Ray Train workers (default: distributed.num_workers)"
     )
     s.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (precision: model.dtype)")
-    s.add_argument("--name", default=None, help="run name under the storage path (distributed.name)")
-    s.add_argument("--storage", default=None, help="run storage: folder or URI (distributed.storage_path)")
+    s.add_argument("--name", default=None, help="run name under the storage path (default: distributed.name)")
+    s.add_argument(
+        "--storage", default=None, help="run storage, a folder or URI (default: distributed.storage_path)"
+    )
     s.add_argument(
         "--resume", action="store_true", help="continue the run of this name from its latest checkpoint"
     )
     s.add_argument(
-        "--out", default=None, help="where to export the inference checkpoint (default <run>/export)"
+        "--out", default=None, help="where to write the inference checkpoint (default: <run>/export)"
     )
     s.add_argument("--local", action="store_true", help="single-process loop, no Ray (ppcr.train.train)")
     s.add_argument(
         "--time-budget",
         type=float,
         default=None,
-        help="--local only: stop after this many seconds (still saves)",
+        help="--local only: stop after this many seconds, still saving (default: no limit)",
     )
     _add_ray_args(s)
-    _add_overrides(s)
+    _add_overrides(s, "train.steps=100", "run config (configs/train/*.yaml)")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser(
-        "export", help="copy the inference checkpoint out of a training run's latest checkpoint"
+    s = _command(
+        sub,
+        "export",
+        help="copy the inference checkpoint out of a training run's latest checkpoint",
+        epilog=_examples("ppcr export --run runs/ppcr-7b --out checkpoints/ppcr-7b"),
     )
     s.add_argument(
         "--run", required=True, help="run folder or URI (<storage>/<name>) or one step_* checkpoint"
     )
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="the inference checkpoint folder to write")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("evaluate", help="evaluate a checkpoint on shard splits (oIoU, mIoU, Prec@k, BoxAcc)")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--shards", required=True)
-    s.add_argument("--dataset", default="refcoco")
-    s.add_argument("--split-by", default="unc")
-    s.add_argument("--splits", nargs="+", default=["val", "testA", "testB"])
+    s = _command(
+        sub,
+        "evaluate",
+        help="evaluate a checkpoint on shard splits (oIoU, mIoU, Prec@k, BoxAcc)",
+        epilog=_examples(
+            "ppcr evaluate --checkpoint demo_out/checkpoint --shards demo_out/shards --dataset synthref "
+            "--splits val testA testB",
+            "ppcr evaluate --checkpoint ckpt --shards data/shards --ray --config configs/batch/cpu.yaml "
+            "--set sam.batch_size=4",
+        ),
+    )
+    s.add_argument("--checkpoint", required=True, help="inference checkpoint folder")
+    s.add_argument("--shards", required=True, help="shards root (`ppcr prepare --out`)")
+    s.add_argument("--dataset", default="refcoco", help="data set under --shards (the demo's is synthref)")
+    s.add_argument("--split-by", default="unc", help="partition under --shards (custom data: custom)")
+    s.add_argument("--splits", nargs="+", default=["val", "testA", "testB"], help="splits to evaluate")
     s.add_argument("--oracle-box", action="store_true", help="give SAM the ground-truth box (Table 3 oracle)")
     s.add_argument(
         "--spatial-prompt",
@@ -482,8 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=get_args(SpatialPrompt),
         help="ablation: the spatial template (default: the checkpoint's; model.spatial_prompt)",
     )
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--out", default="eval_out")
+    s.add_argument("--batch-size", type=int, default=16, help="expressions per forward")
+    s.add_argument("--out", default="eval_out", help="folder for report.json / report.md")
     s.add_argument(
         "--predictions",
         default=None,
@@ -506,14 +666,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-config",
         dest="config",
         default=None,
-        help="with --ray: BatchConfig YAML (actor pools, batch sizes), e.g. configs/batch/cpu.yaml",
+        help="with --ray: BatchConfig YAML (actor pools, batch sizes), e.g. configs/batch/cpu.yaml "
+        "(default: BatchConfig's defaults)",
     )
     _add_device_args(s)
     _add_ray_args(s)
-    _add_overrides(s)
+    _add_overrides(s, "sam.batch_size=4", "--ray pipeline's BatchConfig (configs/batch/*.yaml)")
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("batch", help="offline batch segmentation of a manifest or shards (Ray Data)")
+    s = _command(
+        sub,
+        "batch",
+        help="offline batch segmentation of a manifest or shards (Ray Data)",
+        epilog=_examples(
+            "ppcr batch --input rows.jsonl --out batch_out --checkpoint demo_out/checkpoint",
+            "ppcr batch --input rows.jsonl --out batch_out --checkpoint ckpt --config configs/batch/cpu.yaml "
+            "--set mllm.batch_size=4 --overlays",
+        ),
+    )
     s.add_argument(
         "--input", required=True, help="manifest (.parquet/.jsonl/.csv: image, expression[, id]) or shards"
     )
@@ -524,43 +694,85 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="folder for results/, errors/ (re-runs resume here)",
     )
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--config", default=None, help="BatchConfig YAML (actor pools, batch sizes)")
+    s.add_argument("--checkpoint", required=True, help="inference checkpoint folder")
+    s.add_argument(
+        "--config", default=None, help="BatchConfig YAML (actor pools, batch sizes; default: its defaults)"
+    )
     s.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png")
     s.add_argument("--retry-errors", action="store_true", help="retry the ids recorded in errors/")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no start line or progress bar on stderr (the summary stays)",
+    )
     _add_ray_args(s)
-    _add_overrides(s)
+    _add_overrides(s, "mllm.batch_size=4", "BatchConfig (configs/batch/*.yaml)")
     s.set_defaults(fn=cmd_batch)
 
-    s = sub.add_parser("segment", help="segment one image, in-process or on a server (--server)")
-    s.add_argument("image")
-    s.add_argument("expression")
+    s = _command(
+        sub,
+        "segment",
+        help="segment one image, in-process or on a server (--server)",
+        epilog=_examples(
+            'ppcr segment photo.jpg "the dog on the left" --checkpoint demo_out/checkpoint --out overlay.png',
+            'ppcr segment photo.jpg "the dog on the left" --server http://127.0.0.1:8000',
+        ),
+    )
+    s.add_argument("image", help="image file (PNG, JPEG, ...)")
+    s.add_argument("expression", help="the referring expression, e.g. 'the red circle on the left'")
     where = s.add_mutually_exclusive_group()
     where.add_argument(
-        "--checkpoint", default=None, help="inference checkpoint (default: untrained tiny preset)"
+        "--checkpoint", default=None, help="inference checkpoint folder (config.yaml, model.safetensors)"
     )
     where.add_argument(
         "--server", default=None, help="URL of a running `ppcr serve`, e.g. http://127.0.0.1:8000"
     )
-    s.add_argument("--out", default=None, help="write an overlay PNG")
+    where.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="run the untrained tiny preset (meaningless masks: for checking the plumbing only)",
+    )
+    s.add_argument("--out", default=None, help="write an overlay PNG here")
     _add_device_args(s)
     s.set_defaults(fn=cmd_segment)
 
-    s = sub.add_parser("serve", help="serve the HTTP API and web page with Ray Serve (see serve_configs/)")
+    s = _command(
+        sub,
+        "serve",
+        help="serve the HTTP API and web page with Ray Serve (see serve_configs/)",
+        epilog=_examples(
+            "ppcr serve --checkpoint demo_out/checkpoint --port 8000",
+            "ppcr serve --config serve_configs/tiny_cpu.yaml --checkpoint demo_out/checkpoint",
+        ),
+    )
     s.add_argument(
         "--checkpoint",
         default=None,
-        help="inference checkpoint (default: $PPCR_CHECKPOINT, else random tiny)",
+        help="inference checkpoint (default: $PPCR_CHECKPOINT, else random tiny weights, announced)",
     )
-    s.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it to the network)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--config",
+        default=None,
+        help="a Serve config (serve_configs/*.yaml): its args, deployment options, host and port; "
+        "unlike `serve run FILE`, a checkpoint that cannot load ends the command at once",
+    )
+    s.add_argument(
+        "--host",
+        default=None,
+        help="bind address; 0.0.0.0 exposes it to the network (default: 127.0.0.1, or the --config's)",
+    )
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default: 8000, or the --config's)")
     _add_ray_args(s)
     s.set_defaults(fn=cmd_serve)
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "convert-glamm",
         help="convert GLaMM weights (RefSeg [+ GranD]) onto a llava-hf base into a ppcr checkpoint",
+        epilog=_examples(
+            "ppcr convert-glamm --glamm models/GLaMM-RefSeg --llava models/llava-1.5-7b-hf --out ckpt/glamm "
+            "--set model.sam.checkpoint=models/sam_vit_h_4b8939.pth"
+        ),
     )
     s.add_argument("--glamm", required=True, help="GLaMM RefSeg folder (MBZUAI/GLaMM-RefSeg): LoRA branch A")
     s.add_argument(
@@ -576,13 +788,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="glamm: the checkpoint reads [SEG] as GLaMM does (state predicting it, GLaMM prompt, crop)",
     )
     s.add_argument("--seed", type=int, default=0, help="seed of the fresh box head")
-    _add_overrides(s)
+    _add_overrides(s, "model.sam.checkpoint=models/sam_vit_h_4b8939.pth", "run config (--config)")
     s.set_defaults(fn=cmd_convert_glamm)
 
-    s = sub.add_parser("demo", help="synthesise data, train the tiny preset, evaluate, draw overlays")
-    s.add_argument("--out", default="demo_out")
+    s = _command(
+        sub,
+        "demo",
+        help="synthesise data, train the tiny preset, evaluate, draw overlays",
+        epilog=_examples("ppcr demo --out demo_out", "ppcr demo --quick --out demo_quick"),
+    )
+    s.add_argument("--out", default="demo_out", help="output folder")
     s.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
-    s.add_argument("--train-minutes", type=float, default=None)
+    s.add_argument(
+        "--train-minutes", type=float, default=None, help="time bound of training (default: the demo's, 45)"
+    )
     s.set_defaults(fn=cmd_demo)
     return p
 

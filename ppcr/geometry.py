@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .storage import read_bytes
@@ -145,6 +145,10 @@ def _decode_errors(name: str):
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard, above 2 × Image.MAX_IMAGE_PIXELS
         raise ImageTooLargeError(f"{name}: {exc}") from exc
+    except UnidentifiedImageError as exc:  # its text is the repr of our in-memory file: not for a user
+        raise ImageDecodeError(
+            f"{name}: cannot decode image (not a format Pillow reads: PNG, JPEG, GIF, WebP, TIFF, BMP, ...)"
+        ) from exc
     except Exception as exc:
         raise ImageDecodeError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from exc
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from ppcr.cli import main
 
 
 def test_synth_and_prepare_via_cli(tmp_path, capsys):
-    assert main(["synth", "--out", str(tmp_path / "refer"), "--images", "12", "--seed", "3"]) == 0
+    assert main(["synth", "--out", str(tmp_path / "refer"), "--num-images", "12", "--seed", "3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 12
     rc = main(
@@ -152,7 +154,11 @@ def test_train_evaluate_segment_round_trip(tmp_path, synth_data, capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["segment", "/no/such.jpg", "the circle"], "/no/such.jpg"),
+        (["segment", "/no/such.jpg", "the circle", "--random-weights"], "/no/such.jpg"),
+        (
+            ["segment", "/no/such.jpg", "the circle"],
+            "give --checkpoint DIR (a trained model) or --server URL",
+        ),
     ],
 )
 def test_segment_errors(argv, needle, capsys):
@@ -169,3 +175,180 @@ def test_train_local_cut_short_by_time_budget_says_so(tmp_path, synth_data, caps
     err = capsys.readouterr().err
     assert "CUT training SHORT" in err and "0 of 3 planned steps" in err
     assert (tmp_path / "run" / "checkpoint").is_dir()
+
+
+def _subparsers():
+    from ppcr.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    """Before, ~20 options had no help and no default shown (`evaluate --dataset` defaulted silently)."""
+    for name, parser in _subparsers().items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            what = f"ppcr {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{what} has no help"
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in formatter._get_help_string(action), f"{what} hides its default"
+    evaluate = _subparsers()["evaluate"].format_help()
+    assert "(default: refcoco)" in " ".join(evaluate.split())
+
+
+def _examples() -> list[tuple[str, list[str]]]:
+    out = []
+    for name, parser in _subparsers().items():
+        lines = (parser.epilog or "").splitlines()
+        assert lines and lines[0] == "examples:", f"ppcr {name} --help has no examples"
+        out += [(name, shlex.split(line.strip())[1:]) for line in lines[1:]]
+    return out
+
+
+def test_every_help_example_parses_and_its_overrides_load():
+    """Every `examples:` line of every --help parses, and its --set keys load into the config that
+    command reads (before, `ppcr batch --help`'s own `--set train.steps=100` was refused)."""
+    from ppcr.batch import load_batch_config
+    from ppcr.cli import _overrides, build_parser
+    from ppcr.config import load_config
+
+    examples = _examples()
+    assert len(examples) >= len(_subparsers())
+    for _, argv in examples:
+        a = build_parser().parse_args(argv)
+        name = a.command
+        sets = _overrides(getattr(a, "set", []))
+        if name in ("batch", "evaluate"):
+            load_batch_config(None, sets)
+        elif name == "train":
+            load_config(a.config, overrides=sets)
+        elif name == "convert-glamm":
+            load_config(a.config, overrides=sets)
+
+
+def test_synth_help_example_runs(tmp_path, monkeypatch, capsys):
+    """The cheap examples run for real: synth, then prepare on what it wrote."""
+    monkeypatch.chdir(tmp_path)
+    synth = [argv for name, argv in _examples() if name == "synth"]
+    for argv in synth:
+        if "--num-images" in argv:
+            argv[argv.index("--num-images") + 1] = "6"
+        assert main(argv) == 0, argv
+    assert any((tmp_path / "data/shards/synthref_unc").iterdir())
+
+
+def test_synth_old_images_flag_names_the_new_one(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", "--out", "x", "--images", "12"])
+    assert exit_.value.code == 2
+    assert "--images was renamed --num-images" in capsys.readouterr().err
+
+
+def test_evaluate_lists_what_the_shards_hold_before_loading_a_model(tmp_path, synth_data, capsys):
+    """The README's `ppcr evaluate` on the demo's shards without --dataset: the error lists the data sets
+    and splits present (before, it failed on refcoco_unc with no hint of synthref)."""
+    _, _, shards = synth_data
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "no-checkpoint"), "--shards", str(shards)]
+    assert main(argv) == 2  # no model is loaded: the checkpoint does not even exist
+    err = capsys.readouterr().err
+    assert "has no split val, testA, testB of --dataset refcoco --split-by unc" in err
+    assert "--dataset synthref --split-by unc: testA, testB, train, val" in err
+    assert main([*argv, "--dataset", "synthref", "--splits", "dev"]) == 2
+    assert "has no split dev of --dataset synthref" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "server, needle",
+    [
+        ("http://127.0.0.1:9", "cannot reach http://127.0.0.1:9 (connection refused)"),
+        ("127.0.0.1:8000", "is not a valid http(s) URL"),
+    ],
+)
+def test_segment_server_unreachable_is_one_plain_line(tmp_path, server, needle, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    assert main(["segment", str(tmp_path / "a.png"), "the cup", "--server", server]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Max retries" not in err and "urllib3" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_undecodable_image_error_has_no_internal_repr(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"hello, not an image")
+    assert main(["segment", str(tmp_path / "a.png"), "the cup", "--random-weights"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot decode image (not a format Pillow reads" in err and "BytesIO" not in err
+
+
+@pytest.mark.slow  # starts Ray and Serve in a child process
+def test_ctrl_c_stops_ppcr_serve_with_one_line(tiny_checkpoint):
+    """Before, Ctrl-C on `ppcr serve` printed an 18-line traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from ppcr.serve import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "ppcr", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(1)
+        else:
+            pytest.fail("ppcr serve did not become healthy")
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == "ppcr serve: stopped (Ctrl-C)"
+    # ("ready at" may not be printed yet: /healthz can answer before serve.run returns.)
+    assert out.startswith(f"ppcr serve: starting on http://127.0.0.1:{port}/")
+
+
+@pytest.mark.slow  # a Ray Data job in a child process
+def test_batch_prints_its_own_lines_not_ray_datas_progress_log(tiny_checkpoint, tmp_path):
+    """Before, `ppcr batch` printed ~60 lines of Ray Data's progress logging for 10 rows (stderr not a
+    terminal). Now: one start line, one summary line, and Ray's own start-up lines."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    rows = [
+        {"image": str(tmp_path / "a.png"), "expression": f"the red thing {i}", "id": str(i)}
+        for i in range(10)
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "ppcr", "batch", "--input", str(tmp_path / "rows.jsonl"), "--out",
+           str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    ours = [line for line in lines if line.startswith("ppcr batch:")]
+    assert len(ours) == 2 and ours[1].startswith("ppcr batch: done 10,"), lines
+    assert not [line for line in lines if "logging_progress" in line or "Execution plan" in line], lines
+    assert len(lines) <= 8, lines
+    assert json.loads(done.stdout)["done"] == 10

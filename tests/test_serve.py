@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -300,9 +301,18 @@ def test_wrong_method_and_path_are_4xx(url):
 
 
 def test_healthz_and_openapi(url, checkpoint):
-    health = requests.get(f"{url}/healthz", timeout=10).json()
-    assert health["status"] == "ok" and health["checkpoint"] == str(checkpoint.resolve())
-    assert "warning" not in health
+    r = requests.get(f"{url}/healthz", timeout=10)
+    health = r.json()
+    assert r.status_code == 200 and health["status"] == "ok"
+    assert health["checkpoint"] == str(checkpoint.resolve())
+    model = health["model"]
+    assert model["checkpoint"] == str(checkpoint.resolve()) and model["preset"] == "tiny"
+    assert (
+        model["random_weights"] is False and model["toy"] is True
+    )  # the tiny preset has no pretrained LLaVA
+    assert "toy model" in health["warning"]
+    assert set(health["deployments"]) == {"Ingress", "MLLM", "SAM"}
+    assert all(d["up"] and d["replicas"]["RUNNING"] >= 1 for d in health["deployments"].values())
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     op = spec["paths"]["/v1/segment"]["post"]
     assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
@@ -310,10 +320,27 @@ def test_healthz_and_openapi(url, checkpoint):
     assert "swagger" in requests.get(f"{url}/docs", timeout=10).text.lower()
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_nothing_from_outside(url, page):
+    """Before, /docs and /redoc took Swagger UI and ReDoc from a CDN: blank pages offline. Every script,
+    style sheet and icon they load now comes from the app (the fastapi-offline package's assets)."""
+    html = requests.get(f"{url}{page}", timeout=10).text
+    assert not re.findall(r"https?://", html), re.findall(r"https?://[^\s\"']+", html)
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html) + re.findall(r"url: ?'([^']+)'", html)
+    assets += re.findall(r"""spec-url=["']([^"']+)["']""", html)
+    assert any(a.endswith(".js") for a in assets), html
+    for asset in assets:
+        r = requests.get(f"{url}{asset}", timeout=30)
+        assert r.status_code == 200 and len(r.content) > 100, (asset, r.status_code)
+
+
 def test_random_init_is_announced_by_healthz(monkeypatch):
     monkeypatch.delenv("PPCR_CHECKPOINT", raising=False)
-    health = Pipeline(None, None, asdict(resolve_settings({}))).health()
-    assert health["checkpoint"] is None and "randomly initialised" in health["warning"]
+    status, health = Pipeline(None, None, asdict(resolve_settings({}))).health()
+    assert status == 200 and health["checkpoint"] is None and "randomly initialised" in health["warning"]
+    assert health["model"]["random_weights"] is True
+    down = {"MLLM": {"up": False}, "SAM": {"up": True}}
+    assert Pipeline(None, None, asdict(resolve_settings({}))).health(down)[0] == 503
     monkeypatch.setenv("PPCR_CHECKPOINT", "/models/ppcr")
     assert resolve_settings({}).checkpoint == "/models/ppcr"
 
@@ -364,7 +391,7 @@ def test_slow_or_failing_stages_are_504_or_503_and_cancelled(exc, status):
     settings = asdict(resolve_settings({"checkpoint": "/x", "request_timeout_s": 0.3}))
     mllm, sam = _Handle(exc), _Handle(exc)
     with pytest.raises(HTTPError) as err:
-        asyncio.run(Pipeline(mllm, sam, settings, TINY_PROMPTS).segment(GOOD, ["the dog"]))
+        asyncio.run(Pipeline(mllm, sam, settings, TINY_PROMPTS, model={}).segment(GOOD, ["the dog"]))
     assert err.value.status == status
     if status == 503:
         assert err.value.headers == {"Retry-After": "1"}
@@ -599,7 +626,9 @@ def test_a_stage_failure_is_a_422_or_a_500(failure, status, body):
     settings = asdict(resolve_settings({"checkpoint": "/x"}))
     with pytest.raises(HTTPError) as err:
         asyncio.run(
-            Pipeline(_Answers(failure), _Answers({}), settings, TINY_PROMPTS).segment(GOOD, ["the dog"])
+            Pipeline(_Answers(failure), _Answers({}), settings, TINY_PROMPTS, model={}).segment(
+                GOOD, ["the dog"]
+            )
         )
     assert (err.value.status, err.value.message) == (status, body)
 

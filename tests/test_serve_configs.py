@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ pytest.importorskip("ray.serve")
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from ppcr.serve import ServeSettings, build_app, make_app, resolve_settings  # noqa: E402
+from ppcr.serve import ServeSettings, build_app, describe_model, make_app, resolve_settings  # noqa: E402
 
 CONFIGS = sorted((Path(__file__).parent.parent / "serve_configs").glob("*.yaml"))
 
@@ -31,6 +34,11 @@ def test_config_parses_and_builds_the_app(path, monkeypatch):
         assert app.import_path == "ppcr.serve:build_app"
         settings = resolve_settings(app.args)  # unknown or mistyped args are errors
         assert isinstance(settings, ServeSettings)
+        if settings.checkpoint is not None and not Path(settings.checkpoint).exists():
+            # The production checkpoint is not on this machine: the builder refuses at once, naming it.
+            with pytest.raises(FileNotFoundError, match=f"checkpoint {settings.checkpoint}: no such folder"):
+                build_app(app.args)
+            continue
         # What `serve run` itself calls (a private helper: it enforces the one-`args`-parameter rule).
         built = call_user_app_builder_with_args_if_necessary(build_app, app.args)
         names = {d.name for d in app.deployments}
@@ -70,8 +78,111 @@ def test_bad_args_are_clear_errors():
         make_app({}, {"Sam": {}})
 
 
-def test_ppcr_serve_command_defaults_to_localhost():
-    from ppcr.cli import build_parser, cmd_serve
+def _serve_kwargs(argv: list[str], monkeypatch) -> dict:
+    """What `ppcr serve ARGV` passes to ppcr.serve.start (not started: the stand-in stops it)."""
+    import ppcr.serve.app as app
+    from ppcr.cli import main
 
-    a = build_parser().parse_args(["serve", "--checkpoint", "ckpt", "--port", "8123"])
-    assert a.fn is cmd_serve and (a.host, a.port, a.checkpoint) == ("127.0.0.1", 8123, "ckpt")
+    seen = {}
+
+    def fake_start(**kwargs):
+        seen.update(kwargs)
+        raise app.ServeStartError("stand-in")
+
+    monkeypatch.setattr(app, "start", fake_start)
+    assert main(["serve", *argv]) == 2
+    return seen
+
+
+def test_ppcr_serve_command_defaults_to_localhost(monkeypatch):
+    got = _serve_kwargs(["--checkpoint", "ckpt", "--port", "8123"], monkeypatch)
+    assert (got["host"], got["port"], got["args"]) == ("127.0.0.1", 8123, {"checkpoint": "ckpt"})
+
+
+def test_ppcr_serve_runs_a_serve_config_with_its_options(monkeypatch):
+    """`ppcr serve --config FILE` runs what `serve run FILE` runs (args, deployment options, host, port),
+    but in this process, so a checkpoint that cannot load ends it at once."""
+    path = CONFIGS[0].parent / "tiny_cpu.yaml"
+    got = _serve_kwargs(["--config", str(path), "--checkpoint", "ckpt", "--port", "8124"], monkeypatch)
+    raw = yaml.safe_load(path.read_text())
+    assert got["args"] == {**raw["applications"][0]["args"], "checkpoint": "ckpt"}
+    assert (got["host"], got["port"], got["name"]) == ("127.0.0.1", 8124, "ppcr")
+    assert got["http_options"] == {"request_timeout_s": raw["http_options"]["request_timeout_s"]}
+    for d in raw["applications"][0]["deployments"]:
+        assert got["options"][d["name"]] == {k: v for k, v in d.items() if k != "name"}
+
+
+def _break(ckpt: Path, how: str) -> None:
+    if how == "no-weights":
+        (ckpt / "model.safetensors").unlink()
+    elif how == "corrupt-weights":
+        (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    elif how == "no-config":
+        (ckpt / "config.yaml").unlink()
+    elif how == "bad-config":
+        (ckpt / "config.yaml").write_text("model:\n  box_head: mpl\n")
+    elif how == "no-tokenizer":
+        shutil.rmtree(ckpt / "tokenizer")
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("no-weights", "has no model.safetensors: its weights are missing"),
+        ("corrupt-weights", "is not a readable safetensors file"),
+        ("no-config", "has no config.yaml: not a ppcr inference checkpoint"),
+        ("bad-config", "box_head must be one of mlp, attention"),
+        ("no-tokenizer", "has no tokenizer/ folder"),
+    ],
+)
+def test_a_checkpoint_that_cannot_load_fails_the_builder_in_one_line(tiny_checkpoint, tmp_path, how, message):
+    """Before, the builder only warned: replicas failed one after another while /healthz said "ok", and
+    `serve run` never exited. Now the builder (`serve run`'s and `ppcr serve`'s) refuses before any
+    deployment starts, naming the cause."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    _break(ckpt, how)
+    with pytest.raises(Exception, match=message) as err:
+        build_app({"checkpoint": str(ckpt)})
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        build_app({"checkpoint": str(tmp_path / "absent")})
+    with pytest.raises(FileNotFoundError, match="base SAM weights /nope/sam.pth"):
+        build_app({"checkpoint": str(tiny_checkpoint), "sam_checkpoint": "/nope/sam.pth"})
+
+
+@pytest.mark.parametrize("config", [[], ["--config", str(CONFIGS[0].parent / "tiny_cpu.yaml")]])
+def test_ppcr_serve_with_a_broken_checkpoint_fails_at_once(tiny_checkpoint, tmp_path, capsys, config):
+    from ppcr.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    _break(ckpt, "no-weights")
+    t0 = time.monotonic()
+    assert main(["serve", *config, "--checkpoint", str(ckpt), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ppcr serve: error: checkpoint {ckpt} has no model.safetensors: its weights are missing"]
+    assert time.monotonic() - t0 < 30  # before Ray starts: no replica is tried
+
+
+def test_describe_model_reads_the_training_record(tiny_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    record = {
+        "steps": 1800,
+        "planned_steps": 1800,
+        "trained_on": {"dataset": "synthref", "synthetic": True},
+        "evaluation": {"synthref/unc/val": {"mIoU": 0.68}},
+    }
+    (ckpt / "meta.json").write_text(json.dumps(record))
+    model = describe_model(resolve_settings({"checkpoint": str(ckpt)}))
+    assert model["trained_on"] == {
+        "dataset": "synthref",
+        "synthetic": True,
+        "steps": 1800,
+        "planned_steps": 1800,
+    }
+    assert model["evaluation"] == {"synthref/unc/val": {"mIoU": 0.68}}
+    assert model["random_weights"] is False and model["toy"] is True and model["preset"] == "tiny"
+    (ckpt / "meta.json").write_text(json.dumps({"steps": 3, "planned_steps": 9, "stopped_by_time": True}))
+    assert "cut short" in describe_model(resolve_settings({"checkpoint": str(ckpt)}))["warning"]

@@ -109,7 +109,7 @@ def _prepare_ray(cfg: BatchConfig, what: str, progress: bool) -> None:
     require_resources(cfg.demand(), what)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    ctx.enable_operator_progress_bars = progress
+    ctx.enable_operator_progress_bars = False  # one line for the whole pipeline, not one per stage
     ctx.verbose_stats_logs = False
 
 

@@ -344,6 +344,47 @@ def _assign_splits(cfg: SynthConfig, n: int) -> list[str]:
 # ----------------------------------------------------------------------------- driver
 
 
+def demo_config(num_images: int) -> SynthConfig:
+    """The scenes `ppcr demo` trains on (and the serving page's examples): objects at least ~1.5 CLIP
+    patches wide: "small" at the generator's default is under one patch of the tiny preset's 7x7
+    grid, and its shape is then hardly visible (docs/learning.md)."""
+    return SynthConfig(
+        num_images=num_images,
+        seed=0,
+        min_objects=2,
+        max_objects=3,
+        relations=False,
+        small_size=(0.18, 0.25),
+        big_size=(0.3, 0.4),
+    )
+
+
+def _scene(cfg: SynthConfig, image_id: int):
+    """(rng, width, height, objects, expression groups per object) of image `image_id`; the rng is left
+    where `_render` continues, so the pixels are the data set's own."""
+    # Per-image stream: an image's content does not depend on how many images come before it.
+    rng = np.random.default_rng([cfg.seed, 0, image_id])
+    for _attempt in range(1000):
+        w = int(rng.integers(cfg.min_size, cfg.max_size + 1))
+        h = int(rng.integers(cfg.min_size, cfg.max_size + 1))
+        objs = _sample_scene(rng, cfg, w, h)
+        if objs is None:
+            continue
+        groups = [_candidates(objs, o, cfg.relations, min(w, h)) for o in objs]
+        if any(any(g) for g in groups):  # an image without any ref would belong to no split
+            return rng, w, h, objs, groups
+    raise RuntimeError(f"could not place objects for image {image_id}; lower max_objects")
+
+
+def render_scene(cfg: SynthConfig, image_id: int) -> tuple[Image.Image, list[str]]:
+    """Image `image_id` (1-based) of the data set `cfg` describes, the same pixels `synthesize` writes
+    (before its JPEG encoding), and the shortest uniquely-referring expression of each object that
+    has one."""
+    rng, w, h, objs, groups = _scene(cfg, image_id)
+    phrases = [min((e for g in gs for e in g), key=len) for gs in groups if any(gs)]
+    return _render(rng, w, h, objs), phrases
+
+
 def synthesize(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
     """Generate the synthetic data set under ``out_dir`` (see module docstring for the layout).
 
@@ -369,20 +410,7 @@ def synthesize(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
 
     for index in range(cfg.num_images):
         image_id = index + 1
-        # Per-image stream: an image's content does not depend on how many images come before it.
-        rng = np.random.default_rng([cfg.seed, 0, image_id])
-        for _attempt in range(1000):
-            w = int(rng.integers(cfg.min_size, cfg.max_size + 1))
-            h = int(rng.integers(cfg.min_size, cfg.max_size + 1))
-            objs = _sample_scene(rng, cfg, w, h)
-            if objs is None:
-                continue
-            groups = [_candidates(objs, o, cfg.relations, min(w, h)) for o in objs]
-            if any(any(g) for g in groups):  # an image without any ref would belong to no split
-                break
-        else:
-            raise RuntimeError(f"could not place objects for image {image_id}; lower max_objects")
-
+        rng, w, h, objs, groups = _scene(cfg, image_id)
         file_name = coco_image_filename(image_id)
         _render(rng, w, h, objs).save(images_dir / file_name, format="JPEG", quality=95)
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})

@@ -4,10 +4,13 @@
     deployments.py  MLLMDeployment (stages 1 + 2) and SAMDeployment (stage 3): replicas batching
                     concurrent requests (Serve names MLLM and SAM, which serve_configs/*.yaml use)
     schema.py       the HTTP contract: response models, errors, request parsing
-    settings.py     ServeSettings (the `args:` of a Serve config) and the model part a replica loads
+    settings.py     ServeSettings (the `args:` of a Serve config), the checkpoint check, what is served
+                    (/healthz) and the model part a replica loads
+    examples.py     the web page's example gallery (synthetic scenes, scikit-image photographs)
     client.py       segment_remote: the Python client of the HTTP API
 
-Launch: `serve run serve_configs/tiny_cpu.yaml` (import_path `ppcr.serve:build_app`) or `ppcr serve`.
+Launch: `ppcr serve [--config serve_configs/tiny_cpu.yaml]` or `serve run serve_configs/tiny_cpu.yaml`
+(import_path `ppcr.serve:build_app`). The web page itself is plain HTML/CSS/JS in ppcr/web/.
 """
 
 _LAZY = {
@@ -16,12 +19,17 @@ _LAZY = {
     "demo_serving": "app",
     "free_port": "app",
     "make_app": "app",
+    "read_serve_config": "app",
     "start": "app",
     "wait_healthy": "app",
+    "ServeStartError": "app",
     "ServerError": "client",
+    "ServerUnreachable": "client",
     "segment_remote": "client",
     "HTTPError": "schema",
     "ServeSettings": "settings",
+    "check_checkpoint": "settings",
+    "describe_model": "settings",
     "load_serving_model": "settings",
     "resolve_settings": "settings",
 }

@@ -26,8 +26,9 @@ from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import (
@@ -48,6 +49,8 @@ from ..geometry import (
 from ..inputs import image_key
 from ..mllm import PromptTokenizer
 from .deployments import MLLMDeployment, SAMDeployment
+from .examples import catalogue as examples_catalogue
+from .examples import example_png
 from .schema import (
     ERROR_RESPONSES,
     REQUEST_BODY,
@@ -58,14 +61,23 @@ from .schema import (
     read_body,
     unavailable,
 )
-from .settings import RANDOM_INIT_WARNING, ServeSettings, prompt_tokenizer, resolve_settings
+from .settings import (
+    RANDOM_INIT_WARNING,
+    ServeSettings,
+    check_checkpoint,
+    describe_model,
+    prompt_tokenizer,
+    resolve_settings,
+)
 
 logger = logging.getLogger("ppcr.serve")
 
 
 # FastAPI must see `Request` itself in the routes of the class: no `from __future__ import annotations`.
 
-fastapi_app = FastAPI(
+# FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline
+# package (served under /static-offline-docs), not from a CDN: they work on a machine without internet.
+fastapi_app = FastAPIOffline(
     title="ppcr referring image segmentation",
     description="POST an image and a referring expression, get the object's mask (COCO RLE) and box.",
     version="1",
@@ -96,7 +108,8 @@ def _failed(stage: str, failure: ItemFailure) -> HTTPError:
     return HTTPError(500, f"internal error in the {stage} stage: {failure.message}")
 
 
-_PAGE = resources.files("ppcr").joinpath("web/index.html")
+_WEB = resources.files("ppcr").joinpath("web")
+_WEB_ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 
 # Defined above the deployments: Serve pickles their classes when decorated, with the globals then
@@ -113,6 +126,23 @@ def _example_png() -> bytes:
     return buf.getvalue()
 
 
+def deployment_states(app_name: str) -> dict[str, dict]:
+    """{deployment: {"status": Serve's DeploymentStatus, "replicas": {state: count}, "up": has a
+    RUNNING replica}} of the application, from the Serve controller (`serve.status()`). Blocking."""
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {
+        name: {
+            "status": getattr(d.status, "value", str(d.status)),
+            "replicas": {getattr(k, "value", str(k)): v for k, v in d.replica_states.items() if v},
+            "up": d.replica_states.get("RUNNING", 0) > 0,
+            **({"message": d.message.strip().splitlines()[-1]} if d.message.strip() else {}),
+        }
+        for name, d in app.deployments.items()
+    }
+
+
 class Pipeline:
     """The composition behind the HTTP routes: validate, decode once, MLLM ∥ SAM encode, then SAM decode."""
 
@@ -122,17 +152,27 @@ class Pipeline:
         sam: DeploymentHandle,
         settings: dict,
         prompts: PromptTokenizer | None = None,
+        model: dict | None = None,
     ):
-        """prompts: the text rules; default `settings.prompt_tokenizer` (the served checkpoint's tokenizer)."""
+        """prompts: the text rules; default `settings.prompt_tokenizer` (the served checkpoint's tokenizer).
+        model: what is served, for /healthz; default `settings.describe_model` (reads the checkpoint)."""
         self.mllm, self.sam = mllm, sam
         self.s = ServeSettings(**settings)
         self.prompts = prompts if prompts is not None else prompt_tokenizer(self.s)
+        self.model = model if model is not None else describe_model(self.s)
 
-    def health(self) -> dict:
+    def health(self, deployments: dict[str, dict] | None = None) -> tuple[int, dict]:
+        """(HTTP status, body) of `/healthz`: 200 when every deployment has a running replica, else 503.
+
+        deployments: {name: {"status", "replicas", "up"}} (`deployment_states`); None (outside Serve,
+        in unit tests) reports the model only. The body says what is served (`describe_model`: preset,
+        checkpoint, random weights or not, what it was trained on and its evaluation numbers)."""
+        up = deployments is None or all(d["up"] for d in deployments.values())
         out = {
-            "status": "ok",
+            "status": "ok" if up else "unavailable",
             "checkpoint": self.s.checkpoint,
-            "preset": None if self.s.checkpoint else self.s.preset,
+            "preset": self.model.get("preset"),
+            "model": self.model,
             "limits": {
                 k: getattr(self.s, k)
                 for k in (
@@ -144,9 +184,11 @@ class Pipeline:
                 )
             },
         }
-        if self.s.checkpoint is None:
-            out["warning"] = RANDOM_INIT_WARNING
-        return out
+        if deployments is not None:
+            out["deployments"] = deployments
+        if self.model.get("warning"):
+            out["warning"] = self.model["warning"]
+        return (200 if up else 503), out
 
     def check_texts(self, expressions: list) -> list[str]:
         """The text rules every entry point applies (`PromptTokenizer.check_expression`, with the
@@ -253,21 +295,58 @@ class Ingress:
     def __init__(self, mllm: DeploymentHandle, sam: DeploymentHandle, settings: dict):
         self.pipeline = Pipeline(mllm, sam, settings)
         self.s = self.pipeline.s
-        self.page = _PAGE.read_text(encoding="utf-8")
+        self.page = _WEB.joinpath("index.html").read_text(encoding="utf-8")
+        self.assets = {name: _WEB.joinpath(name).read_bytes() for name in _WEB_ASSETS}
+        self.app_name = serve.get_replica_context().app_name
+        self._states: dict[str, dict] = {}
+        self._states_at = -1e9
 
     @fastapi_app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self.page)
+
+    @fastapi_app.get("/web/{name}", include_in_schema=False)
+    async def web_asset(self, name: str) -> Response:
+        """The page's script and style sheet (ppcr/web/): the page loads nothing from elsewhere."""
+        if name not in _WEB_ASSETS:
+            raise HTTPError(404, f"no page asset {name!r}")
+        return Response(
+            self.assets[name], media_type=_WEB_ASSETS[name], headers={"Cache-Control": "no-cache"}
+        )
 
     @fastapi_app.get("/example.png", include_in_schema=False)
     async def example(self) -> Response:
         """A small synthetic image for trying the page (and for its browser test)."""
         return Response(_example_png(), media_type="image/png")
 
+    @fastapi_app.get("/examples", include_in_schema=False)
+    async def examples(self) -> dict:
+        """The page's gallery (ppcr.serve.examples): synthetic scenes, and photographs if scikit-image
+        is installed (else `photos` says how to get them)."""
+        return await asyncio.to_thread(examples_catalogue)
+
+    @fastapi_app.get("/examples/{name}.png", include_in_schema=False)
+    async def example_image(self, name: str) -> Response:
+        png = await asyncio.to_thread(example_png, name)
+        if png is None:
+            raise HTTPError(404, f"no example {name!r}")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
     @fastapi_app.get("/healthz")
-    async def healthz(self) -> dict:
-        """Liveness of the ingress and what it serves; `warning` is set when no checkpoint is served."""
-        return self.pipeline.health()
+    async def healthz(self) -> JSONResponse:
+        """What the app serves (`model`: preset, checkpoint, random weights or not, training data and
+        evaluation numbers) and whether each deployment has a running replica: 200 when all do, 503
+        otherwise. `warning` is set for random weights, a toy model or an under-trained one."""
+        states = await asyncio.to_thread(self._deployment_states)
+        status, body = self.pipeline.health(states)
+        return JSONResponse(body, status_code=status)
+
+    def _deployment_states(self) -> dict[str, dict]:
+        # One controller call per second at most, however often /healthz is polled.
+        now = time.monotonic()
+        if now - self._states_at > 1.0:
+            self._states, self._states_at = deployment_states(self.app_name), now
+        return self._states
 
     @fastapi_app.post(
         "/v1/segment",
@@ -315,10 +394,7 @@ def make_app(args: dict | None = None, options: dict[str, dict] | None = None) -
     s = resolve_settings(args)
     if s.checkpoint is None:
         logger.warning(RANDOM_INIT_WARNING)
-    elif not Path(s.checkpoint).is_dir():
-        logger.warning(
-            "checkpoint %s is not a folder on this node; replicas will fail to start", s.checkpoint
-        )
+    check_checkpoint(s)  # a checkpoint that cannot load fails here, in one line, before any replica starts
     settings = asdict(s)
     opts = options or {}
     unknown = set(opts) - {"Ingress", "MLLM", "SAM"}
@@ -338,6 +414,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServeStartError(RuntimeError):
+    """The app did not start (a replica failed in its constructor); the message is the cause, one line."""
+
+
 def start(
     args: dict | None = None,
     host: str = "127.0.0.1",
@@ -347,15 +427,63 @@ def start(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     options: dict[str, dict] | None = None,
+    http_options: dict | None = None,
 ) -> str:
-    """Start Ray (ppcr.ray_cluster) and Serve on host:port, run the app; returns its base URL."""
+    """Start Ray (ppcr.ray_cluster) and Serve on host:port, run the app; returns its base URL.
+    http_options: Serve's other HTTP options (e.g. request_timeout_s).
+
+    The checkpoint is checked before anything starts (`check_checkpoint`: FileNotFoundError,
+    ConfigError or WeightsError naming it); a replica that still fails to start ends the app, and
+    raises ServeStartError with the failure's last line. blocking: then wait until KeyboardInterrupt."""
     from ..ray_cluster import init_ray, require_resources
 
+    app = make_app(args, options)  # validates the settings and the checkpoint before Ray starts
     init_ray(address=ray_address, num_cpus=num_cpus)
     require_resources({"CPU": 2.0}, "the ppcr serving app (one MLLM and one SAM replica)")
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(make_app(args, options), name=name, route_prefix="/", blocking=blocking)
+    serve.start(http_options={**(http_options or {}), "host": host, "port": port})
+    try:
+        serve.run(app, name=name, route_prefix="/")
+    except RuntimeError as exc:
+        if f"Deploying application {name} failed" not in str(exc):
+            raise
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        raise ServeStartError(f"the app did not start: {lines[-1]}") from None
+    if blocking:
+        while True:
+            time.sleep(3600)
     return f"http://{host}:{port}"
+
+
+def read_serve_config(path: str | Path) -> dict:
+    """A Serve config file (serve_configs/*.yaml) as `start`'s keyword arguments: its application's
+    args, deployment options by name, name, host, port and other http_options. Validated by Serve's
+    own schema; ConfigError unless it holds exactly one application of `ppcr.serve:build_app`."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from ..config import ConfigError
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Serve config {file} not found")
+    try:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(file.read_text()) or {})
+    except Exception as exc:  # pydantic's ValidationError: many lines, the first names the key
+        raise ConfigError(f"{file}: not a Serve config ({str(exc).splitlines()[0]})") from None
+    apps = schema.applications
+    if len(apps) != 1 or apps[0].import_path != "ppcr.serve:build_app":
+        raise ConfigError(f"{file}: expected one application with import_path ppcr.serve:build_app")
+    http = schema.http_options.model_dump(exclude_unset=True)
+    return {
+        "args": dict(apps[0].args or {}),
+        "options": {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in apps[0].deployments},
+        "name": apps[0].name,
+        "host": http.pop("host", "127.0.0.1"),
+        "port": http.pop("port", 8000),
+        "http_options": http,
+    }
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:

@@ -20,16 +20,51 @@ class ServerError(RuntimeError):
         self.status = status
 
 
+class ServerUnreachable(RuntimeError):
+    """No answer from the server: refused, unknown host, timed out, or not a valid URL (one line, without
+    the HTTP library's retry text)."""
+
+
+def _unreachable(server: str, exc: requests.RequestException, timeout_s: float) -> ServerUnreachable:
+    if isinstance(exc, requests.Timeout):
+        return ServerUnreachable(f"{server} did not answer within {timeout_s:g} s")
+    if isinstance(
+        exc,
+        (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema,
+        ),
+    ):
+        return ServerUnreachable(f"{server} is not a valid http(s) URL, e.g. http://127.0.0.1:8000")
+    if isinstance(exc, requests.ConnectionError):
+        text = str(exc)
+        if "Name or service not known" in text or "nodename nor servname" in text or "getaddrinfo" in text:
+            why = "unknown host"
+        elif "refused" in text.lower():
+            why = "connection refused"
+        elif "reset" in text.lower() or "aborted" in text.lower():
+            why = "the connection was closed"
+        else:
+            why = "no connection"
+        return ServerUnreachable(f"cannot reach {server} ({why}): is `ppcr serve` running there?")
+    return ServerUnreachable(f"cannot reach {server} ({type(exc).__name__})")
+
+
 def segment_remote(
     server: str, image: bytes, expression: str | Sequence[str], timeout_s: float = 60.0
 ) -> dict:
-    """POST /v1/segment as JSON. One expression -> {"box", "mask", "score", ...}; a list -> {"results": [...]}."""
+    """POST /v1/segment as JSON. One expression -> {"box", "mask", "score", ...}; a list -> {"results": [...]}.
+    Raises ServerError (an error status, with the server's message) or ServerUnreachable (no answer)."""
     body = {"image": base64.b64encode(image).decode("ascii")}
     if isinstance(expression, str):
         body["expression"] = expression
     else:
         body["expressions"] = list(expression)
-    r = requests.post(f"{server.rstrip('/')}/v1/segment", json=body, timeout=timeout_s)
+    try:
+        r = requests.post(f"{server.rstrip('/')}/v1/segment", json=body, timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise _unreachable(server, exc, timeout_s) from None
     if r.status_code != 200:
         try:
             message = r.json().get("error", r.text)

@@ -21,6 +21,10 @@ RANDOM_INIT_WARNING = (
     "NO CHECKPOINT: serving the randomly initialised tiny preset, masks are meaningless. "
     f"Set {CHECKPOINT_ENV}=DIR (or args.checkpoint) to serve a trained model."
 )
+TOY_WARNING = (
+    "a toy model: its language model was never pretrained (no mllm_path), so it knows only the words and "
+    "scenes it was trained on; on anything else (a real photograph) its masks are noise"
+)
 
 
 @dataclass
@@ -114,3 +118,103 @@ def load_serving_model(s: ServeSettings, parts: tuple[str, ...]):
     warnings.warn(RANDOM_INIT_WARNING, stacklevel=2)
     torch.manual_seed(0)
     return PPCRModel(load_config(s.preset).model, parts=parts).to(s.device).eval()
+
+
+def check_checkpoint(s: ServeSettings) -> None:
+    """Fail before any deployment starts when the served checkpoint cannot load, naming the cause in
+    one line: the folder, its config.yaml (with the args' overrides), model.safetensors (its header is
+    read, not its tensors), tokenizer/, and the base weights it names (`mllm_path`, `sam.checkpoint`).
+    Raises FileNotFoundError, ConfigError or WeightsError. Cheap: no model is built, so a tensor of the
+    wrong shape is still found only by the replica that loads it. Must run where the checkpoint is
+    readable (the ingress needs it there too: `prompt_tokenizer`)."""
+    from safetensors import safe_open
+
+    from ..checkpoint import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, load_model_config
+    from ..weights import WeightsError
+
+    if s.checkpoint is None:
+        return
+    ckpt = Path(s.checkpoint)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint {ckpt}: no such folder (args.checkpoint / ${CHECKPOINT_ENV})")
+    if not (ckpt / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {CONFIG_FILE}: not a ppcr inference checkpoint")
+    cfg = load_model_config(ckpt, _overrides(s))
+    weights = ckpt / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {WEIGHTS_FILE}: its weights are missing")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                raise WeightsError(f"{weights} holds no tensors")
+    except WeightsError:
+        raise
+    except Exception as exc:  # safetensors' own errors: a truncated or foreign file
+        raise WeightsError(f"{weights} is not a readable safetensors file ({one_line_error(exc)})") from None
+    if not (ckpt / TOKENIZER_DIR).is_dir():
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {TOKENIZER_DIR}/ folder")
+    if cfg.mllm_path is not None and not Path(cfg.mllm_path).is_dir():
+        raise FileNotFoundError(
+            f"base LLaVA folder {cfg.mllm_path} (the checkpoint's mllm_path) not found; "
+            "set args.mllm_path to where it is now"
+        )
+    if cfg.sam.checkpoint is not None and not Path(cfg.sam.checkpoint).is_file():
+        raise FileNotFoundError(
+            f"base SAM weights {cfg.sam.checkpoint} (the checkpoint's sam.checkpoint) not found; "
+            "set args.sam_checkpoint to where they are now"
+        )
+
+
+def one_line_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def describe_model(s: ServeSettings) -> dict[str, Any]:
+    """What the app serves, for `/healthz` and the page's banner: preset, checkpoint, whether the
+    weights are random, whether it is a toy (no pretrained language model), and, from the checkpoint's
+    meta.json when present, what it was trained on and its evaluation numbers. Reads small files only."""
+    import json
+
+    from ..checkpoint import load_model_config
+    from ..config import load_config
+
+    if s.checkpoint is None:
+        cfg = load_config(s.preset).model
+        return {
+            "preset": s.preset,
+            "checkpoint": None,
+            "random_weights": True,
+            "toy": cfg.mllm_path is None,
+            "trained_on": None,
+            "evaluation": None,
+            "warning": RANDOM_INIT_WARNING,
+        }
+    cfg = load_model_config(s.checkpoint, _overrides(s))
+    meta_file = Path(s.checkpoint) / "meta.json"
+    meta: dict[str, Any] = {}
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as exc:
+            logger.warning("%s is unreadable (%s): served without its training record", meta_file, exc)
+    run = meta.get("run_config") or {}
+    data = run.get("data") or {}
+    trained_on = meta.get("trained_on")
+    if trained_on is None and data:
+        trained_on = {k: data.get(k) for k in ("dataset", "split_by", "train_split") if k in data}
+    if isinstance(trained_on, dict) and "steps" in meta:
+        trained_on = {**trained_on, "steps": meta["steps"], "planned_steps": meta.get("planned_steps")}
+    out: dict[str, Any] = {
+        "preset": cfg.preset,
+        "checkpoint": s.checkpoint,
+        "random_weights": False,
+        "toy": cfg.mllm_path is None,
+        "trained_on": trained_on,
+        "evaluation": meta.get("evaluation"),
+    }
+    if meta.get("stopped_by_time"):
+        out["warning"] = "training was cut short by its time budget: the model is under-trained"
+    elif out["toy"]:
+        out["warning"] = TOY_WARNING
+    return out

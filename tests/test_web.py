@@ -1,0 +1,301 @@
+"""The web page as a person uses it, in headless Chromium (Debian's `chromium`, driven by Playwright):
+drop and paste an image, several phrases at once, layer toggles, downloads checked against the API,
+each error state, the model banners, the keyboard, and /docs offline. Slow tier: one served app."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+pytest.importorskip("playwright")
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from ppcr.data.refer import decode_rle  # noqa: E402
+from ppcr.ray_cluster import init_ray  # noqa: E402
+from ppcr.serve import free_port, make_app, wait_healthy  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+        reason="needs Debian's chromium package (apt-get install -y chromium)",
+    ),
+]
+ONE = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+PHRASES = ["the red block", "the background", "the blue square"]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_checkpoint):
+    init_ray(num_cpus=4, object_store_mb=300)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        make_app({"checkpoint": str(tiny_checkpoint)}, {"Ingress": ONE, "MLLM": ONE, "SAM": ONE}),
+        name="ppcr-web-test",
+        route_prefix="/",
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base)
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def page(url):
+    from ppcr.web.screenshots import chromium
+
+    with chromium() as p:
+        p.goto(url)
+        p.wait_for_selector("#gallery button")
+        p.wait_for_function("!document.getElementById('banner').textContent.startsWith('Asking')")
+        yield p
+
+
+def _png() -> bytes:
+    img = np.full((90, 120, 3), 110, np.uint8)
+    img[10:40, 15:60] = (220, 30, 30)
+    img[50:85, 70:115] = (30, 60, 220)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _drop(page, data: bytes, name: str = "dropped.png", event: str = "drop") -> None:
+    """Drop (or paste) a file as the browser does: a DataTransfer holding it, in a drop / paste event."""
+    page.evaluate(
+        """([b64, name, event]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, {type: "image/png"}));
+            const ev = event === "drop"
+                ? new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true})
+                : new ClipboardEvent("paste", {clipboardData: dt, bubbles: true, cancelable: true});
+            (event === "drop" ? document.getElementById("drop") : document).dispatchEvent(ev);
+        }""",
+        [base64.b64encode(data).decode(), name, event],
+    )
+    page.wait_for_function(
+        f"document.getElementById('image-name').textContent.startsWith({json.dumps(name)})"
+    )
+
+
+def _segment(page, phrases: list[str], state: str = "done") -> None:
+    page.fill("#phrases", "\n".join(phrases))
+    page.click("#go")
+    page.wait_for_function(f"document.body.dataset.state === '{state}'", timeout=120_000)
+
+
+def _canvas_equals_plain_image(page) -> bool:
+    """Whether the canvas shows the image alone (drawn at the page's scale), no overlay pixel."""
+    return page.evaluate(
+        """async () => {
+            const c = document.getElementById("canvas");
+            const plain = document.createElement("canvas");
+            plain.width = c.width; plain.height = c.height;
+            const ctx = plain.getContext("2d");
+            const im = new Image();
+            im.src = window.__imageUrl;
+            await im.decode();
+            ctx.drawImage(im, 0, 0, c.width, c.height);
+            const a = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            const b = ctx.getImageData(0, 0, c.width, c.height).data;
+            let diff = 0;
+            for (let i = 0; i < a.length; i++) diff = Math.max(diff, Math.abs(a[i] - b[i]));
+            return diff <= 2;
+        }"""
+    )
+
+
+def test_drop_several_phrases_toggle_and_download_match_the_api(page, url, tmp_path):
+    png = _png()
+    _drop(page, png)
+    _segment(page, PHRASES)
+    cards = page.locator("#cards .card")
+    assert cards.count() == 3
+    assert [cards.nth(i).get_attribute("data-phrase") for i in range(3)] == PHRASES
+    colours = [cards.nth(i).evaluate("e => e.style.getPropertyValue('--c')") for i in range(3)]
+    assert colours == ["#E69F00", "#56B4E9", "#009E73"]  # Okabe-Ito, one per phrase
+    api = requests.post(
+        f"{url}/v1/segment",
+        json={"image": base64.b64encode(png).decode(), "expressions": PHRASES},
+        timeout=60,
+    ).json()["results"]
+    for i, answer in enumerate(api):
+        assert int(cards.nth(i).get_attribute("data-mask-pixels")) == int(decode_rle(answer["mask"]).sum())
+
+    # The mask PNG of the second answer: its pixels are the API's RLE, exactly.
+    with page.expect_download() as download:
+        cards.nth(1).locator("button.mask-png").click()
+    path = tmp_path / download.value.suggested_filename
+    download.value.save_as(path)
+    assert path.name == "mask-2-the-background.png"
+    got = np.asarray(Image.open(path).convert("L")) > 127
+    np.testing.assert_array_equal(got, decode_rle(api[1]["mask"]).astype(bool))
+    # The answer JSON keeps the RLE.
+    with page.expect_download() as download:
+        cards.nth(2).locator("button.json").click()
+    saved = json.loads(open(download.value.path()).read())
+    assert saved["mask"] == api[2]["mask"] and saved["phrase"] == PHRASES[2]
+    assert saved["box"] == pytest.approx(api[2]["box"], abs=0.05)
+    with page.expect_download() as download:
+        page.click("#download-overlay")
+    overlay = Image.open(download.value.path())
+    assert overlay.size[0] >= 120 and overlay.size[0] / overlay.size[1] == pytest.approx(120 / 90, rel=0.02)
+
+    # Layers: every overlay off (or masks at opacity 0) shows the image alone; any layer on changes it.
+    page.evaluate(
+        "b64 => { window.__imageUrl = URL.createObjectURL("
+        "new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))])); }",
+        base64.b64encode(png).decode(),
+    )
+    assert not _canvas_equals_plain_image(page)
+    for box in ("#show-outline", "#show-box", "#show-label"):
+        page.uncheck(box)
+    assert not _canvas_equals_plain_image(page)  # masks still drawn
+    page.fill("#opacity", "0")
+    page.dispatch_event("#opacity", "input")
+    assert _canvas_equals_plain_image(page)
+    page.fill("#opacity", "60")
+    page.dispatch_event("#opacity", "input")
+    page.uncheck("#show-mask")
+    assert _canvas_equals_plain_image(page)
+    page.check("#show-box")
+    assert not _canvas_equals_plain_image(page)
+
+    # The image stays for the next phrases; the history keeps both answers and restores the first.
+    _segment(page, ["the red block"])
+    assert page.locator("#cards .card").count() == 1
+    assert page.locator("#history button").count() == 2
+    page.click("#history-box summary")
+    page.locator("#history button").nth(1).click()
+    assert page.locator("#cards .card").count() == 3
+
+
+def test_paste_and_keyboard(page):
+    _drop(page, _png(), name="pasted image", event="paste")
+    page.fill("#phrases", "the red block")
+    page.focus("#phrases")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
+    assert "1 answer" in page.inner_text("#status")  # the aria-live region announces it
+    assert page.get_attribute("#status", "aria-live") == "polite"
+    # A gallery example by keyboard alone: focus, Enter.
+    page.focus('#gallery button[data-name="scene-2"]')
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.getElementById('image-name').textContent.startsWith('scene-2')")
+    assert page.input_value("#phrases").strip(), "the example fills in its phrases"
+
+
+@pytest.mark.parametrize(
+    "kind, route, expected",
+    [
+        ("network", lambda r: r.abort(), "Cannot reach the server"),
+        (
+            "server-text",
+            lambda r: r.fulfill(status=503, body="no healthy replicas", content_type="text/plain"),
+            "overloaded or starting (503): no healthy replicas",
+        ),
+        ("server-json", None, "could not use this request (422): expression 0:"),
+    ],
+)
+def test_error_states_have_a_human_message_and_no_stale_overlay(page, kind, route, expected):
+    _drop(page, _png())
+    _segment(page, ["the red block"])
+    assert page.locator("#cards .card").count() == 1
+    if route is not None:
+        page.route("**/v1/segment", route)
+        _segment(page, ["the red block"], state="error")
+    else:  # the real server's 422 for a reserved token
+        _segment(page, ["the [SEG] block"], state="error")
+    error = page.locator("#error")
+    assert error.get_attribute("data-kind") == kind and error.get_attribute("role") == "alert"
+    assert expected in error.inner_text()
+    assert "Failed to fetch" not in error.inner_text() and "JSON" not in error.inner_text()
+    assert page.locator("#cards .card").count() == 0  # no stale answer under the error
+    assert page.get_attribute("#canvas", "data-mask-pixels") is None
+    page.unroute("**/v1/segment")
+    _segment(page, ["the red block"])  # and the page recovers
+    assert page.locator("#error").is_hidden()
+
+
+def test_banners_say_which_model_answers(url, tiny_checkpoint):
+    from ppcr.web.screenshots import chromium
+
+    with chromium() as page:
+        page.goto(url)
+        page.wait_for_selector('#banner[data-kind="toy"]')
+        assert str(tiny_checkpoint.resolve()) in page.inner_text("#banner")
+        _drop(page, _png(), name="photo.png")  # an upload: not one of the synthetic scenes
+        assert page.locator("#toy-banner").is_visible()
+        assert "toy model" in page.inner_text("#toy-banner")
+        page.click('#gallery button[data-name="scene-1"]')
+        page.wait_for_function("document.getElementById('image-name').textContent.startsWith('scene-1')")
+        assert page.locator("#toy-banner").is_hidden()
+
+    def random_health(route):
+        body = route.fetch().json()
+        body["model"] = {**body["model"], "random_weights": True, "checkpoint": None}
+        route.fulfill(json=body)
+
+    with chromium() as page:
+        page.route("**/healthz", random_health)
+        page.goto(url)
+        page.wait_for_selector('#banner[data-kind="random"]')
+        assert "RANDOM WEIGHTS" in page.inner_text("#banner")
+        assert "loud" in page.get_attribute("#banner", "class")
+
+
+def test_gallery_lists_scenes_and_photos(url):
+    cat = requests.get(f"{url}/examples", timeout=30).json()
+    kinds = [e["kind"] for e in cat["examples"]]
+    assert kinds.count("synthetic") >= 3 and all(e["phrases"] for e in cat["examples"])
+    if cat["photos"] == "available":
+        assert "photo" in kinds
+    else:
+        assert "scikit-image" in cat["photos"]
+    for e in cat["examples"][:5]:
+        r = requests.get(url + e["url"], timeout=30)
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size[0] > 0
+    assert requests.get(f"{url}/examples/nope.png", timeout=30).status_code == 404
+
+
+@pytest.mark.parametrize("path, ready", [("/docs", ".swagger-ui .info .title"), ("/redoc", ".api-info h1")])
+def test_api_docs_render_with_the_internet_cut_off(url, path, ready):
+    from ppcr.web.screenshots import chromium
+
+    with chromium() as page:
+        outside = []
+
+        def local_only(route):
+            if route.request.url.startswith(url):
+                route.continue_()
+            else:
+                outside.append(route.request.url)
+                route.abort()
+
+        page.route("**/*", local_only)
+        page.goto(url + path)
+        page.wait_for_selector(ready, timeout=60_000)
+        assert "ppcr referring image segmentation" in page.inner_text(ready)
+        # ReDoc's bundle asks for its own "powered by" logo from its CDN; nothing else goes out.
+        assert [u for u in outside if u != "https://cdn.redoc.ly/redoc/logo-mini.svg"] == []
+
+
+def test_phone_layout_fits_the_screen(url):
+    from ppcr.web.screenshots import PHONE, chromium
+
+    with chromium(PHONE) as page:
+        page.goto(url)
+        page.wait_for_selector("#gallery button")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], f"the page is {width} px wide on a {PHONE['width']} px phone"
