@@ -18,7 +18,7 @@ pytest.importorskip("playwright")
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from ppcr.data.refer import decode_rle  # noqa: E402
+from ppcr.masks import decode_rle  # noqa: E402
 from ppcr.ray_cluster import init_ray  # noqa: E402
 from ppcr.serve import free_port, make_app, wait_healthy  # noqa: E402
 
