@@ -28,6 +28,11 @@ CUDA_CONTEXT_GB = 1.5  # CUDA context, cuBLAS/NCCL workspaces, allocator slack p
 PROCESS_RAM_GB = 3.0  # Python + torch + CUDA libraries of a worker process before weights (assumed)
 MFU = 0.40  # model-FLOPs utilisation assumed for the wall-time estimate
 SERVE_CONFIG = REPO / "serve_configs/llava7b_l20.yaml"  # the shipped serve limits (also in rayservice.yaml)
+# segment_anything's global attention (image_encoder.Attention + add_decomposed_rel_pos) holds three
+# heads x T^2 tensors at once: the scores, the scores plus the height term, and that plus the width term
+# (then the sum and its softmax). SegmentationStage.encode runs one image per encoder call, so this is
+# the encoder's peak per call whatever the batch.
+SAM_ATTENTION_COPIES = 3
 SAM_EMBEDDING = (
     256,
     64,
@@ -200,7 +205,6 @@ def deepspeed_buckets_gb(zero: dict) -> float:
 def train_gpu_gb(c: Counts, gpus: int, micro_batch: int, zero: dict) -> dict[str, float]:
     """Per-GPU memory of ZeRO-2 bf16 training with gradient checkpointing, by item (GB)."""
     t, h = PROMPT_TOKENS, c.hidden
-    heads = c.sam_heads
     return {
         "bf16 weights (every rank holds all)": c.total * 2 / GB,
         "ZeRO-2 shard: bf16 grads + fp32 master + Adam m, v": c.trainable * (2 + 12) / gpus / GB,
@@ -214,10 +218,29 @@ def train_gpu_gb(c: Counts, gpus: int, micro_batch: int, zero: dict) -> dict[str
             + LLM_PASSES * t * LLAVA_HF_VOCAB_ROWS * (2 + 4)
         )
         / GB,
-        # segment_anything materialises the global-attention matrix (heads × T²) and its softmax in bf16.
-        "SAM-H encoder peak (no grad)": micro_batch * 2 * heads * c.sam_tokens**2 * 2 / GB,
+        # One image per encoder call (SegmentationStage.encode): the micro-batch does not multiply it.
+        "SAM-H encoder peak (no grad)": sam_attention_peak_gb(c),
         "CUDA context and workspaces": CUDA_CONTEXT_GB,
     }
+
+
+def sam_attention_peak_gb(c: Counts, dtype_bytes: int = 2) -> float:
+    """The SAM encoder's transient peak of one encoder call (one image, `SegmentationStage.encode`):
+    SAM_ATTENTION_COPIES tensors of heads x T^2 scores in the encoder's dtype (bf16), ~1.61 GB for ViT-H."""
+    return SAM_ATTENTION_COPIES * c.sam_heads * c.sam_tokens**2 * dtype_bytes / GB
+
+
+def host_ram_random_init_gb(c: Counts, vocab_rows: int | None = None) -> float:
+    """Build peak of the whole model from random weights in one process (`Segmenter.from_preset`, no base
+    weights): LLaVA built in bf16 from the start (its float32 LoRA and heads), then SAM built in float32
+    and cast to bf16 by the dtype policy, both held at once at that moment; no process overhead counted
+    (compare with the RSS growth of the build). vocab_rows: rows of the embedding and LM-head matrices
+    (None: llava-hf's 32064; a random init without a tokenizer folder has its offline tokenizer's rows)."""
+    rows = LLAVA_HF_VOCAB_ROWS if vocab_rows is None else vocab_rows
+    fewer = 2 * (LLAVA_HF_VOCAB_ROWS - rows) * c.hidden  # parameter count counts 32064 rows
+    non_sam_fp32 = c.fp32 - (c.sam - c.sam_encoder)
+    llava = ((c.total - c.sam - non_sam_fp32 - fewer) * 2 + non_sam_fp32 * 4) / GB
+    return llava + c.sam * 4 / GB
 
 
 def host_ram_per_worker_gb(c: Counts) -> float:
@@ -256,13 +279,21 @@ def sam_embedding_bytes(dtype_bytes: int = 2) -> int:
     return math.prod(SAM_EMBEDDING) * dtype_bytes
 
 
-def sam_replica_gb(c: Counts, cache_images: int, batch: int) -> float:
-    """One SAM serve replica: the encoder in bf16, prompt encoder + mask decoder in float32 (ppcr/precision.py),
-    the bf16 embedding cache, and the global-attention peak of one encode call, which stacks up to
-    max_batch_size new images (segment_anything materialises heads x T^2 scores and their softmax, bf16)."""
-    weights = c.sam_encoder * 2 + (c.sam - c.sam_encoder) * 4
-    peak = batch * 2 * c.sam_heads * c.sam_tokens**2 * 2
-    return (weights + cache_images * sam_embedding_bytes() + peak) / GB + CUDA_CONTEXT_GB
+def sam_weights_gb(c: Counts) -> float:
+    """SAM's weights by the dtype policy: the encoder in bf16, prompt encoder + mask decoder in float32."""
+    return (c.sam_encoder * 2 + (c.sam - c.sam_encoder) * 4) / GB
+
+
+def sam_replica_gb(c: Counts, cache_images: int) -> float:
+    """One SAM serve replica: its weights (`sam_weights_gb`), the bf16 embedding cache, and the global-attention
+    peak of one image (`sam_attention_peak_gb`): an encode call of max_batch_size new images runs the encoder
+    once per image, so the batch size does not enter."""
+    return (
+        sam_weights_gb(c)
+        + cache_images * sam_embedding_bytes() / GB
+        + sam_attention_peak_gb(c)
+        + CUDA_CONTEXT_GB
+    )
 
 
 # ----------------------------------------------------------------------------- work per serve call
@@ -338,9 +369,11 @@ def plan() -> dict:
         "host_ram_replica_gb": host_ram_replica_gb(c),
         "serve": serve,
         "mllm_replica_gb": mllm_replica_gb(c, serve["max_sequences_per_forward"]),
-        "sam_replica_gb": sam_replica_gb(c, serve["cache_images"], serve["max_batch_size"]),
+        "sam_replica_gb": sam_replica_gb(c, serve["cache_images"]),
+        "sam_attention_peak_gb": sam_attention_peak_gb(c),
+        "host_ram_random_init_gb": host_ram_random_init_gb(c),
         "mllm_per_l20": replicas_per_gpu(mllm_replica_gb(c, serve["max_sequences_per_forward"])),
-        "sam_per_l20": replicas_per_gpu(sam_replica_gb(c, serve["cache_images"], serve["max_batch_size"])),
+        "sam_per_l20": replicas_per_gpu(sam_replica_gb(c, serve["cache_images"])),
         "sam_embedding_mb": sam_embedding_bytes() / 1e6,
         "serve_call": {g.name: serve_call(c, serve, deployments, g) for g in (L20, H200)},
         # The limits shipped before max_sequences_per_forward: 16 x 16 sequences in one forward, 32 ongoing.
@@ -390,6 +423,8 @@ def main() -> None:
     print(f"host RAM per serve replica at start-up: MLLM {r['MLLM']:.1f} GB, SAM {r['SAM']:.1f} GB")
     print(f"MLLM replica {p['mllm_replica_gb']:.1f} GB -> {p['mllm_per_l20']} per L20")
     print(f"SAM replica {p['sam_replica_gb']:.1f} GB -> {p['sam_per_l20']} per L20")
+    print(f"  (SAM-H encoder attention peak per image {p['sam_attention_peak_gb']:.2f} GB in bf16)")
+    print(f"host RAM to build the whole model from random weights: {p['host_ram_random_init_gb']:.1f} GB")
     print(f"  (cached image embedding {p['sam_embedding_mb']:.1f} MB in bf16)")
     for k, v in p["tflop"].items():
         print(f"TFLOP {k}: {v:.1f}")

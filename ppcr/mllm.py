@@ -229,7 +229,10 @@ def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaFo
             vision_feature_select_strategy="default",
             image_seq_length=(v.image_size // v.patch_size) ** 2,
         )
-        model = LlavaForConditionalGeneration(config).to(torch_dtype(cfg.dtype))
+        # Built in model.dtype from the start (transformers sets it as the default dtype while the
+        # modules are made and initialised): a float32 build cast afterwards needs 4 bytes per
+        # parameter at once, ~28 GB at 7B. For float32 (tiny) this is the plain constructor's model.
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype(cfg.dtype))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
@@ -533,8 +536,10 @@ class MLLM(nn.Module):
             sem_mask = torch.zeros_like(ids, dtype=torch.bool)
             sem_mask[torch.arange(ids.shape[0]), pos] = True
             embeds = torch.where(sem_mask.unsqueeze(-1), inserted.to(embeds.dtype).unsqueeze(1), embeds)
+        # use_cache=False: one teacher-forced pass reads no past keys and values, so a KV cache (32
+        # layers x 2 x T x hidden per sequence at 7B, ~0.34 GB for 650 tokens) would only be built and dropped.
         out = self.llava.model.language_model(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask.to(ids.device)
+            inputs_embeds=embeds, attention_mask=batch.attention_mask.to(ids.device), use_cache=False
         )
         hidden = out.last_hidden_state
         # Teacher forcing: only the answer positions need logits (the vocab projection dominates otherwise).

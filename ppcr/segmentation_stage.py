@@ -100,11 +100,18 @@ class SegmentationStage(nn.Module):
 
     @torch.no_grad()
     def encode(self, sam_pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalised, padded pixels in the SAM frame -> (N, C, S/p, S/p) image embeddings."""
+        """(N, 3, S, S) normalised, padded pixels in the SAM frame -> (N, C, S/p, S/p) image embeddings.
+
+        One image per encoder call: segment_anything's global attention materialises heads x T^2
+        scores, their relative-position sum and softmax (~1.6 GB per 1024^2 image for ViT-H in bf16),
+        so stacking N images would multiply that peak by N for no speed-up on large images. The
+        answer equals a stacked call's (tests/test_realsize.py).
+        """
         enc = self.sam.image_encoder
         was_training = enc.training
         enc.eval()
-        out = enc(sam_pixels.to(module_dtype(enc)))
+        pixels = sam_pixels.to(module_dtype(enc))
+        out = torch.cat([enc(pixels[i : i + 1]) for i in range(pixels.shape[0])])
         enc.train(was_training)
         return out
 

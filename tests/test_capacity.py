@@ -136,7 +136,7 @@ def test_replica_memory_follows_the_serve_limits(capacity, plan):
         capacity.mllm_replica_gb(c, serve["max_sequences_per_forward"])
     )
     assert capacity.mllm_replica_gb(c, 64) > plan["mllm_replica_gb"] + 5
-    assert capacity.sam_replica_gb(c, 256, 16) > plan["sam_replica_gb"]
+    assert capacity.sam_replica_gb(c, 2 * serve["cache_images"]) > plan["sam_replica_gb"]
     assert (
         plan["mllm_replica_gb"] < capacity.L20.memory_gb and plan["sam_replica_gb"] < capacity.L20.memory_gb
     )

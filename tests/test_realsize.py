@@ -1,0 +1,158 @@
+"""The production geometry's build and memory rules, checked cheaply: real widths with few layers, the
+tiny preset, and deploy/capacity.py's formulas (the full-size runs are benchmarks/realsize_cpu.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ppcr import mllm as mllm_module
+from ppcr.config import load_config
+from ppcr.model import PPCRModel
+from ppcr.precision import _keeps_float32
+
+REPO = Path(__file__).resolve().parents[1]
+
+# sha256 of the tiny preset's initial state dict (names, dtypes, shapes, bytes) after torch.manual_seed(0),
+# computed before LLaVA was built through `_from_config(config, dtype=...)`: the float32 path must stay
+# bit-identical (same modules, same order, same random draws).
+TINY_STATE_SHA256 = "251fd461c0c01b39812af0f0bcf3a70f256822e1d735d1421c0d91321203f642"
+
+
+def state_sha256(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_tiny_initial_weights_are_unchanged():
+    torch.manual_seed(0)
+    model = PPCRModel(load_config("tiny").model)
+    assert len(model.state_dict()) == 342
+    assert state_sha256(model) == TINY_STATE_SHA256
+
+
+def real_width(language_layers: int = 1, vision_layers: int = 1):
+    """The llava-1.5-7b preset's widths (LLaVA-7B, CLIP-L/336) with few layers."""
+    return load_config(
+        "llava-1.5-7b",
+        overrides={
+            "model": {"language": {"num_layers": language_layers}, "vision": {"num_layers": vision_layers}}
+        },
+    ).model
+
+
+def test_real_width_llava_is_built_in_bf16_without_a_float32_copy(monkeypatch):
+    """Every parameter LLaVA registers while it is built is already bf16 (a float32 build cast afterwards
+    would register ~4 bytes per parameter first: ~30 GB at 7B), and the finished model follows the
+    dtype policy: LLaVA bf16, LoRA and heads float32."""
+    registered: list[torch.dtype] = []
+    build = mllm_module.build_llava
+
+    def watched(*args, **kwargs):
+        hook = nn.modules.module.register_module_parameter_registration_hook(
+            lambda module, name, param: registered.append(param.dtype) if param is not None else None
+        )
+        try:
+            return build(*args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(mllm_module, "build_llava", watched)
+    model = PPCRModel(real_width(), parts=("mllm",))
+    assert len(registered) > 20 and set(registered) == {torch.bfloat16}
+    llava = model.mllm.llava
+    assert llava.config.text_config.hidden_size == 4096 and llava.config.vision_config.hidden_size == 1024
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if _keeps_float32(name) else torch.bfloat16), name
+
+
+def test_language_pass_builds_no_kv_cache(monkeypatch):
+    """A teacher-forced pass reads no past keys/values: transformers' DynamicCache must not be made."""
+    from transformers.models.llama import modeling_llama
+
+    class NoCache:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the language model built a KV cache")
+
+    monkeypatch.setattr(modeling_llama, "DynamicCache", NoCache)
+    torch.manual_seed(0)
+    model = PPCRModel(load_config("tiny").model, parts=("mllm",)).eval()
+    m = model.mllm
+    feats = torch.randn(2, m.num_image_tokens, m.hidden_size)
+    with torch.no_grad():
+        out = m.run_stage(
+            "semantic", ["segment the red circle", "the left one"], "It is [SEG].", "[SEG]", feats
+        )
+    assert out.token.shape == (2, m.hidden_size) and torch.isfinite(out.ce)
+
+
+def test_sam_encode_runs_one_image_per_call_with_the_stacked_answer(monkeypatch):
+    torch.manual_seed(0)
+    model = PPCRModel(load_config("tiny").model, parts=("sam",)).eval()
+    stage = model.segmentation
+    pixels = torch.randn(3, 3, stage.image_size, stage.image_size)
+    with torch.no_grad():
+        stacked = stage.sam.image_encoder(pixels)
+    batch_sizes = []
+    forward = type(stage.sam.image_encoder).forward
+
+    def counting(self, x):
+        batch_sizes.append(x.shape[0])
+        return forward(self, x)
+
+    monkeypatch.setattr(type(stage.sam.image_encoder), "forward", counting)
+    out = stage.encode(pixels)
+    assert batch_sizes == [1, 1, 1]
+    assert out.shape == stacked.shape
+    torch.testing.assert_close(out, stacked, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- capacity formulas
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    spec = importlib.util.spec_from_file_location("capacity", REPO / "deploy/capacity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["capacity"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def counts(capacity):
+    return capacity.parameter_counts()
+
+
+def test_sam_attention_peak_is_three_score_tensors_of_one_image(capacity, counts):
+    assert (counts.sam_heads, counts.sam_tokens) == (16, 4096)
+    assert capacity.sam_attention_peak_gb(counts) == pytest.approx(3 * 16 * 4096**2 * 2 / 1e9)  # 1.61 GB
+    # The batch does not enter: the SAM replica is weights + cache + one image's peak + context.
+    replica = capacity.sam_replica_gb(counts, 256)
+    parts = capacity.sam_weights_gb(counts) + 256 * 256 * 64 * 64 * 2 / 1e9 + 1.61 + capacity.CUDA_CONTEXT_GB
+    assert replica == pytest.approx(parts, abs=0.01)
+    assert 4.5 < replica < 5.2
+    items = capacity.train_gpu_gb(counts, 4, 1, {})
+    assert (
+        items["SAM-H encoder peak (no grad)"]
+        == capacity.train_gpu_gb(counts, 4, 2, {})["SAM-H encoder peak (no grad)"]
+    )
+
+
+def test_random_init_peak_fits_the_host(capacity, counts):
+    full = capacity.host_ram_random_init_gb(counts)
+    offline = capacity.host_ram_random_init_gb(counts, vocab_rows=counts.embed_rows_built)
+    # The two vocabularies differ by 2 matrices x (32064 - rows) x 4096 bf16 values.
+    assert full - offline == pytest.approx(2 * (32064 - counts.embed_rows_built) * 4096 * 2 / 1e9)
+    assert 16.0 < offline < full < 17.5  # bf16 LLaVA + float32 SAM; a float32 LLaVA would be ~30 GB
