@@ -33,6 +33,37 @@ class InputError(ValueError):
     command-line flags); the message names it. The CLI reports it in one line with exit code 2."""
 
 
+# ----------------------------------------------------------------------------- the validate convention
+# Every config dataclass (here, in ppcr/batch/config.py, ppcr/serve/settings.py, ppcr/data/synth.py)
+# checks what types alone cannot express in a method `validate(self, prefix: str)`, where `prefix` is
+# its own full key ("model.sam", "batch.mllm"; "" at the top). `from_dict` calls it on every dataclass
+# it builds, innermost first, so a message always names the full key: "batch.sam.concurrency must be
+# >= 1; got 0". The helpers below raise ConfigError in the convention's words.
+
+
+def key(prefix: str, name: str) -> str:
+    """The full key of field `name` under `prefix`: key("model.sam", "size") == "model.sam.size"."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition` (message names the full key)."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def require_at_least(value: float, minimum: float, key: str) -> None:
+    """`key` must be >= `minimum`."""
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}; got {value}")
+
+
+def require_above(value: float, bound: float, key: str) -> None:
+    """`key` must be > `bound`."""
+    if not value > bound:
+        raise ConfigError(f"{key} must be > {bound}; got {value}")
+
+
 @dataclass
 class VisionConfig:
     """CLIP vision tower (LLaVA-1.5 uses ViT-L/14 at 336 px, 24 layers)."""
@@ -44,6 +75,18 @@ class VisionConfig:
     image_size: int = 336
     patch_size: int = 14
     feature_layer: int = -2  # LLaVA-1.5 reads the penultimate layer
+
+    def validate(self, prefix: str) -> None:
+        require_at_least(self.patch_size, 1, key(prefix, "patch_size"))
+        require_at_least(self.num_heads, 1, key(prefix, "num_heads"))
+        require(
+            self.image_size % self.patch_size == 0,
+            f"{key(prefix, 'image_size')} ({self.image_size}) must be a multiple of patch_size ({self.patch_size})",
+        )
+        require(
+            self.hidden_size % self.num_heads == 0,
+            f"{key(prefix, 'hidden_size')} must be divisible by num_heads",
+        )
 
 
 @dataclass
@@ -62,6 +105,17 @@ class LanguageConfig:
     # (transformers' `initializer_range`; also the projector's). Llama's 0.02 is sized for 4096 wide
     # layers; the tiny preset sets its own (docs/learning.md, finding 16). Unused with `mllm_path`.
     initializer_range: float = 0.02
+
+    def validate(self, prefix: str) -> None:
+        require_at_least(self.num_heads, 1, key(prefix, "num_heads"))
+        require(
+            self.hidden_size % self.num_heads == 0,
+            f"{key(prefix, 'hidden_size')} must be divisible by num_heads",
+        )
+        require(
+            0 < self.initializer_range <= 1,
+            f"{key(prefix, 'initializer_range')} must be in (0, 1]; got {self.initializer_range}",
+        )
 
 
 @dataclass
@@ -86,6 +140,16 @@ class SamConfig:
     encoder_num_heads: int = 2
     encoder_window_size: int = 4
     decoder_mlp_dim: int = 512
+
+    def validate(self, prefix: str) -> None:
+        require(
+            self.patch_size >= 1 and self.image_size % self.patch_size == 0,
+            f"{key(prefix, 'image_size')} ({self.image_size}) must be a multiple of patch_size ({self.patch_size})",
+        )
+        require(
+            self.size == "tiny" or (self.image_size, self.patch_size) == (1024, 16),
+            f"{key(prefix, 'image_size')}/patch_size must be 1024/16 for the official SAM size {self.size!r}",
+        )
 
 
 @dataclass
@@ -131,6 +195,34 @@ class ModelConfig:
     prompt_format: Literal["ppcr", "glamm"] = "ppcr"
     clip_preprocess: Literal["pad", "crop"] = "pad"
 
+    def validate(self, prefix: str) -> None:
+        require(
+            not self.semantic_grounding or (self.box_head == "attention" and self.spatial_prompt != "none"),
+            f"{key(prefix, 'semantic_grounding')} needs box_head: attention and a spatial stage",
+        )
+        require(
+            self.sam.size == "tiny" or self.prompt_dim == 256,
+            f"{key(prefix, 'prompt_dim')} must be 256 for SAM {self.sam.size}",
+        )
+        require(
+            self.prompt_format != "glamm" or self.image_position == "before",
+            f"{key(prefix, 'prompt_format')} glamm puts the image first: needs image_position before",
+        )
+        # The attention head's patch frame is the padded square (geometry.clip_square_to_normalized).
+        require(
+            not (
+                self.clip_preprocess == "crop"
+                and self.box_head == "attention"
+                and self.spatial_prompt != "none"
+            ),
+            f"{key(prefix, 'clip_preprocess')} crop needs box_head mlp (or spatial_prompt none)",
+        )
+        bad = [n for n in self.base_overrides if not n.startswith("mllm.")]
+        if bad:
+            raise ConfigError(
+                f"{key(prefix, 'base_overrides')} must name mllm.* base tensors; got {bad[0]!r}"
+            )
+
 
 @dataclass
 class LossConfig:
@@ -144,6 +236,10 @@ class LossConfig:
     giou: float = 0.0  # optional extra box term (not in the paper; 0 keeps the paper's loss)
     box_heatmap: float = 0.0  # attention head only: BCE of its heatmap against the ground-truth box
     semantic_grounding: float = 0.0  # model.semantic_grounding only: heatmap BCE + L1 of the [SEG] query
+
+    def validate(self, prefix: str) -> None:
+        for f in dataclasses.fields(self):
+            require_at_least(getattr(self, f.name), 0, key(prefix, f.name))
 
 
 @dataclass
@@ -179,6 +275,11 @@ class TrainConfig:
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     out_dir: str = "runs/train"
 
+    def validate(self, prefix: str) -> None:
+        require_at_least(self.steps, 1, key(prefix, "steps"))
+        require_at_least(self.batch_size, 1, key(prefix, "batch_size"))
+        require_above(self.lr, 0, key(prefix, "lr"))
+
 
 @dataclass
 class MixEntry:
@@ -190,6 +291,9 @@ class MixEntry:
     split: str = "train"
     # Each epoch takes this many passes over the split: 2 = every expression twice, 0.5 = a random half.
     weight: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        require_above(self.weight, 0, key(prefix, "weight"))
 
 
 @dataclass
@@ -219,6 +323,13 @@ class DistributedConfig:
     evaluate_split: str | None = None  # rank 0 evaluates the trained model in memory on this split
     fail_at_step: int | None = None  # testing: one worker crashes once at this step
 
+    def validate(self, prefix: str) -> None:
+        for name in ("num_workers", "micro_batch_size", "checkpoint_every", "keep_checkpoints"):
+            require_at_least(getattr(self, name), 1, key(prefix, name))
+        require_above(self.cpus_per_worker, 0, key(prefix, "cpus_per_worker"))
+        require_at_least(self.data_cpus, 0, key(prefix, "data_cpus"))
+        require_at_least(self.local_shuffle_buffer, 0, key(prefix, "local_shuffle_buffer"))
+
 
 @dataclass
 class RunConfig:
@@ -229,6 +340,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self, prefix: str) -> None:
+        d, batch = self.distributed, self.train.batch_size
+        require(
+            batch % (d.micro_batch_size * d.num_workers) == 0,
+            f"{key(prefix, 'train.batch_size')} ({batch}) must be divisible by "
+            f"{key(prefix, 'distributed.micro_batch_size')} ({d.micro_batch_size}) x "
+            f"{key(prefix, 'distributed.num_workers')} ({d.num_workers})",
+        )
 
 
 def _type_name(tp: Any) -> str:
@@ -314,79 +434,10 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         )
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     obj = cls(**kwargs)
-    validate(obj, prefix)
-    own_check = getattr(obj, "validate", None)  # dataclasses outside this module (e.g. SynthConfig)
-    if callable(own_check):
-        try:
-            own_check()
-        except ConfigError:
-            raise
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}: {exc}" if prefix else str(exc)) from None
+    check = getattr(obj, "validate", None)  # the convention above; a dataclass without checks has none
+    if callable(check):
+        check(prefix)
     return obj
-
-
-def validate(obj: Any, prefix: str = "") -> None:
-    """Cross-field checks that types alone cannot express."""
-    p = f"{prefix}." if prefix else ""
-    if isinstance(obj, VisionConfig):
-        if obj.image_size % obj.patch_size:
-            raise ConfigError(
-                f"{p}image_size ({obj.image_size}) must be a multiple of patch_size ({obj.patch_size})"
-            )
-        if obj.hidden_size % obj.num_heads:
-            raise ConfigError(f"{p}hidden_size must be divisible by num_heads")
-    if isinstance(obj, LanguageConfig):
-        if obj.hidden_size % obj.num_heads:
-            raise ConfigError(f"{p}hidden_size must be divisible by num_heads")
-        if not 0 < obj.initializer_range <= 1:
-            raise ConfigError(f"{p}initializer_range must be in (0, 1], got {obj.initializer_range}")
-    if isinstance(obj, SamConfig):
-        if obj.patch_size < 1 or obj.image_size % obj.patch_size:
-            raise ConfigError(
-                f"{p}image_size ({obj.image_size}) must be a multiple of patch_size ({obj.patch_size})"
-            )
-        if obj.size != "tiny" and (obj.image_size, obj.patch_size) != (1024, 16):
-            raise ConfigError(
-                f"{p}image_size/patch_size must be 1024/16 for the official SAM size {obj.size!r}"
-            )
-    if isinstance(obj, ModelConfig):
-        if obj.semantic_grounding and (obj.box_head != "attention" or obj.spatial_prompt == "none"):
-            raise ConfigError(f"{p}semantic_grounding needs box_head: attention and a spatial stage")
-        if obj.sam.size != "tiny" and obj.prompt_dim != 256:
-            raise ConfigError(f"{p}prompt_dim must be 256 for SAM {obj.sam.size}")
-        if obj.prompt_format == "glamm" and obj.image_position != "before":
-            raise ConfigError(f"{p}prompt_format glamm puts the image first: needs image_position before")
-        if obj.clip_preprocess == "crop" and obj.box_head == "attention" and obj.spatial_prompt != "none":
-            # The attention head's patch frame is the padded square (geometry.clip_square_to_normalized).
-            raise ConfigError(f"{p}clip_preprocess crop needs box_head mlp (or spatial_prompt none)")
-        bad = [n for n in obj.base_overrides if not n.startswith("mllm.")]
-        if bad:
-            raise ConfigError(f"{p}base_overrides must name mllm.* base tensors; got {bad[0]!r}")
-    if isinstance(obj, LossConfig):
-        for f in dataclasses.fields(obj):
-            if getattr(obj, f.name) < 0:
-                raise ConfigError(f"{p}{f.name} must be >= 0")
-    if isinstance(obj, TrainConfig):
-        if obj.steps < 1 or obj.batch_size < 1:
-            raise ConfigError(f"{p}steps and {p}batch_size must be >= 1")
-        if obj.lr <= 0:
-            raise ConfigError(f"{p}lr must be > 0")
-    if isinstance(obj, MixEntry) and obj.weight <= 0:
-        raise ConfigError(f"{p}weight must be > 0; got {obj.weight}")
-    if isinstance(obj, DistributedConfig):
-        for name in ("num_workers", "micro_batch_size", "checkpoint_every", "keep_checkpoints"):
-            if getattr(obj, name) < 1:
-                raise ConfigError(f"{p}{name} must be >= 1; got {getattr(obj, name)}")
-        if obj.cpus_per_worker <= 0 or obj.data_cpus < 0 or obj.local_shuffle_buffer < 0:
-            raise ConfigError(f"{p}cpus_per_worker must be > 0, data_cpus and local_shuffle_buffer >= 0")
-    if isinstance(obj, RunConfig):
-        d, batch = obj.distributed, obj.train.batch_size
-        if batch % (d.micro_batch_size * d.num_workers):
-            raise ConfigError(
-                f"train.batch_size ({batch}) must be divisible by distributed.micro_batch_size "
-                f"({d.micro_batch_size}) x distributed.num_workers ({d.num_workers})"
-            )
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
+from ppcr.batch.config import BatchConfig, StageConfig, load_batch_config
 from ppcr.config import (
     PRESET_DIR,
     ConfigError,
+    LossConfig,
+    MixEntry,
     ModelConfig,
     RunConfig,
     from_dict,
+    key,
     load_config,
     preset_names,
+    require_above,
+    require_at_least,
     to_dict,
 )
+from ppcr.data.synth import SynthConfig
+from ppcr.serve.settings import ServeSettings, resolve_settings
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
@@ -247,3 +257,83 @@ def test_model_config_round_trip():
 def test_scientific_notation_lr(tmp_path):
     cfg = load_config(_write(tmp_path, "base: tiny\ntrain: {lr: 3e-4}\n"))
     assert cfg.train.lr == pytest.approx(3e-4)
+
+
+# ----------------------------------------------------------------------------- the validate convention
+
+
+@pytest.mark.parametrize(
+    ("load", "message"),
+    [
+        (
+            lambda: load_batch_config(None, {"sam": {"concurrency": 0}}),
+            "batch.sam.concurrency must be >= 1; got 0",
+        ),
+        (
+            lambda: load_batch_config(None, {"mllm": {"num_gpus": -1}}),
+            "batch.mllm.num_gpus must be >= 0; got -1.0",
+        ),
+        (lambda: load_batch_config(None, {"torch_threads": 0}), "batch.torch_threads must be >= 1; got 0"),
+        (lambda: resolve_settings({"max_pixels": 0}), "args.max_pixels must be >= 1; got 0"),
+        (lambda: resolve_settings({"request_timeout_s": 0}), "args.request_timeout_s must be > 0; got 0.0"),
+        (
+            lambda: load_config("tiny", {"distributed": {"num_workers": 0}}),
+            "tiny: distributed.num_workers must be >= 1; got 0",
+        ),
+        (
+            lambda: load_config(
+                "tiny", {"distributed": {"datasets": [{"shards_root": "s", "dataset": "d", "weight": 0}]}}
+            ),
+            "tiny: distributed.datasets[0].weight must be > 0; got 0.0",
+        ),
+        (lambda: load_config("tiny", {"loss": {"dice": -1}}), "tiny: loss.dice must be >= 0; got -1.0"),
+        (
+            lambda: load_config("tiny", {"model": {"vision": {"patch_size": 0}}}),
+            "tiny: model.vision.patch_size must be >= 1; got 0",
+        ),
+        (lambda: from_dict(SynthConfig, {"num_images": 0}, "synth"), "synth.num_images must be >= 1; got 0"),
+        (lambda: SynthConfig(colors=("mauve",)).validate("synth"), "synth.colors: unknown colours ['mauve']"),
+    ],
+)
+def test_every_message_names_its_full_key(load, message):
+    with pytest.raises(ConfigError) as exc:
+        load()
+    assert str(exc.value).startswith(message), str(exc.value)
+
+
+def _config_dataclasses() -> set[type]:
+    """Every dataclass reachable from the configs ppcr loads through `from_dict`."""
+    found: set[type] = set()
+    todo = [RunConfig, BatchConfig, ServeSettings, SynthConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in found:
+            continue
+        found.add(cls)
+        for tp in typing.get_type_hints(cls).values():
+            for arg in (tp, *typing.get_args(tp)):
+                if dataclasses.is_dataclass(arg):
+                    todo.append(arg)
+    return found
+
+
+def test_config_checks_follow_one_convention():
+    """Checks live in `validate(self, prefix)` (called by from_dict with the full key), never in
+    __post_init__ (which cannot know the key) or in a separate function."""
+    classes = _config_dataclasses()
+    assert {StageConfig, MixEntry, LossConfig} <= classes
+    for cls in classes:
+        assert "__post_init__" not in vars(cls), f"{cls.__name__}: put its checks in validate(self, prefix)"
+        check = vars(cls).get("validate")
+        if check is not None:
+            assert list(inspect.signature(check).parameters) == ["self", "prefix"], cls.__name__
+
+
+def test_key_and_require_helpers():
+    assert key("", "model") == "model" and key("model.sam", "size") == "model.sam.size"
+    require_at_least(1, 1, "a.b")
+    require_above(0.5, 0, "a.b")
+    with pytest.raises(ConfigError, match=r"^a\.b must be >= 1; got 0$"):
+        require_at_least(0, 1, "a.b")
+    with pytest.raises(ConfigError, match=r"^a\.b must be > 0; got 0$"):
+        require_above(0, 0, "a.b")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, deep_merge, from_dict, read_yaml
+from ..config import ConfigError, deep_merge, from_dict, key, read_yaml, require_at_least
 
 # ----------------------------------------------------------------------------- config
 
@@ -19,11 +19,11 @@ class StageConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
-    def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.batch_size < 1:
-            raise ConfigError("concurrency and batch_size must be >= 1")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ConfigError("num_cpus and num_gpus must be >= 0")
+    def validate(self, prefix: str) -> None:
+        require_at_least(self.concurrency, 1, key(prefix, "concurrency"))
+        require_at_least(self.batch_size, 1, key(prefix, "batch_size"))
+        require_at_least(self.num_cpus, 0, key(prefix, "num_cpus"))
+        require_at_least(self.num_gpus, 0, key(prefix, "num_gpus"))
 
     @property
     def device(self) -> str:
@@ -42,9 +42,10 @@ class BatchConfig:
     torch_threads: int = 1  # intra-op threads per model actor (1 per core is fastest on CPU)
     overlays: bool = False  # also write <out>/overlays/<id>.png
 
-    def __post_init__(self) -> None:
-        if self.images_per_block < 1 or self.max_expressions < 1 or self.torch_threads < 1:
-            raise ConfigError("images_per_block, max_expressions and torch_threads must be >= 1")
+    def validate(self, prefix: str) -> None:
+        require_at_least(self.decode_num_cpus, 0, key(prefix, "decode_num_cpus"))
+        for name in ("images_per_block", "max_expressions", "torch_threads"):
+            require_at_least(getattr(self, name), 1, key(prefix, name))
 
     def demand(self) -> dict[str, float]:
         """Ray resources the pipeline holds at once: both actor pools plus one decode task."""
@@ -58,9 +59,10 @@ class BatchConfig:
 
 def load_batch_config(path: str | Path | None = None, overrides: dict | None = None) -> BatchConfig:
     """BatchConfig from a YAML file (or the defaults) with nested `overrides` merged on top, validated
-    like every config (ConfigError naming the key)."""
+    like every config: a ConfigError names the full key ("batch.sam.concurrency must be >= 1; got 0")
+    and the file, if any."""
     data = deep_merge(read_yaml(path) if path else {}, overrides or {})
     try:
-        return from_dict(BatchConfig, data)
+        return from_dict(BatchConfig, data, "batch")
     except ConfigError as exc:
-        raise ConfigError(f"{path or 'batch config'}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None

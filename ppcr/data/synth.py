@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from ..config import key, require, require_at_least
 from .refer import DATASET_SPLITS, coco_image_filename
 
 __all__ = ["COLORS", "SHAPES", "SynthConfig", "synthesize"]
@@ -82,40 +83,57 @@ class SynthConfig:
     )
     dataset: str = "synthref"
 
-    def validate(self) -> None:
-        """Raise ValueError on an inconsistent config."""
-        if self.num_images < 1:
-            raise ValueError("num_images must be >= 1")
-        if not 1 <= self.min_objects <= self.max_objects:
-            raise ValueError("need 1 <= min_objects <= max_objects")
-        if not 32 <= self.min_size <= self.max_size:
-            raise ValueError("need 32 <= min_size <= max_size")
+    def validate(self, prefix: str) -> None:
+        """Raise ConfigError (a ValueError) naming the key of an inconsistent value."""
+        require_at_least(self.num_images, 1, key(prefix, "num_images"))
+        require(
+            1 <= self.min_objects <= self.max_objects,
+            f"{key(prefix, 'min_objects')} must be in [1, max_objects]; got {self.min_objects} "
+            f"(max_objects {self.max_objects})",
+        )
+        require(
+            32 <= self.min_size <= self.max_size,
+            f"{key(prefix, 'min_size')} must be in [32, max_size]; got {self.min_size} (max_size {self.max_size})",
+        )
         (slo, shi), (blo, bhi) = self.small_size, self.big_size
-        if not 0.05 <= slo <= shi < blo <= bhi <= 0.45:
-            raise ValueError(
-                f"need 0.05 <= small_size <= big_size <= 0.45 with small below big (fractions of the "
-                f"short side); got small_size={self.small_size}, big_size={self.big_size}"
-            )
+        require(
+            0.05 <= slo <= shi < blo <= bhi <= 0.45,
+            f"{key(prefix, 'small_size')} and {key(prefix, 'big_size')} need 0.05 <= small <= big <= 0.45 "
+            f"with small below big (fractions of the short side); got small_size={self.small_size}, "
+            f"big_size={self.big_size}",
+        )
         bad_shapes = [s for s in self.shapes if s not in SHAPES]
-        if bad_shapes or not self.shapes:
-            raise ValueError(f"unknown shapes {bad_shapes}; supported: {SHAPES}")
+        require(
+            not bad_shapes and bool(self.shapes),
+            f"{key(prefix, 'shapes')}: unknown shapes {bad_shapes}; supported: {SHAPES}",
+        )
         bad_colors = [c for c in self.colors if c not in COLORS]
-        if bad_colors or not self.colors:
-            raise ValueError(f"unknown colours {bad_colors}; supported: {tuple(COLORS)}")
-        key = (self.dataset, "unc")
-        if key not in DATASET_SPLITS:
-            known = sorted(d for d, s in DATASET_SPLITS if s == "unc")
-            raise ValueError(f"dataset {self.dataset!r} has no known 'unc' split; choose one of {known}")
+        require(
+            not bad_colors and bool(self.colors),
+            f"{key(prefix, 'colors')}: unknown colours {bad_colors}; supported: {tuple(COLORS)}",
+        )
+        split_key = (self.dataset, "unc")
+        known = sorted(d for d, s in DATASET_SPLITS if s == "unc")
+        require(
+            split_key in DATASET_SPLITS,
+            f"{key(prefix, 'dataset')} {self.dataset!r} has no known 'unc' split; choose one of {known}",
+        )
         names = [n for n, _ in self.split_fractions]
-        if set(names) - set(DATASET_SPLITS[key]) or len(set(names)) != len(names):
-            raise ValueError(f"split names {names} must be distinct and among {DATASET_SPLITS[key]}")
+        require(
+            not set(names) - set(DATASET_SPLITS[split_key]) and len(set(names)) == len(names),
+            f"{key(prefix, 'split_fractions')}: split names {names} must be distinct and among "
+            f"{DATASET_SPLITS[split_key]}",
+        )
         fr = [f for _, f in self.split_fractions]
-        if any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
-            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fr}")
-        if not self.relations:
-            combos = len(self.shapes) * len(self.colors) * len(_SIZES)
-            if combos < self.max_objects:
-                raise ValueError("relations=False needs at least max_objects distinct (shape, colour, size)")
+        require(
+            all(f >= 0 for f in fr) and math.isclose(sum(fr), 1.0, abs_tol=1e-6),
+            f"{key(prefix, 'split_fractions')}: fractions must be >= 0 and sum to 1; got {fr}",
+        )
+        combos = len(self.shapes) * len(self.colors) * len(_SIZES)
+        require(
+            self.relations or combos >= self.max_objects,
+            f"{key(prefix, 'relations')} false needs at least max_objects distinct (shape, colour, size)",
+        )
 
 
 @dataclass
@@ -271,8 +289,8 @@ def _candidates(objs: list[_Obj], t: _Obj, relations: bool, short: float) -> lis
         group = [o for o in objs if _matches(o, d)]
         if len(group) < 2:
             continue
-        for name, (key, side) in _EXTREMES.items():
-            if all(key(t) + _EXTREME_MARGIN * short <= key(o) for o in group if o is not t):
+        for name, (coord, side) in _EXTREMES.items():
+            if all(coord(t) + _EXTREME_MARGIN * short <= coord(o) for o in group if o is not t):
                 extreme.append(f"the {name} {_phrase(d)}")
                 if len(group) == 2:
                     extreme.append(f"the {_phrase(d)} {side}")
@@ -392,7 +410,7 @@ def synthesize(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
     "splits": {split: {"images", "refs", "sentences"}}, "refer_root", "images_dir"}``.
     """
     cfg = config or SynthConfig()
-    cfg.validate()
+    cfg.validate("synth")
     out = Path(out_dir)
     ann_dir = out / cfg.dataset
     images_dir = out / "images" / "train2014"

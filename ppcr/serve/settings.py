@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..config import from_dict
+from ..config import from_dict, key, require_above, require_at_least
 from ..geometry import MAX_ASPECT_RATIO, ImageLimits
 
 logger = logging.getLogger("ppcr.serve")
@@ -51,29 +51,35 @@ class ServeSettings:
     max_sequences_per_forward: int = 32
     request_timeout_s: float = 30.0  # ingress deadline for the model calls -> 504
 
+    def validate(self, prefix: str) -> None:
+        for name in (
+            "torch_threads",
+            "max_batch_size",
+            "cache_images",
+            "max_body_bytes",
+            "max_pixels",
+            "max_expression_chars",
+            "max_expressions",
+            "max_sequences_per_forward",
+        ):
+            require_at_least(getattr(self, name), 1, key(prefix, name))
+        require_at_least(self.max_aspect_ratio, 1, key(prefix, "max_aspect_ratio"))
+        require_at_least(self.batch_wait_timeout_s, 0, key(prefix, "batch_wait_timeout_s"))
+        require_above(self.request_timeout_s, 0, key(prefix, "request_timeout_s"))
+
     def image_limits(self) -> ImageLimits:
         """The image shape limits every request is checked against (ValueError on impossible values)."""
         return ImageLimits(max_pixels=self.max_pixels, max_aspect_ratio=self.max_aspect_ratio)
 
 
 def resolve_settings(args: dict | None) -> ServeSettings:
-    """Validate builder args (unknown keys and wrong types are errors) and resolve the checkpoint."""
-    s = from_dict(ServeSettings, dict(args or {}))
+    """Validate builder args (unknown keys, wrong types and bad values are ConfigErrors naming
+    `args.<key>`) and resolve the checkpoint."""
+    s = from_dict(ServeSettings, dict(args or {}), "args")
     if s.checkpoint is None and os.environ.get(CHECKPOINT_ENV):
         s.checkpoint = os.environ[CHECKPOINT_ENV]
     if s.checkpoint is not None:
         s.checkpoint = str(Path(s.checkpoint).expanduser().resolve())
-    for name in (
-        "max_batch_size",
-        "cache_images",
-        "max_body_bytes",
-        "max_pixels",
-        "max_expressions",
-        "max_sequences_per_forward",
-    ):
-        if getattr(s, name) < 1:
-            raise ValueError(f"serve setting {name} must be >= 1; got {getattr(s, name)}")
-    s.image_limits()  # max_aspect_ratio >= 1
     return s
 
 
@@ -108,7 +114,7 @@ def load_serving_model(s: ServeSettings, parts: tuple[str, ...]):
     deployment holds the same weights) with a loud warning."""
     from ..checkpoint import load_checkpoint
 
-    torch.set_num_threads(max(1, s.torch_threads))
+    torch.set_num_threads(s.torch_threads)
     if s.checkpoint is not None:
         return load_checkpoint(s.checkpoint, overrides=_overrides(s), device=s.device, parts=parts)
     from ..config import load_config
