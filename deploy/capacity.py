@@ -236,32 +236,33 @@ def host_ram_random_init_gb(c: Counts, vocab_rows: int | None = None) -> float:
     and cast to bf16 by the dtype policy, both held at once at that moment; no process overhead counted
     (compare with the RSS growth of the build). vocab_rows: rows of the embedding and LM-head matrices
     (None: llava-hf's 32064; a random init without a tokenizer folder has its offline tokenizer's rows)."""
+    return llava_weights_gb(c, vocab_rows) + c.sam * 4 / GB
+
+
+def llava_weights_gb(c: Counts, vocab_rows: int | None = None) -> float:
+    """The "mllm" part's weights by the dtype policy: LLaVA in bf16, LoRA, projection and box head in float32.
+    vocab_rows: rows of the embedding and LM-head matrices (None: llava-hf's 32064)."""
     rows = LLAVA_HF_VOCAB_ROWS if vocab_rows is None else vocab_rows
-    fewer = 2 * (LLAVA_HF_VOCAB_ROWS - rows) * c.hidden  # parameter count counts 32064 rows
-    non_sam_fp32 = c.fp32 - (c.sam - c.sam_encoder)
-    llava = ((c.total - c.sam - non_sam_fp32 - fewer) * 2 + non_sam_fp32 * 4) / GB
-    return llava + c.sam * 4 / GB
+    fewer = 2 * (LLAVA_HF_VOCAB_ROWS - rows) * c.hidden  # the counts hold 32064 rows
+    non_sam_fp32 = c.fp32 - (c.sam - c.sam_encoder)  # LoRA + heads: the float32 part outside SAM
+    return ((c.total - c.sam - non_sam_fp32 - fewer) * 2 + non_sam_fp32 * 4) / GB
 
 
 def host_ram_per_worker_gb(c: Counts) -> float:
     """Start-up peak of one training worker (it builds the whole model; a serve replica builds only its
     part, `host_ram_replica_gb`, so this bounds it too). PPCRModel
-    builds the MLLM first (LLaVA in bf16, its float32 LoRA and heads), then `build_sam` builds SAM in float32
-    and loads the float32 .pth (torch.load) into it, both held at once; only afterwards does the dtype policy
-    cast the encoder to bf16 (and the .pth's tensors are freed). That moment is the peak; load_checkpoint's
+    builds the MLLM first (LLaVA in bf16, its float32 LoRA and heads), then `build_sam` reads the float32 .pth
+    (torch.load) and gives its tensors to a SAM built on the meta device (no second, random copy); only
+    afterwards does the dtype policy cast the encoder to bf16. That moment is the peak; load_checkpoint's
     safetensors (the trainables, ~0.8 GB) come later, when SAM is already half its float32 size."""
-    non_sam_fp32 = c.fp32 - (c.sam - c.sam_encoder)  # LoRA + heads: the float32 part outside SAM
-    llava = ((c.total - c.sam - non_sam_fp32) * 2 + non_sam_fp32 * 4) / GB
-    return llava + 2 * c.sam * 4 / GB + PROCESS_RAM_GB
+    return llava_weights_gb(c) + c.sam * 4 / GB + PROCESS_RAM_GB
 
 
 def host_ram_replica_gb(c: Counts) -> dict[str, float]:
     """Start-up peak of one serve replica, which builds only its part (load_checkpoint(parts=...)): an
-    MLLM replica LLaVA (bf16) with its float32 LoRA and heads; a SAM replica SAM in float32 and the
-    float32 .pth held at once (before the encoder is cast to bf16)."""
-    non_sam_fp32 = c.fp32 - (c.sam - c.sam_encoder)
-    llava = ((c.total - c.sam - non_sam_fp32) * 2 + non_sam_fp32 * 4) / GB
-    return {"MLLM": llava + PROCESS_RAM_GB, "SAM": 2 * c.sam * 4 / GB + PROCESS_RAM_GB}
+    MLLM replica LLaVA (bf16) with its float32 LoRA and heads; a SAM replica the float32 .pth's tensors,
+    which become SAM's own (before the encoder is cast to bf16)."""
+    return {"MLLM": llava_weights_gb(c) + PROCESS_RAM_GB, "SAM": c.sam * 4 / GB + PROCESS_RAM_GB}
 
 
 def mllm_replica_gb(c: Counts, sequences_per_forward: int) -> float:

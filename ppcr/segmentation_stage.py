@@ -27,8 +27,8 @@ from .weights import check_keys
 MASK_THRESHOLD: float = Sam.mask_threshold
 
 
-def build_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
-    """A SAM of size `cfg.size` (random init unless `cfg.checkpoint` names an official .pth)."""
+def _make_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
+    """SAM of size `cfg.size`, randomly initialised (on the current default device)."""
     if cfg.size == "tiny":
         emb = cfg.image_size // cfg.patch_size
         sam = Sam(
@@ -66,23 +66,43 @@ def build_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
         )
     else:
         sam = sam_model_registry[cfg.size](checkpoint=None)
-    if cfg.checkpoint is not None:
-        path = Path(cfg.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"SAM checkpoint not found: {path} (model.sam.checkpoint)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        own = sam.state_dict()
-        check_keys(
-            path,
-            f"a SAM {cfg.size} checkpoint",
-            missing=set(own) - set(state),
-            unexpected=set(state) - set(own),
-            mismatched=[
-                (k, v.shape, own[k].shape) for k, v in state.items() if k in own and v.shape != own[k].shape
-            ],
-            hint="model.sam.checkpoint must be an official sam_vit_{b,l,h}_*.pth of model.sam.size",
-        )
-        sam.load_state_dict(state, strict=True)
+    return sam
+
+
+def build_sam(cfg: SamConfig, prompt_dim: int) -> Sam:
+    """A SAM of size `cfg.size`: random init, or the official .pth `cfg.checkpoint` loaded strictly
+    (every key with its shape, WeightsError otherwise).
+
+    With a checkpoint, SAM is built on the meta device and takes the file's tensors as its own
+    (`load_state_dict(assign=True)`): a randomly initialised SAM beside the loaded state dict would hold
+    SAM twice in float32 at the start-up peak (2 x 2.5 GB for ViT-H). The non-persistent buffers (the
+    pixel mean and std, in no state dict) are made again on the CPU.
+    """
+    if cfg.checkpoint is None:
+        return _make_sam(cfg, prompt_dim)
+    path = Path(cfg.checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM checkpoint not found: {path} (model.sam.checkpoint)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        sam = _make_sam(cfg, prompt_dim)
+    own = sam.state_dict()
+    check_keys(
+        path,
+        f"a SAM {cfg.size} checkpoint",
+        missing=set(own) - set(state),
+        unexpected=set(state) - set(own),
+        mismatched=[
+            (k, v.shape, own[k].shape) for k, v in state.items() if k in own and v.shape != own[k].shape
+        ],
+        hint="model.sam.checkpoint must be an official sam_vit_{b,l,h}_*.pth of model.sam.size",
+    )
+    sam.load_state_dict(state, strict=True, assign=True)
+    sam.pixel_mean = torch.tensor(SAM_MEAN, dtype=torch.float32).view(-1, 1, 1)
+    sam.pixel_std = torch.tensor(SAM_STD, dtype=torch.float32).view(-1, 1, 1)
+    left = [n for n, t in [*sam.named_parameters(), *sam.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"SAM tensors left on the meta device after loading {path}: {left}")
     return sam
 
 

@@ -156,3 +156,35 @@ def test_random_init_peak_fits_the_host(capacity, counts):
     # The two vocabularies differ by 2 matrices x (32064 - rows) x 4096 bf16 values.
     assert full - offline == pytest.approx(2 * (32064 - counts.embed_rows_built) * 4096 * 2 / 1e9)
     assert 16.0 < offline < full < 17.5  # bf16 LLaVA + float32 SAM; a float32 LLaVA would be ~30 GB
+
+
+def test_sam_from_a_pth_takes_the_files_tensors_without_a_random_copy(tmp_path):
+    """build_sam with a checkpoint makes its modules on the meta device (no random SAM beside the file's
+    tensors: at ViT-H that is 2.5 GB of float32 more at the start-up peak) and ends with every tensor on
+    the CPU, equal to the file's, and the pixel mean/std (in no state dict) equal to a built SAM's."""
+    import dataclasses
+
+    from ppcr.segmentation_stage import build_sam
+
+    cfg = load_config("tiny").model
+    torch.manual_seed(0)
+    ref = build_sam(cfg.sam, cfg.prompt_dim).eval()
+    torch.save(ref.state_dict(), tmp_path / "sam.pth")
+    devices: list[str] = []
+    hook = nn.modules.module.register_module_parameter_registration_hook(
+        lambda module, name, param: devices.append(param.device.type) if param is not None else None
+    )
+    try:
+        sam = build_sam(dataclasses.replace(cfg.sam, checkpoint=str(tmp_path / "sam.pth")), cfg.prompt_dim)
+    finally:
+        hook.remove()
+    # Every parameter is made on meta; the CPU ones registered after them are the file's (assign=True).
+    n = len(dict(ref.named_parameters()))
+    assert devices[:n] == ["meta"] * n and set(devices[n:]) <= {"cpu"}
+    tensors = dict(sam.named_parameters()) | dict(sam.named_buffers())
+    assert len(tensors) == len(dict(ref.named_parameters()) | dict(ref.named_buffers()))
+    for name, t in (dict(ref.named_parameters()) | dict(ref.named_buffers())).items():
+        assert tensors[name].device.type == "cpu", name
+        torch.testing.assert_close(tensors[name], t, rtol=0, atol=0)
+    x = torch.rand(1, 3, 40, 60) * 255
+    torch.testing.assert_close(sam.eval().preprocess(x), ref.preprocess(x), rtol=0, atol=0)
