@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -445,8 +444,19 @@ def cmd_segment(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(Exception):
+    """SIGTERM (`kill`, a service manager) on `ppcr serve`: stopped as Ctrl-C stops it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
+    import signal
+
     from .serve import ServeStartError, read_serve_config, start
+    from .serve.app import quiet_shutdown
 
     run = {"args": {}, "host": a.host, "port": a.port}
     if a.config:  # the file's host and port unless given here
@@ -457,35 +467,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.checkpoint:
         run["args"]["checkpoint"] = a.checkpoint
     print(f"ppcr serve: starting on http://{run['host']}:{run['port']}/ ...", flush=True)
+    # Without this, SIGTERM ends the process in Ray's fatal-signal handler, which prints a C++ stack.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         url = start(**run, ray_address=a.address, num_cpus=a.num_cpus)
+        signal.signal(signal.SIGTERM, _raise_terminated)  # again: Ray may have installed its own
         print(f"ppcr serve: ready at {url}/ (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except ServeStartError as exc:
+        quiet_shutdown(stop_ray=True)
         print(f"ppcr serve: error: {exc}", file=sys.stderr)
-        _quiet_shutdown()
         return 2
-    except KeyboardInterrupt:
-        logging.disable(logging.WARNING)  # Serve's and Ray's shutdown chatter: the user asked for it
-        _quiet_shutdown()
-        print("ppcr serve: stopped (Ctrl-C)", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as exc:
+        quiet_shutdown(stop_ray=True)  # Serve's and Ray's shutdown chatter: the user asked for it
+        how = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
+        print(f"ppcr serve: stopped ({how})", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
     return 0
-
-
-def _quiet_shutdown() -> None:
-    import contextlib
-    import io
-
-    import ray
-    from ray import serve
-
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        with contextlib.suppress(Exception):
-            ray.shutdown()
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

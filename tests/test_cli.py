@@ -286,8 +286,10 @@ def test_undecodable_image_error_has_no_internal_repr(tmp_path, capsys):
 
 
 @pytest.mark.slow  # starts Ray and Serve in a child process
-def test_ctrl_c_stops_ppcr_serve_with_one_line(tiny_checkpoint):
-    """Before, Ctrl-C on `ppcr serve` printed an 18-line traceback."""
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM"])
+def test_ctrl_c_stops_ppcr_serve_with_one_line(tiny_checkpoint, how):
+    """Before, Ctrl-C on `ppcr serve` printed an 18-line traceback, and SIGTERM (`kill`, a service
+    manager) a C++ stack from Ray's fatal-signal handler."""
     import os
     import signal
     import subprocess
@@ -315,14 +317,17 @@ def test_ctrl_c_stops_ppcr_serve_with_one_line(tiny_checkpoint):
             time.sleep(1)
         else:
             pytest.fail("ppcr serve did not become healthy")
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
+        if how == "Ctrl-C":  # what a terminal sends: SIGINT to the whole process group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:  # `kill PID`: the ppcr process alone
+            os.kill(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert err.strip().splitlines()[-1] == "ppcr serve: stopped (Ctrl-C)"
+    assert proc.returncode == (130 if how == "Ctrl-C" else 143), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "logging.cc" not in err, err
+    assert err.strip().splitlines()[-1] == f"ppcr serve: stopped ({how})"
     # ("ready at" may not be printed yet: /healthz can answer before serve.run returns.)
     assert out.startswith(f"ppcr serve: starting on http://127.0.0.1:{port}/")
 

@@ -19,6 +19,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,6 +333,25 @@ def test_api_docs_load_nothing_from_outside(url, page):
     for asset in assets:
         r = requests.get(f"{url}{asset}", timeout=30)
         assert r.status_code == 200 and len(r.content) > 100, (asset, r.status_code)
+        if asset.endswith((".js", ".css")):  # and they fetch nothing from elsewhere either
+            assert not EXTERNAL_ASSET.findall(r.text), (asset, EXTERNAL_ASSET.findall(r.text))
+
+
+# A URL in quotes (or CSS url()) naming a file a page would fetch: script, style, image or font.
+EXTERNAL_ASSET = re.compile(r"""["'`(]https?://[^"'`) ]+\.(?:svg|png|jpe?g|gif|css|js|woff2?|ttf)["'`)]""")
+
+
+def test_redoc_bundle_asks_no_cdn_for_its_logo():
+    """fastapi-offline's ReDoc bundle loads its "powered by" logo from cdn.redoc.ly; the app's copy
+    (what /redoc uses) has an inline blank image there, and no other external asset."""
+    import fastapi_offline
+
+    from ppcr.serve.app import offline_redoc_js
+
+    vendored = (Path(fastapi_offline.__file__).parent / "static/redoc.standalone.js").read_text()
+    served = offline_redoc_js().decode()
+    assert EXTERNAL_ASSET.findall(vendored) == ['"https://cdn.redoc.ly/redoc/logo-mini.svg"']
+    assert EXTERNAL_ASSET.findall(served) == [] and len(served) == pytest.approx(len(vendored), rel=0.01)
 
 
 def test_random_init_is_announced_by_healthz(monkeypatch):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytest.importorskip("ray.serve")
@@ -163,6 +164,34 @@ def test_ppcr_serve_with_a_broken_checkpoint_fails_at_once(tiny_checkpoint, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ppcr serve: error: checkpoint {ckpt} has no model.safetensors: its weights are missing"]
     assert time.monotonic() - t0 < 30  # before Ray starts: no replica is tried
+
+
+@pytest.mark.slow  # starts Ray and Serve; the MLLM replica fails three times before Serve gives up
+def test_weights_that_do_not_fit_the_model_name_the_tensor_when_serve_start_fails(tiny_checkpoint, tmp_path):
+    """A checkpoint whose header reads but whose tensors do not fit the model passes the builder's
+    check and fails in the replica that loads it. Before, `ppcr serve` then said only "Failed to
+    update the deployments ['MLLM']"; now the one line names the deployment and the tensor."""
+    import ray
+    from safetensors.torch import load_file, save_file
+
+    from ppcr.serve import ServeStartError, free_port, start
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    name = next(k for k, v in tensors.items() if k.startswith("mllm.") and v.ndim == 2)
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+    save_file(tensors, ckpt / "model.safetensors")
+    one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+    try:
+        with pytest.raises(ServeStartError) as err:
+            start({"checkpoint": str(ckpt)}, port=free_port(), name="ppcr-misfit", num_cpus=4,
+                  options={"Ingress": one, "MLLM": one, "SAM": one})  # fmt: skip
+    finally:
+        ray.shutdown()
+    message = str(err.value)
+    assert message.startswith("the app did not start: MLLM: ") and "\n" not in message, message
+    assert f"mis-shaped tensors: {name}" in message and "WeightsError" not in message, message
 
 
 def test_describe_model_reads_the_training_record(tiny_checkpoint, tmp_path):

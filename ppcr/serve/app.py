@@ -20,6 +20,7 @@ import contextlib
 import functools
 import io
 import logging
+import re
 import socket
 import time
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import Request
+from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from ray import serve
@@ -77,11 +79,30 @@ logger = logging.getLogger("ppcr.serve")
 
 # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline
 # package (served under /static-offline-docs), not from a CDN: they work on a machine without internet.
+# /redoc is the Ingress's own route (below): fastapi-offline's ReDoc bundle still asks ReDoc's CDN
+# for its "powered by" logo.
 fastapi_app = FastAPIOffline(
     title="ppcr referring image segmentation",
     description="POST an image and a referring expression, get the object's mask (COCO RLE) and box.",
     version="1",
+    redoc_url=None,
 )
+_DOCS_STATIC = "/static-offline-docs"  # where FastAPIOffline serves its assets
+# The one URL the ReDoc bundle loads from outside: an <img> it hides when the load fails. Served here
+# as a blank inline image, so /redoc asks nothing of the internet (and no error reaches the console).
+_REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+_BLANK_GIF = b"data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"
+
+
+REDOC_JS = "redoc.standalone.js"  # served under /web/
+
+
+def offline_redoc_js() -> bytes:
+    """fastapi-offline's ReDoc bundle with its CDN logo replaced by an inline blank image."""
+    import fastapi_offline
+
+    bundle = Path(fastapi_offline.__file__).parent / "static" / REDOC_JS
+    return bundle.read_bytes().replace(_REDOC_LOGO, _BLANK_GIF)
 
 
 @fastapi_app.exception_handler(HTTPError)
@@ -297,6 +318,7 @@ class Ingress:
         self.s = self.pipeline.s
         self.page = _WEB.joinpath("index.html").read_text(encoding="utf-8")
         self.assets = {name: _WEB.joinpath(name).read_bytes() for name in _WEB_ASSETS}
+        self.redoc_js: bytes | None = None  # read on first use (1 MB)
         self.app_name = serve.get_replica_context().app_name
         self._states: dict[str, dict] = {}
         self._states_at = -1e9
@@ -307,11 +329,28 @@ class Ingress:
 
     @fastapi_app.get("/web/{name}", include_in_schema=False)
     async def web_asset(self, name: str) -> Response:
-        """The page's script and style sheet (ppcr/web/): the page loads nothing from elsewhere."""
+        """The page's script and style sheet (ppcr/web/), and ReDoc's bundle (`offline_redoc_js`):
+        the pages load nothing from elsewhere."""
+        if name == REDOC_JS:
+            if self.redoc_js is None:
+                self.redoc_js = await asyncio.to_thread(offline_redoc_js)
+            return Response(self.redoc_js, media_type="text/javascript; charset=utf-8")
         if name not in _WEB_ASSETS:
             raise HTTPError(404, f"no page asset {name!r}")
         return Response(
             self.assets[name], media_type=_WEB_ASSETS[name], headers={"Cache-Control": "no-cache"}
+        )
+
+    @fastapi_app.get("/redoc", response_class=HTMLResponse, include_in_schema=False)
+    async def redoc(self, request: Request) -> HTMLResponse:
+        """ReDoc, every asset from the app (fastapi-offline's, with `offline_redoc_js`)."""
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{fastapi_app.openapi_url}",
+            title=f"{fastapi_app.title} - ReDoc",
+            redoc_js_url=f"{root}/web/{REDOC_JS}",
+            redoc_favicon_url=f"{root}{_DOCS_STATIC}/favicon.png",
+            with_google_fonts=False,
         )
 
     @fastapi_app.get("/example.png", include_in_schema=False)
@@ -418,6 +457,48 @@ class ServeStartError(RuntimeError):
     """The app did not start (a replica failed in its constructor); the message is the cause, one line."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The errors a replica raises for a checkpoint that cannot load: their message says it all.
+_PLAIN_ERRORS = re.compile(r"^(?:[\w.]+\.)?(?:WeightsError|ConfigError|FileNotFoundError|InputError): ")
+
+
+def start_failure(app_name: str, serve_error: str) -> str:
+    """One line naming why the application did not start. Serve's own error says only which
+    deployments failed; the cause is the last line of a failed deployment's message (the exception its
+    replica constructor raised, e.g. a checkpoint whose tensors do not fit the model): "MLLM: <cause>".
+    Falls back to the last line of `serve_error`."""
+    states = {}
+    with contextlib.suppress(Exception):
+        states = serve.status().applications[app_name].deployments
+    for dep_name, d in states.items():
+        lines = [ln.strip() for ln in _ANSI.sub("", d.message or "").splitlines() if ln.strip()]
+        if getattr(d.status, "value", str(d.status)) == "DEPLOY_FAILED" and lines:
+            # "ppcr.weights.WeightsError: ..." -> "WeightsError: ..." -> "..."
+            cause = re.sub(r"^(?:\w+\.)+(?=\w+: )", "", lines[-1])
+            return f"{dep_name}: {_PLAIN_ERRORS.sub('', cause)}"
+    lines = [ln.strip() for ln in serve_error.splitlines() if ln.strip()]
+    return lines[-1] if lines else "Serve gave no reason"
+
+
+def quiet_shutdown(stop_ray: bool = False) -> None:
+    """Shut Serve (and Ray, if stop_ray) down without their chatter (log lines, a raylet's retry
+    notice): the user is told in one line why the app stops."""
+    import io
+
+    import ray
+
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            if stop_ray:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def start(
     args: dict | None = None,
     host: str = "127.0.0.1",
@@ -446,10 +527,9 @@ def start(
     except RuntimeError as exc:
         if f"Deploying application {name} failed" not in str(exc):
             raise
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        raise ServeStartError(f"the app did not start: {lines[-1]}") from None
+        cause = start_failure(name, str(exc))
+        quiet_shutdown()
+        raise ServeStartError(f"the app did not start: {cause}") from None
     if blocking:
         while True:
             time.sleep(3600)
