@@ -13,7 +13,7 @@ Two phases, each in its own process so that each has its own memory peak:
 
 Memory is the process's resident set from /proc/self/status: each step resets the peak (VmHWM, through
 /proc/self/clear_refs) and reports the peak's growth over the RSS before it; the process's whole peak
-(getrusage ru_maxrss) is the goal's figure: from_preset + one photograph + a batch of two within 20 GB.
+(the highest VmHWM over all steps) is the goal's figure: from_preset + one photograph + a batch of two within 20 GB.
 Every memory figure stands beside the deploy/capacity.py formula that predicts it (measured / computed).
 FLOP rates divide the stage's FLOPs (capacity.py's formulas with the tokens actually run) by its time and
 compare with the CPU's nominal bf16 peak and a measured bf16 matmul rate. Photographs: scikit-image's.
@@ -59,8 +59,13 @@ def rss_gb() -> float:
     return _status_kb("VmRSS") * 1024 / GB
 
 
+_PEAK_BEFORE_RESETS = [0.0]  # the highest VmHWM seen before any reset
+
+
 def reset_peak() -> None:
-    """Set the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0: clear_refs value 5)."""
+    """Set the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0: clear_refs value 5). The
+    kernel's high-water mark is also what getrusage's ru_maxrss reads, so the peak before it is kept."""
+    _PEAK_BEFORE_RESETS[0] = max(_PEAK_BEFORE_RESETS[0], peak_gb())
     Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -69,8 +74,10 @@ def peak_gb() -> float:
 
 
 def process_peak_gb() -> float:
-    """The whole process's peak RSS (getrusage; VmHWM resets do not lower it)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    """The whole process's peak RSS: the highest VmHWM before and since the resets (getrusage's
+    ru_maxrss alone would only see the part since the last reset)."""
+    rusage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    return max(_PEAK_BEFORE_RESETS[0], peak_gb(), rusage)
 
 
 @contextlib.contextmanager
@@ -204,12 +211,36 @@ def phase_sam(smoke: bool) -> dict:
     return rec
 
 
+STAGES = {
+    "clip": ("mllm", "image_features"),  # CLIP tower + projector, once per distinct image
+    "llm_lora_a": ("semantic", "forward"),  # the language pass under LoRA A (+ the [SEG] projection)
+    "llm_lora_b": ("spatial", "forward"),  # the pass under LoRA B (+ the box head)
+    "sam_encode": ("segmentation", "encode"),  # one encoder call per image inside
+    "mask_decode": ("model", "_segment_groups"),  # prompt encoder + mask decoder + upscaling
+}
+
+
+def time_stages(model, calls: dict[str, list[float]]) -> None:
+    """Time each stage of the requests themselves (instance attributes over the methods), so the stage
+    timings cost no extra model work: `calls[stage]` gets one duration per call."""
+    for stage, (owner, method) in STAGES.items():
+        obj = model if owner == "model" else getattr(model, owner)
+        inner = getattr(type(obj), method).__get__(obj)
+
+        def timed(*args, _inner=inner, _stage=stage, **kwargs):
+            t0 = time.perf_counter()
+            out = _inner(*args, **kwargs)
+            calls.setdefault(_stage, []).append(time.perf_counter() - t0)
+            return out
+
+        setattr(obj, method, timed)
+
+
 def phase_model(smoke: bool) -> dict:
     import numpy as np
     import torch
 
     import ppcr.model as model_module
-    from ppcr.inputs import Item, collate
     from ppcr.precision import dtype_report
     from ppcr.predictor import Segmenter
     from ppcr.prompts import clean_expression
@@ -246,11 +277,16 @@ def phase_model(smoke: bool) -> dict:
     rec["params"] = dtype_report(model)
     rec["vocab_rows"] = model.mllm.llava.get_input_embeddings().num_embeddings
     photos = photographs()
+    calls: dict[str, list[float]] = {}
+    time_stages(model, calls)
     with step(rec, "segment_1"):
         one = seg.segment(photos[0], EXPRESSIONS[0])
+    rec["stages_segment_1"] = dict(calls)
+    calls.clear()
     distinct = [photos[1], photos[2]]
     with step(rec, "segment_batch_2"):
         two = seg.segment_batch(distinct, list(EXPRESSIONS[1:3]))
+    rec["stages_segment_batch_2"] = dict(calls)
     answers = [one, *two]
     rec["answers"] = [
         {"shape": list(a.mask.shape), "mask_pixels": int(a.mask.sum()), "box": [float(v) for v in a.box]}
@@ -262,17 +298,7 @@ def phase_model(smoke: bool) -> dict:
     )
     rec["goal_peak_gb"] = process_peak_gb()
 
-    # The stages alone, on one photograph: CLIP + projector, then the language pass of each LoRA branch.
     text = clean_expression(EXPRESSIONS[0])
-    batch = collate([Item(0, photos[0], text)], model.clip_size, model.sam_size, model.clip_mode)
-    with torch.no_grad():
-        with step(rec, "clip"):
-            feats = model.mllm.image_features(batch.clip_pixels)
-        hw = batch.original_hw
-        with step(rec, "llm_lora_a"):
-            sem = model.semantic(model.mllm, feats, [text])
-        with step(rec, "llm_lora_b"):
-            model.spatial(model.mllm, feats, [text], sem.hidden, hw)
     prompts = model.mllm.prompts
     rec["tokens"] = {
         name: int(prompts.encode([q], a).input_ids.shape[1])
@@ -419,10 +445,11 @@ def main() -> None:
         cap = load_capacity()
         c = cap.parameter_counts()
         stage_flops = flops(cap, c, model)
+        one = model["stages_segment_1"]  # the single request: one call of each stage
         times = {
-            "clip": model["clip"]["seconds"],
-            "llm_lora_a": model["llm_lora_a"]["seconds"],
-            "llm_lora_b": model["llm_lora_b"]["seconds"],
+            "clip": one["clip"][0],
+            "llm_lora_a": one["llm_lora_a"][0],
+            "llm_lora_b": one["llm_lora_b"][0],
             "sam_encode_1": sam["encode_1"]["seconds"],
         }
         result["stages"] = {
@@ -441,6 +468,9 @@ def main() -> None:
                 f"{k:<14} {v['seconds']:>7.1f} {v['tflop']:>6.2f} {v['gflops']:>7.0f} "
                 f"{v['of_nominal_peak']:>8.0%} {v['of_matmul']:>8.0%}"
             )
+        say(f"  stages of segment (s): { {k: round(v[0], 1) for k, v in one.items()} }")
+        two = model["stages_segment_batch_2"]
+        say(f"  stages of segment_batch of 2 (s): { {k: round(sum(v), 1) for k, v in two.items()} }")
         say(
             f"  SAM encode of 2 images {sam['encode_2']['seconds']:.1f} s; mask decode of 2 {sam['decode_2']['seconds']:.2f} s"
         )

@@ -31,7 +31,7 @@ _ALWAYS = ("semantic.", "spatial.", "segmentation.sam.mask_decoder.")
 _ALWAYS_PARTS = ("lora_", "embed_tokens", "lm_head")
 
 
-def _saved_names(model: PPCRModel) -> list[str]:
+def saved_names(model: PPCRModel) -> list[str]:
     """State-dict keys an inference checkpoint holds, chosen by design rather than by requires_grad
     flags (which evaluation passes may toggle). Components built from scratch are saved whole,
     buffers included (SAM's random Fourier matrix is a buffer); so are the base tensors listed in
@@ -57,18 +57,31 @@ def save_checkpoint(model: PPCRModel, out_dir: str | Path, extra: dict | None = 
         raise ValueError(
             f"save_checkpoint needs the whole model; this one was built with parts={model.parts}"
         )
+    state = model.state_dict()
+    tensors = {n: state[n].detach().to("cpu").contiguous() for n in saved_names(model)}
+    return write_checkpoint(out_dir, tensors, model.cfg, model.mllm.tokenizer, extra)
+
+
+def write_checkpoint(
+    out_dir: str | Path,
+    tensors: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tokenizer,
+    extra: dict | None = None,
+) -> Path:
+    """The files of an inference checkpoint: `tensors` (CPU, contiguous: `saved_names` of the model
+    `cfg` builds) as safetensors, `cfg` as config.yaml and `tokenizer` under tokenizer/. Returns the folder.
+    `save_checkpoint` calls it with a built model's tensors."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    tensors = {n: state[n].detach().to("cpu").contiguous() for n in _saved_names(model)}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "ppcr-inference-v1"})
     tmp.replace(out / WEIGHTS_FILE)
-    cfg = to_dict(model.cfg)
-    cfg["tokenizer_path"] = None  # resolved to the saved tokenizer on load
-    cfg["init_weights"] = None  # a training-time input, already inside these weights
-    (out / CONFIG_FILE).write_text(yaml.safe_dump({"model": cfg}, sort_keys=False))
-    model.mllm.tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    data = to_dict(cfg)
+    data["tokenizer_path"] = None  # resolved to the saved tokenizer on load
+    data["init_weights"] = None  # a training-time input, already inside these weights
+    (out / CONFIG_FILE).write_text(yaml.safe_dump({"model": data}, sort_keys=False))
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
     if extra:
         (out / "meta.json").write_text(json.dumps(extra, indent=2))
     return out
@@ -124,7 +137,7 @@ def load_checkpoint(
 def _copy_strict(model: PPCRModel, weights: Path, what: str, prefixes: tuple[str, ...] = ("",)) -> list[str]:
     """Copy the tensors of `weights` whose names start with `prefixes` into `model` in place (dtypes
     stay the model's). Every one must be a tensor of the model with its shape, and every tensor the
-    model's own checkpoints hold (`_saved_names`) must be there: WeightsError naming the file otherwise.
+    model's own checkpoints hold (`saved_names`) must be there: WeightsError naming the file otherwise.
     Returns the names copied."""
     params = model.state_dict()  # live tensors (parameters and buffers)
     with safe_open(str(weights), framework="pt") as f:
@@ -132,7 +145,7 @@ def _copy_strict(model: PPCRModel, weights: Path, what: str, prefixes: tuple[str
         check_keys(
             weights,
             what,
-            missing=set(_saved_names(model)) - set(keys),
+            missing=set(saved_names(model)) - set(keys),
             unexpected=set(keys) - set(params),
             mismatched=[
                 (k, tuple(f.get_slice(k).get_shape()), tuple(params[k].shape))
@@ -151,7 +164,7 @@ def load_init_weights(model: PPCRModel, ckpt_dir: str | Path) -> list[str]:
     DeepSpeed wraps it), strictly. Returns the names loaded.
 
     Every tensor in the file must be a tensor of `model` with the same shape, every tensor the model's
-    own checkpoints hold (`_saved_names`) must be in the file, the LoRA settings (r, alpha, targets)
+    own checkpoints hold (`saved_names`) must be in the file, the LoRA settings (r, alpha, targets)
     must be equal (the same B·A means another weight under another scale), and the special tokens
     must have the same ids in both tokenizers: WeightsError naming the file otherwise. Base tensors the
     checkpoint overrides (`base_overrides`) are adopted, so the run's own checkpoints keep them.

@@ -190,49 +190,59 @@ def load_llava(cfg: ModelConfig) -> LlavaForConditionalGeneration:
     return model
 
 
+def llava_config(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, vocab_rows: int | None = None
+) -> LlavaConfig:
+    """The LlavaConfig of the preset's sizes (`model.vision`, `model.language`), the tokenizer's ids.
+    vocab_rows: rows of the embedding and LM-head matrices (None: `language.vocab_size`, at least the
+    tokenizer's length)."""
+    v, lang = cfg.vision, cfg.language
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision = CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+    )
+    text = LlamaConfig(
+        # Rows past the tokenizer are never indexed; llava-hf pads its 32002 tokens to 32064 the same way.
+        vocab_size=vocab_rows or max(len(tokenizer), lang.vocab_size or 0),
+        hidden_size=lang.hidden_size,
+        intermediate_size=lang.intermediate_size,
+        num_hidden_layers=lang.num_layers,
+        num_attention_heads=lang.num_heads,
+        num_key_value_heads=lang.num_heads,
+        max_position_embeddings=lang.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=lang.initializer_range,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=v.feature_layer,
+        vision_feature_select_strategy="default",
+        image_seq_length=(v.image_size // v.patch_size) ** 2,
+    )
+
+
 def build_llava(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
     """LLaVA-1.5 from `mllm_path` (llava-hf folder, local only, strict) or random init from sizes."""
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if cfg.mllm_path is not None:
         model = load_llava(cfg)
-        model.config.image_token_id = image_token_id
+        model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     else:
-        v, lang = cfg.vision, cfg.language
-        vision = CLIPVisionConfig(
-            hidden_size=v.hidden_size,
-            intermediate_size=v.intermediate_size,
-            num_hidden_layers=v.num_layers,
-            num_attention_heads=v.num_heads,
-            image_size=v.image_size,
-            patch_size=v.patch_size,
-        )
-        text = LlamaConfig(
-            # Rows past the tokenizer are never indexed; llava-hf pads its 32002 tokens to 32064 the same way.
-            vocab_size=max(len(tokenizer), lang.vocab_size or 0),
-            hidden_size=lang.hidden_size,
-            intermediate_size=lang.intermediate_size,
-            num_hidden_layers=lang.num_layers,
-            num_attention_heads=lang.num_heads,
-            num_key_value_heads=lang.num_heads,
-            max_position_embeddings=lang.max_position_embeddings,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-            initializer_range=lang.initializer_range,
-        )
-        config = LlavaConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_id=image_token_id,
-            vision_feature_layer=v.feature_layer,
-            vision_feature_select_strategy="default",
-            image_seq_length=(v.image_size // v.patch_size) ** 2,
-        )
         # Built in model.dtype from the start (transformers sets it as the default dtype while the
         # modules are made and initialised): a float32 build cast afterwards needs 4 bytes per
-        # parameter at once, ~28 GB at 7B. For float32 (tiny) this is the plain constructor's model.
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype(cfg.dtype))
+        # parameter at once, ~30 GB at 7B. For float32 (tiny) this is the plain constructor's model.
+        model = LlavaForConditionalGeneration._from_config(
+            llava_config(cfg, tokenizer), dtype=torch_dtype(cfg.dtype)
+        )
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model

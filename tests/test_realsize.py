@@ -8,6 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -188,3 +189,65 @@ def test_sam_from_a_pth_takes_the_files_tensors_without_a_random_copy(tmp_path):
         torch.testing.assert_close(tensors[name], t, rtol=0, atol=0)
     x = torch.rand(1, 3, 40, 60) * 255
     torch.testing.assert_close(sam.eval().preprocess(x), ref.preprocess(x), rtol=0, atol=0)
+
+
+def test_standins_have_the_hub_layout_and_load_through_the_checkpoint_path(tmp_path):
+    """benchmarks/realsize_standins.py at the tiny preset's sizes: the llava-hf folder under the hub's key
+    names with a shard index, the SAM .pth and a checkpoint naming both, loaded the way a user loads one."""
+    import json
+    import warnings
+
+    spec = importlib.util.spec_from_file_location(
+        "realsize_standins", REPO / "benchmarks/realsize_standins.py"
+    )
+    standins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standins)
+    paths = standins.ensure_standins(tmp_path, smoke=True)
+    index = json.loads((paths["llava"] / "model.safetensors.index.json").read_text())
+    keys = set(index["weight_map"])
+    assert "language_model.lm_head.weight" in keys and "multi_modal_projector.linear_1.weight" in keys
+    assert any(k.startswith("language_model.model.layers.0.") for k in keys)
+    assert any(k.startswith("vision_tower.vision_model.") for k in keys)
+    assert all((paths["llava"] / f).is_file() for f in set(index["weight_map"].values()))
+    from ppcr.checkpoint import load_checkpoint, load_model_config
+
+    cfg = load_model_config(paths["checkpoint"])
+    assert cfg.mllm_path == str(paths["llava"]) and cfg.sam.checkpoint == str(paths["sam"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sam = load_checkpoint(paths["checkpoint"], parts=("sam",))
+        whole = load_checkpoint(paths["checkpoint"])
+    assert sam.parts == ("sam",) and whole.mllm.llava.config.text_config.vocab_size >= len(
+        whole.mllm.tokenizer
+    )
+    # Written once: a second call reuses the folder.
+    stamp = (paths["checkpoint"] / "model.safetensors").stat().st_mtime_ns
+    assert standins.ensure_standins(tmp_path, smoke=True) == paths
+    assert (paths["checkpoint"] / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_real_width_model_segments_a_photograph():
+    """LLaVA-7B widths (2 language layers), CLIP-L/336 whole, SAM ViT-H whole, bf16, random weights: one
+    photograph through `Segmenter`. ~4 GB of RAM; ~7 TFLOP, most of it SAM-H's encoder (docs/benchmarks.md
+    has the time on an AVX-512 BF16 CPU; an AVX2-only CPU is several times slower)."""
+    import warnings
+
+    from skimage import data
+
+    from ppcr.predictor import Segmenter
+
+    cfg = load_config("llava-1.5-7b", overrides={"model": {"language": {"num_layers": 2}}})
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = Segmenter.from_preset(cfg)
+    model = seg.model
+    assert model.mllm.llava.config.vision_config.num_hidden_layers == 24
+    assert model.segmentation.sam.image_encoder.patch_embed.proj.out_channels == 1280  # ViT-H
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if _keeps_float32(name) else torch.bfloat16), name
+    image = data.coffee()
+    answer = seg.segment(image, "the cup of coffee")
+    assert answer.mask.shape == image.shape[:2] and answer.mask.dtype == bool
+    assert np.isfinite(answer.box).all() and np.isfinite(answer.score)
