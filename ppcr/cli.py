@@ -349,7 +349,11 @@ def cmd_batch(a: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(quiet))
     from .batch import load_batch_config, run_batch
     from .ray_cluster import init_ray
+    from .storage import is_uri
 
+    for flag, path in (("--input", a.input), ("--checkpoint", a.checkpoint)):
+        if not is_uri(path) and not Path(path).exists():  # before Ray starts, not pyarrow's error later
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     overrides = _overrides(a.set)
     if a.overlays:
         overrides["overlays"] = True
@@ -823,6 +827,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # transformers' deprecation notices about its own API (e.g. `is_gradient_checkpointing`, read by
+    # peft on every model load) say nothing a user of the command can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     args = build_parser().parse_args(argv)
     EXPECTED_ERRORS = _expected_errors()
     try:

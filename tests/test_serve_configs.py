@@ -194,6 +194,22 @@ def test_weights_that_do_not_fit_the_model_name_the_tensor_when_serve_start_fail
     assert f"mis-shaped tensors: {name}" in message and "WeightsError" not in message, message
 
 
+def test_serve_run_import_path_with_a_broken_checkpoint_is_one_line(tiny_checkpoint, tmp_path):
+    """Ray's `serve run ppcr.serve:build_app checkpoint=DIR` calls the builder in its own process:
+    a checkpoint that cannot load ends it at once with click's one-line `Error:`, not a traceback
+    (and before Ray starts)."""
+    from click.testing import CliRunner
+    from ray.serve.scripts import cli
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    _break(ckpt, "no-weights")
+    result = CliRunner().invoke(cli, ["run", "ppcr.serve:build_app", f"checkpoint={ckpt}"])
+    assert result.exit_code == 1, result.output
+    assert f"Error: checkpoint {ckpt} has no model.safetensors: its weights are missing" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_describe_model_reads_the_training_record(tiny_checkpoint, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)

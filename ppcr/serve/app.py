@@ -12,7 +12,8 @@ Both model deployments batch concurrent requests with `@serve.batch` and scale o
 queued without bound. The deployments hold no model logic: they call `PPCRModel.reason`,
 `SegmentationStage.encode` and `PPCRModel.segment`, the code that training and evaluation run.
 
-Launch: `serve run serve_configs/tiny_cpu.yaml`, or `ppcr serve --checkpoint DIR`. HTTP API: `docs/serving.md`.
+Launch: `ppcr serve --checkpoint DIR` or `ppcr serve --config serve_configs/tiny_cpu.yaml` (or Ray's
+`serve run serve_configs/tiny_cpu.yaml`). HTTP API: `docs/serving.md`.
 """
 
 import asyncio
@@ -423,8 +424,23 @@ class Ingress:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Serve application builder (`import_path: ppcr.serve:build_app`, `args:` = ServeSettings)."""
-    return make_app(args)
+    """Serve application builder (`import_path: ppcr.serve:build_app`, `args:` = ServeSettings).
+
+    Under Ray's `serve run ppcr.serve:build_app checkpoint=DIR` (a click command calling the builder
+    in its own process) a checkpoint or args that cannot load end the command in one line,
+    `Error: <cause>`, instead of a traceback. From a config file, Serve builds in a remote task and
+    shows the error there (docs/serving.md)."""
+    import click
+
+    from ..config import ConfigError
+    from ..weights import WeightsError
+
+    try:
+        return make_app(args)
+    except (FileNotFoundError, ConfigError, WeightsError, ValueError) as exc:
+        if click.get_current_context(silent=True) is None:
+            raise
+        raise click.ClickException(str(exc)) from None
 
 
 def make_app(args: dict | None = None, options: dict[str, dict] | None = None) -> serve.Application:
