@@ -171,6 +171,11 @@ class ModelConfig:
     semantic_grounding: bool = False
     # LLaVA-1.5 puts the image before the question; "after" lets image tokens see the text (causal LM).
     image_position: Literal["before", "after"] = "before"
+    # Inference runs each image's prompt prefix (BOS, system prompt, USER:, image tokens) once per
+    # LoRA branch and every expression's suffix against its KV cache: same answers (float tolerance),
+    # a fraction of the language-model work when an image has several expressions. Needs image_position
+    # before; with after it is off (logged once). docs/architecture.md, "Shared prompt prefix".
+    share_prefix: bool = True
     system_prompt: str = (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions."

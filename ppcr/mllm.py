@@ -8,8 +8,10 @@ language model twice (once per adapter) over vision features computed once per i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import inspect
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoTokenizer,
+    Cache,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -26,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.cache_utils import DynamicLayer
 
 from .config import InputError, ModelConfig
 from .precision import torch_dtype
@@ -377,6 +381,19 @@ class PromptTokenizer:
             self.cfg.prompt_format,
         )
 
+    def shared_prefix(self) -> list[int] | None:
+        """The ids every prompt of this model opens with, whatever its question and answer: BOS, the system
+        prompt, `USER:` and the image tokens (GLaMM's opening words included), up to the last `<image>`.
+        Under causal attention their keys and values do not depend on the expression, so the expressions
+        of one image can share them (`MLLM.prefix`). None when the question precedes the image
+        (`image_position: after`): no expression-free prefix holds the image."""
+        if not (self.cfg.image_position == "before" or self.cfg.prompt_format == "glamm"):
+            return None
+        row, _ = self._ids(*self.render("x", SEMANTIC_ANSWER))
+        image_id = self.control[IMAGE_TOKEN]
+        last = max(i for i, t in enumerate(row) if t == image_id)
+        return row[: last + 1]
+
     def encode(self, questions: Sequence[str], answer: str) -> TokenizedPrompts:
         """Each question with the fixed `answer`, rendered and tokenized (checked: `tokenize`)."""
         rendered = [self.render(q, answer) for q in questions]
@@ -428,6 +445,135 @@ class PromptTokenizer:
 
 
 @dataclass
+class Prefix:
+    """The language model's state after the shared prompt prefix (`PromptTokenizer.shared_prefix`) of N
+    images under one LoRA branch: what every expression of those images continues from (`MLLM.prefix`).
+
+    keys / values: per decoder layer, (N, kv_heads, P, head_dim) in the model's dtype; image_states:
+    (N, T, hidden) last-layer states at the `<image>` positions; index: (B,) the image row each
+    expression of a batch reads (`rows`), or None. One image's prefix holds 2 × layers × P × hidden
+    values (LLaVA-1.5-7B, bf16, P ≈ 600: ~0.3 GB per branch).
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    image_states: torch.Tensor
+    index: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """P, the prefix's length in tokens."""
+        return self.keys[0].shape[-2]
+
+    @property
+    def num_images(self) -> int:
+        return self.image_states.shape[0]
+
+    def rows(self, index: torch.Tensor) -> Prefix:
+        """This prefix read by a batch whose expression b belongs to image `index[b]` (B,)."""
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < self.num_images:
+            raise ValueError(f"image index {index.tolist()} outside the prefix's {self.num_images} images")
+        return replace(self, index=index.to(self.image_states.device))
+
+    def select(self, images: Sequence[int]) -> Prefix:
+        """The prefixes of images `images` (their rows, in that order), without an index."""
+        i = torch.as_tensor(list(images), dtype=torch.long, device=self.image_states.device)
+        return Prefix(tuple(k[i] for k in self.keys), tuple(v[i] for v in self.values), self.image_states[i])
+
+    @staticmethod
+    def cat(prefixes: Sequence[Prefix]) -> Prefix:
+        """Prefixes of several images (each without an index) as one, images in order."""
+        if len(prefixes) == 1:
+            return replace(prefixes[0], index=None)
+        layers = range(len(prefixes[0].keys))
+        return Prefix(
+            tuple(torch.cat([p.keys[n] for p in prefixes]) for n in layers),
+            tuple(torch.cat([p.values[n] for p in prefixes]) for n in layers),
+            torch.cat([p.image_states for p in prefixes]),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the keys, values and image states."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, self.image_states))
+
+
+class PrefixCache:
+    """Prefixes kept across calls (the Serve MLLM replica's), LRU by image: `capacity` images, each with
+    a `Prefix` per LoRA branch, keyed by the image's content hash (`inputs.image_key`). An entry of
+    LLaVA-1.5-7B in bf16 holds both branches' ~600-token prefixes: ~0.6 GB (`Prefix`).
+
+    `lookup` and `put` are what `PPCRModel.reason` calls; `hits` / `misses` count lookups of one image
+    under one branch."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"prefix cache capacity must be >= 1 image; got {capacity}")
+        self.capacity = capacity
+        self.entries: OrderedDict[Hashable, dict[str, Prefix]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def holds(self, key: Hashable, adapters: Sequence[str]) -> bool:
+        """Whether image `key` has a prefix for every branch of `adapters` (counts nothing)."""
+        return key in self.entries and all(a in self.entries[key] for a in adapters)
+
+    def lookup(self, keys: Sequence[Hashable], adapter: str) -> list[Prefix | None]:
+        """Branch `adapter`'s prefix of each image (one image each), or None where absent."""
+        out = []
+        for key in keys:
+            got = self.entries.get(key, {}).get(adapter)
+            if got is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self.entries.move_to_end(key)
+            out.append(got)
+        return out
+
+    def put(self, key: Hashable, adapter: str, prefix: Prefix) -> None:
+        """Keep `prefix` (one image's, branch `adapter`); the least recently used images go past capacity."""
+        if prefix.num_images != 1:
+            raise ValueError(f"a cache entry is one image's prefix; got {prefix.num_images} images")
+        self.entries.setdefault(key, {})[adapter] = prefix
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def stats(self) -> dict:
+        """{"entries", "capacity", "hits", "misses", "bytes"} (bytes: the tensors held)."""
+        held = sum(p.nbytes for entry in self.entries.values() for p in entry.values())
+        return {
+            "entries": len(self.entries),
+            "capacity": self.capacity,
+            "hits": self.hits,
+            "misses": self.misses,
+            "bytes": held,
+        }
+
+
+class _PrefixLayer(DynamicLayer):
+    """One decoder layer's cache for a batch that continues shared prefixes: row b attends to the keys and
+    values of prefix `index[b]`, then to its own. `update` returns their concatenation and stores
+    nothing (each forward starts from the same prefix); masks and positions see a cache of P tokens."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.index = keys, values, index
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return (
+            torch.cat([self.keys[self.index], key_states], dim=-2),
+            torch.cat([self.values[self.index], value_states], dim=-2),
+        )
+
+
+@dataclass
 class StageStates:
     """What a stage reads from one language-model pass."""
 
@@ -459,6 +605,12 @@ class MLLM(nn.Module):
         self.prompts = PromptTokenizer(
             self.tokenizer, cfg, self.num_image_tokens, self.llava.config.text_config.max_position_embeddings
         )
+        prefix = self.prompts.shared_prefix()
+        self.prefix_ids = None if prefix is None else torch.tensor(prefix, dtype=torch.long)
+        # transformers 5.x renames the language model's `past_key_values` argument `cache` (the old
+        # name is deprecated): pass whichever this version's forward takes.
+        params = inspect.signature(self.llava.model.language_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._set_trainable()
         if cfg.gradient_checkpointing:
             self.llava.gradient_checkpointing_enable()
@@ -521,43 +673,113 @@ class MLLM(nn.Module):
             raise ValueError(f"expected exactly one {token} per sequence; counts {counts.tolist()}")
         return hits.float().argmax(dim=1)
 
+    def _embed(
+        self, ids: torch.Tensor, image_features: torch.Tensor | None, inserted: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Input embeddings of `ids` (B, L): image features (B, T, hidden) scattered onto its `<image>`
+        positions (None: it must hold none), `inserted` (B, hidden) written at its `<sem>` position."""
+        embeds = self.llava.get_input_embeddings()(ids)
+        image_mask = (ids == self.ids[IMAGE_TOKEN]).unsqueeze(-1)
+        n = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if int(image_mask.sum()) != n:
+            shape = None if image_features is None else tuple(image_features.shape[:2])
+            raise ValueError(f"{int(image_mask.sum())} <image> tokens for {shape} image features")
+        if image_features is not None:
+            embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
+        if inserted is not None:
+            pos = self.positions(ids, SEM_TOKEN)
+            sem_mask = torch.zeros_like(ids, dtype=torch.bool)
+            sem_mask[torch.arange(ids.shape[0]), pos] = True
+            embeds = torch.where(sem_mask.unsqueeze(-1), inserted.to(embeds.dtype).unsqueeze(1), embeds)
+        return embeds
+
+    def _answer_ce(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced CE of `labels` (B, L) given the last-layer states (B, L, hidden): only the
+        answer positions get logits (the vocab projection dominates otherwise)."""
+        targets = labels.to(hidden.device)[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.llava.lm_head(hidden[:, :-1][keep])
+        return nn.functional.cross_entropy(logits.float(), targets[keep])
+
     def language(
         self,
         batch: TokenizedPrompts,
-        image_features: torch.Tensor,
+        image_features: torch.Tensor | None,
         inserted: torch.Tensor | None = None,
+        prefix: Prefix | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the language model under the active adapter.
 
         image_features: (B, num_image_tokens, hidden), one row per sequence, scattered onto the
         `<image>` positions; inserted: optional (B, hidden) written at the `<sem>` position.
         Returns (last-layer hidden states (B, L, hidden), CE loss over the answer tokens).
+
+        prefix: the batch's shared prefixes (`prefix`, with `Prefix.rows` set; image_features None):
+        only the tokens after them run, against their keys and values (transformers' `Cache`), at
+        positions P..L-1 with the same padding mask; the states returned are then the suffix's
+        (B, L - P, hidden). ValueError when a row does not open with `shared_prefix`.
         """
-        ids = batch.input_ids.to(image_features.device)
-        embeds = self.llava.get_input_embeddings()(ids)
-        image_mask = (ids == self.ids[IMAGE_TOKEN]).unsqueeze(-1)
-        if int(image_mask.sum()) != image_features.shape[0] * image_features.shape[1]:
-            raise ValueError(
-                f"{int(image_mask.sum())} <image> tokens for {tuple(image_features.shape[:2])} image features"
+        ids = batch.input_ids.to(self.llava.device)
+        if prefix is None:
+            embeds = self._embed(ids, image_features, inserted)
+            # use_cache=False: one teacher-forced pass reads no past keys and values, so a KV cache (32
+            # layers x 2 x T x hidden per sequence at 7B, ~0.34 GB for 650 tokens) would only be built
+            # and dropped. (A shared prefix builds one on purpose: `prefix`.)
+            out = self.llava.model.language_model(
+                inputs_embeds=embeds, attention_mask=batch.attention_mask.to(ids.device), use_cache=False
             )
-        embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
-        if inserted is not None:
-            pos = self.positions(ids, SEM_TOKEN)
-            sem_mask = torch.zeros_like(ids, dtype=torch.bool)
-            sem_mask[torch.arange(ids.shape[0]), pos] = True
-            embeds = torch.where(sem_mask.unsqueeze(-1), inserted.to(embeds.dtype).unsqueeze(1), embeds)
-        # use_cache=False: one teacher-forced pass reads no past keys and values, so a KV cache (32
-        # layers x 2 x T x hidden per sequence at 7B, ~0.34 GB for 650 tokens) would only be built and dropped.
+            return out.last_hidden_state, self._answer_ce(out.last_hidden_state, batch.labels)
+        if image_features is not None or prefix.index is None or len(prefix.index) != len(ids):
+            raise ValueError("a prefixed pass takes no image features and a prefix indexed by row")
+        p = prefix.length
+        if self.prefix_ids is None or len(self.prefix_ids) != p:
+            raise ValueError(f"a prefix of {p} tokens does not fit this model's prompts")
+        if not bool((ids[:, :p] == self.prefix_ids.to(ids.device)).all()):
+            raise ValueError("prompts do not open with the shared prefix (PromptTokenizer.shared_prefix)")
+        labels = batch.labels[:, p:]
+        # The first suffix token is predicted from the prefix's last state, which a suffix pass lacks:
+        # it must be a prompt token (the answer always follows the question).
+        if bool((labels[:, 0] != IGNORE_INDEX).any()):
+            raise ValueError("an answer token right after the shared prefix")
+        suffix = ids[:, p:]
+        b, s = suffix.shape
+        embeds = self._embed(suffix, None, inserted)
+        cache = Cache(layers=[_PrefixLayer(k, v, prefix.index) for k, v in zip(prefix.keys, prefix.values)])
+        mask = batch.attention_mask.to(ids.device)  # (B, P + S): the prefix is never padding
+        positions = torch.arange(p, p + s, device=ids.device).unsqueeze(0).expand(b, s)
         out = self.llava.model.language_model(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask.to(ids.device), use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: cache},
         )
+        return out.last_hidden_state, self._answer_ce(out.last_hidden_state, labels)
+
+    @property
+    def can_share_prefix(self) -> bool:
+        """Whether this model's prompts open with an expression-free prefix that holds the image."""
+        return self.prefix_ids is not None
+
+    def prefix(self, adapter: str, image_features: torch.Tensor) -> Prefix:
+        """Run the shared prefix (`PromptTokenizer.shared_prefix`) of N images once under LoRA branch
+        `adapter`: image_features (N, num_image_tokens, hidden) -> their `Prefix` (keys and values of
+        every layer, last-layer image states). ValueError for a model without one (`can_share_prefix`)."""
+        if self.prefix_ids is None:
+            raise ValueError("this model's prompts put the question before the image: no shared prefix")
+        n = image_features.shape[0]
+        ids = self.prefix_ids.to(self.llava.device).unsqueeze(0).expand(n, -1)
+        with self.adapter(adapter):
+            embeds = self._embed(ids, image_features, None)
+            out = self.llava.model.language_model(inputs_embeds=embeds, use_cache=True)
+        cache = getattr(out, self._cache_arg)
         hidden = out.last_hidden_state
-        # Teacher forcing: only the answer positions need logits (the vocab projection dominates otherwise).
-        targets = batch.labels.to(ids.device)[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.llava.lm_head(hidden[:, :-1][keep])
-        ce = nn.functional.cross_entropy(logits.float(), targets[keep])
-        return hidden, ce
+        image_states = hidden[ids == self.ids[IMAGE_TOKEN]].view(n, -1, hidden.shape[-1])
+        return Prefix(
+            tuple(layer.keys for layer in cache.layers),
+            tuple(layer.values for layer in cache.layers),
+            image_states,
+        )
 
     def run_stage(
         self,
@@ -565,18 +787,29 @@ class MLLM(nn.Module):
         questions: Sequence[str],
         answer: str,
         token: str,
-        image_features: torch.Tensor,
+        image_features: torch.Tensor | None,
         inserted: torch.Tensor | None = None,
         offset: int = 0,
+        prefix: Prefix | None = None,
     ) -> StageStates:
         """One teacher-forced pass of a PPCR stage: each question with the fixed `answer`, under LoRA
         branch `adapter`; returns the states at `token` (found by id; `offset` -1: the position before
-        it, whose output predicts it, as LISA/GLaMM read [SEG]) and at the image positions."""
+        it, whose output predicts it, as LISA/GLaMM read [SEG]) and at the image positions.
+
+        image_features: (B, T, hidden) per question; or None with `prefix` (this branch's `Prefix` of
+        the questions' images, `Prefix.rows` set): only what follows it runs, and the image states
+        are the prefix's (the same values to float tolerance)."""
         batch = self.prompts.encode(questions, answer)
         with self.adapter(adapter):
-            hidden, ce = self.language(batch, image_features, inserted=inserted)
+            hidden, ce = self.language(batch, image_features, inserted=inserted, prefix=prefix)
         ids = batch.input_ids.to(hidden.device)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if prefix is not None:
+            ids = ids[:, prefix.length :]
+            at = self.positions(ids, token) + offset
+            if bool((at < 0).any()):
+                raise ValueError(f"the state read at {token} (offset {offset}) lies in the shared prefix")
+            return StageStates(token=hidden[rows, at], image=prefix.image_states[prefix.index], ce=ce)
         token_states = hidden[rows, self.positions(ids, token) + offset]
         image_states = hidden[ids == self.ids[IMAGE_TOKEN]].view(hidden.shape[0], -1, hidden.shape[-1])
         return StageStates(token=token_states, image=image_states, ce=ce)

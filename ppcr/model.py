@@ -8,8 +8,9 @@ training, evaluation, serving and batch jobs.
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -19,7 +20,7 @@ from torch import nn
 from .config import ModelConfig
 from .geometry import normalized_to_sam_frame, order_box
 from .inputs import Batch
-from .mllm import MLLM
+from .mllm import MLLM, Prefix, PrefixCache
 from .precision import apply_dtype_policy
 from .segmentation_stage import SegmentationStage
 from .semantic_stage import SemanticStage
@@ -52,6 +53,17 @@ class Reasoning(NamedTuple):
     heatmap: torch.Tensor | None
     semantic_box: torch.Tensor | None
     semantic_heatmap: torch.Tensor | None
+
+
+logger = logging.getLogger("ppcr.model")
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Log `message` once per process (why prefix sharing is off: a property of the config, not of a call)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning(message)
 
 
 # What a process may build: "mllm" = stages 1 + 2 (LLaVA, both LoRA branches, projection, box head),
@@ -127,6 +139,24 @@ class PPCRModel(nn.Module):
         head = self.spatial.head if self.spatial is not None else None
         return head.centers if isinstance(head, AttentionBoxHead) else None
 
+    def shares_prefix(self) -> bool:
+        """Whether `reason` runs each image's prompt prefix once per pass and every expression's suffix
+        against its keys and values (`MLLM.prefix`): `model.share_prefix`, prompts that open with the
+        image (`image_position: before`), and inference (eval mode). When the config asks for it but
+        cannot have it, the reason is logged once per process."""
+        if self.mllm is None or not self.cfg.share_prefix:
+            return False
+        if not self.mllm.can_share_prefix:
+            _say_once(
+                "prefix sharing off: model.image_position is 'after' (the question precedes the image), "
+                "so every expression runs its whole prompt through the language model"
+            )
+            return False
+        if self.training:
+            _say_once("prefix sharing runs at inference only: training runs every expression's whole prompt")
+            return False
+        return True
+
     def reason(
         self,
         clip_pixels: torch.Tensor,
@@ -135,26 +165,61 @@ class PPCRModel(nn.Module):
         original_hw: torch.Tensor,
         rng: random.Random | None = None,
         max_sequences: int | None = None,
+        image_keys: Sequence[Hashable] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> Reasoning:
         """Stages 1 + 2 (the MLLM): semantic prompt and normalized box for each expression.
 
         clip_pixels: (N, 3, C, C) one row per distinct image; image_index: (B,) its row per expression;
         original_hw: (N, 2). rng: template sampling (training) or None (fixed templates, evaluation).
         max_sequences: at most this many expressions per language-model forward (larger batches run
-        in consecutive chunks with the same results): bounds the work, and the latency, of one call.
+        in consecutive chunks, in order, with the same results): bounds the work, and the latency, of
+        one call.
+
+        With prefix sharing (`shares_prefix`), each chunk runs the shared prompt prefix once per distinct
+        image and LoRA branch and its expressions' suffixes against it: the answers equal the
+        unshared path's to float tolerance. prefix_cache (with image_keys (N,), one key per image row):
+        prefixes kept across calls (`PrefixCache`), looked up before and stored after they are run;
+        an image whose prefixes are all cached needs no vision tower either.
         """
         self._require("mllm", "reason (stages 1 + 2)")
-        # Vision tower + projector once per image, gathered per expression for both stages.
-        feats = self.mllm.image_features(clip_pixels)
-        hw = original_hw.to(image_index.device)
         b = len(expressions)
         if max_sequences is not None and max_sequences < 1:
             raise ValueError(f"max_sequences must be >= 1; got {max_sequences}")
+        if prefix_cache is not None and (image_keys is None or len(image_keys) != len(clip_pixels)):
+            raise ValueError("a prefix cache needs one image key per image row (image_keys)")
+        hw = original_hw.to(image_index.device)
         step = b if max_sequences is None else max_sequences
-        parts = [
-            self._reason_rows(feats, hw, image_index[i : i + step], expressions[i : i + step], rng)
-            for i in range(0, max(b, 1), step)
-        ]
+        chunks = [slice(i, i + step) for i in range(0, max(b, 1), step)]
+        if self.shares_prefix():
+            features = _FeatureMemo(self.mllm, clip_pixels)
+            if prefix_cache is None:
+                features(range(len(clip_pixels)))  # every image: one vision-tower batch
+            else:
+                features([i for i, k in enumerate(image_keys) if not prefix_cache.holds(k, self._adapters)])
+            parts = []
+            for sl in chunks:
+                images, local = torch.unique(image_index[sl], return_inverse=True)
+                images = images.tolist()
+
+                def prefix_for(adapter: str, images=images, local=local) -> Prefix:
+                    if prefix_cache is None:
+                        return self.mllm.prefix(adapter, features(images)).rows(local)
+                    keys = [image_keys[i] for i in images]
+                    found = prefix_cache.lookup(keys, adapter)
+                    todo = [j for j, p in enumerate(found) if p is None]
+                    if todo:
+                        new = self.mllm.prefix(adapter, features([images[j] for j in todo]))
+                        for n, j in enumerate(todo):
+                            found[j] = new.select([n])
+                            prefix_cache.put(keys[j], adapter, found[j])
+                    return Prefix.cat(found).rows(local)
+
+                parts.append(self._reason_rows(None, hw, image_index[sl], expressions[sl], rng, prefix_for))
+        else:
+            # Vision tower + projector once per image, gathered per expression for both stages.
+            feats = self.mllm.image_features(clip_pixels)
+            parts = [self._reason_rows(feats, hw, image_index[sl], expressions[sl], rng) for sl in chunks]
         if len(parts) == 1:
             return parts[0]
 
@@ -173,22 +238,41 @@ class PPCRModel(nn.Module):
             cat("semantic_heatmap"),
         )
 
+    @property
+    def _adapters(self) -> tuple[str, ...]:
+        """The LoRA branches `reason` runs: A (semantic), and B (spatial) with a spatial stage."""
+        return ("semantic", "spatial") if self.spatial is not None else ("semantic",)
+
     def _reason_rows(
         self,
-        image_features: torch.Tensor,
+        image_features: torch.Tensor | None,
         original_hw: torch.Tensor,
         image_index: torch.Tensor,
         expressions: list[str],
         rng: random.Random | None,
+        prefix_for: Callable[[str], Prefix] | None = None,
     ) -> Reasoning:
-        """`reason` for one chunk: image_features (N, T, hidden) and original_hw (N, 2) per image."""
-        feats = image_features[image_index]
+        """`reason` for one chunk: image_features (N, T, hidden) and original_hw (N, 2) per image; or,
+        sharing prefixes, prefix_for(branch) -> that branch's prefixes of the chunk's images, indexed
+        by row (asked when the pass runs, so one branch's keys and values are alive at a time)."""
         hw = original_hw[image_index]
-        sem = self.semantic(self.mllm, feats, expressions, rng)
+        shared = prefix_for is not None
+        feats = None if shared else image_features[image_index]
+        sem = self.semantic(
+            self.mllm, feats, expressions, rng, prefix=prefix_for("semantic") if shared else None
+        )
         ce = sem.ce
         box = heat = None
         if self.spatial is not None:
-            spa = self.spatial(self.mllm, feats, expressions, sem.hidden, hw, rng)
+            spa = self.spatial(
+                self.mllm,
+                feats,
+                expressions,
+                sem.hidden,
+                hw,
+                rng,
+                prefix=prefix_for("spatial") if shared else None,
+            )
             box, heat = spa.box, spa.heatmap
             ce = (sem.ce + spa.ce) / 2
         sem_box = sem_heat = None
@@ -308,6 +392,24 @@ class PPCRModel(nn.Module):
             semantic_heatmap=r.semantic_heatmap,
             mask_groups=groups,
         )
+
+
+class _FeatureMemo:
+    """Vision features of a call's images, each computed at most once, on first demand."""
+
+    def __init__(self, mllm: MLLM, clip_pixels: torch.Tensor):
+        self.mllm, self.clip_pixels = mllm, clip_pixels
+        self.done: dict[int, torch.Tensor] = {}
+
+    def __call__(self, images: Sequence[int]) -> torch.Tensor:
+        """(len(images), T, hidden) projected features of image rows `images` (computed in one batch)."""
+        images = list(images)
+        todo = [i for i in images if i not in self.done]
+        if todo:
+            self.done.update(zip(todo, self.mllm.image_features(self.clip_pixels[todo])))
+        if not images:
+            return self.clip_pixels.new_zeros(0)
+        return torch.stack([self.done[i] for i in images])
 
 
 def _inverse_order(order: torch.Tensor) -> torch.Tensor:

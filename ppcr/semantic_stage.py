@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .mllm import MLLM
+from .mllm import MLLM, Prefix
 from .precision import module_dtype
 from .prompts import SEG_TOKEN, SEMANTIC_ANSWER, semantic_question
 
@@ -33,15 +33,20 @@ class SemanticStage(nn.Module):
     def forward(
         self,
         mllm: MLLM,
-        image_features: torch.Tensor,
+        image_features: torch.Tensor | None,
         expressions: Sequence[str],
         rng: random.Random | None = None,
+        prefix: Prefix | None = None,
     ) -> SemanticOutput:
-        """image_features: (B, T, hidden), one row per expression; rng picks templates (None: fixed, for eval)."""
+        """image_features: (B, T, hidden), one row per expression, or None with `prefix` (branch A's
+        shared prefixes of the expressions' images, `MLLM.prefix` + `Prefix.rows`); rng picks
+        templates (None: fixed, for eval)."""
         questions = [semantic_question(e, rng) for e in expressions]
         # model.semantic_state "predicting": the state one position before [SEG] (LISA/GLaMM's reading).
         offset = -1 if mllm.cfg.semantic_state == "predicting" else 0
-        st = mllm.run_stage("semantic", questions, SEMANTIC_ANSWER, SEG_TOKEN, image_features, offset=offset)
+        st = mllm.run_stage(
+            "semantic", questions, SEMANTIC_ANSWER, SEG_TOKEN, image_features, offset=offset, prefix=prefix
+        )
         # The LLM runs in model.dtype, the projection in float32 (ppcr/precision.py): cast at the boundary.
         prompt = self.projection(st.token.to(module_dtype(self.projection)))
         return SemanticOutput(hidden=st.token, prompt=prompt, ce=st.ce, image_states=st.image)

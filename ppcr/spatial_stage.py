@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .geometry import clip_square_to_normalized, grid_centers, order_box
-from .mllm import MLLM
+from .mllm import MLLM, Prefix
 from .precision import module_dtype
 from .prompts import BOX_TOKEN, SPATIAL_ANSWER, spatial_question
 
@@ -113,17 +113,22 @@ class SpatialStage(nn.Module):
     def forward(
         self,
         mllm: MLLM,
-        image_features: torch.Tensor,
+        image_features: torch.Tensor | None,
         expressions: Sequence[str],
         semantic_hidden: torch.Tensor | None,
         original_hw: torch.Tensor,
         rng: random.Random | None = None,
+        prefix: Prefix | None = None,
     ) -> SpatialOutput:
-        """image_features: (B, T, hidden); semantic_hidden: (B, hidden) [SEG] states; original_hw: (B, 2)."""
+        """image_features: (B, T, hidden), or None with `prefix` (branch B's shared prefixes of the
+        expressions' images, `Prefix.rows` set); semantic_hidden: (B, hidden) [SEG] states;
+        original_hw: (B, 2)."""
         questions = [spatial_question(e, self.mode, rng) for e in expressions]
         inserted = None
         if self.semantic_in is not None:
             inserted = self.semantic_in(semantic_hidden.to(module_dtype(self.semantic_in)))
-        st = mllm.run_stage("spatial", questions, SPATIAL_ANSWER, BOX_TOKEN, image_features, inserted)
+        st = mllm.run_stage(
+            "spatial", questions, SPATIAL_ANSWER, BOX_TOKEN, image_features, inserted, prefix=prefix
+        )
         box, heat = self.head(st.token, st.image, original_hw.to(st.token.device))
         return SpatialOutput(hidden=st.token, box=box, ce=st.ce, heatmap=heat)

@@ -1,0 +1,251 @@
+"""Shared prompt prefix: the expressions of one image run its prefix (BOS, system prompt, USER:, image
+tokens) once per LoRA branch and their suffixes against its KV cache, with the unshared path's answers."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from ppcr.config import load_config
+from ppcr.inference import predict_torch
+from ppcr.inputs import Item, collate
+from ppcr.mllm import MLLM, Prefix, PrefixCache
+from ppcr.model import PPCRModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The tiny preset with the production prompt layout: a system prompt and the image before the question.
+IMAGE_FIRST = {
+    "model": {
+        "image_position": "before",
+        "system_prompt": "A chat between a curious human and an assistant.",
+    }
+}
+SIZES = [(60, 90), (100, 70), (64, 64)]
+# Several expressions per image, of different lengths (different padding), images interleaved.
+EXPRESSIONS = [
+    (0, "the red circle"),
+    (1, "the tall blue square on the left of the picture"),
+    (0, "a star"),
+    (2, "the small green triangle near the top right corner of the image"),
+    (1, "circle"),
+    (0, "the big thing in the middle"),
+    (2, "the blue one"),
+    (1, "the square"),
+]
+
+
+def _model(overrides: dict, seed: int = 0) -> PPCRModel:
+    torch.manual_seed(seed)
+    return PPCRModel(load_config("tiny", overrides).model).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> PPCRModel:
+    return _model(IMAGE_FIRST)
+
+
+def _images() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+def _batch(model: PPCRModel, pairs=EXPRESSIONS):
+    images = _images()
+    items = [Item(i, images[i], text) for i, text in pairs]
+    return collate(items, model.clip_size, model.sam_size, model.clip_mode)
+
+
+class _Count:
+    """Counts the language model's forwards and the tokens they run (sequences × length)."""
+
+    def __init__(self, mllm: MLLM, monkeypatch):
+        self.calls: list[tuple[int, int]] = []
+        lm = mllm.llava.model.language_model
+        forward = lm.forward
+
+        def counted(*args, **kwargs):
+            self.calls.append(tuple(kwargs["inputs_embeds"].shape[:2]))
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(lm, "forward", counted)
+
+    @property
+    def tokens(self) -> int:
+        return sum(b * n for b, n in self.calls)
+
+
+def _run(model: PPCRModel, batch, share: bool, **kw):
+    model.cfg.share_prefix = share
+    try:
+        with torch.no_grad():
+            return model(batch, **kw)
+    finally:
+        model.cfg.share_prefix = True
+
+
+def _assert_same(a, b):
+    assert (a.box - b.box).abs().max() < 1e-4
+    assert (a.semantic_prompt - b.semantic_prompt).abs().max() < 1e-4
+    assert (a.heatmap - b.heatmap).abs().max() < 1e-4
+    assert (a.semantic_box - b.semantic_box).abs().max() < 1e-4
+    assert (a.iou_pred - b.iou_pred).abs().max() < 1e-4
+    assert torch.allclose(a.ce, b.ce, atol=1e-5)
+    for x, y in zip(a.mask_logits, b.mask_logits):
+        assert torch.equal(x > 0, y > 0)  # masks identical (SAM's threshold is 0)
+
+
+@pytest.mark.parametrize("max_sequences", [None, 1, 3, 5])
+def test_shared_prefix_gives_the_unshared_answers(model, monkeypatch, max_sequences):
+    batch = _batch(model)
+    unshared = _run(model, batch, share=False, max_sequences=max_sequences)
+    count = _Count(model.mllm, monkeypatch)
+    shared = _run(model, batch, share=True, max_sequences=max_sequences)
+    _assert_same(unshared, shared)
+    # Per chunk (in order) and branch: one prefix forward over the chunk's distinct images, then one
+    # forward of the chunk's suffixes, never longer than the unshared prompts minus the prefix.
+    p = len(model.mllm.prefix_ids)
+    step = max_sequences or len(EXPRESSIONS)
+    chunks = [EXPRESSIONS[i : i + step] for i in range(0, len(EXPRESSIONS), step)]
+    expected_prefixes = [len({img for img, _ in c}) for c in chunks for _ in range(2)]
+    assert [b for b, n in count.calls if n == p] == expected_prefixes
+    suffixes = [(b, n) for b, n in count.calls if n != p]
+    assert [b for b, _ in suffixes] == [len(c) for c in chunks for _ in range(2)]
+    assert all(n < 40 for _, n in suffixes)  # the suffix: question + answer, not the 49 image tokens
+
+
+def test_shared_prefix_through_predict_torch(model):
+    """The inference runtime (Segmenter, ppcr evaluate) shares by default and answers the same."""
+    batch = _batch(model)
+    model.cfg.share_prefix = False
+    unshared = predict_torch(model, batch)
+    model.cfg.share_prefix = True
+    shared = predict_torch(model, batch)
+    for a, b in zip(unshared, shared):
+        assert np.array_equal(a.mask, b.mask)
+        assert np.abs(a.box - b.box).max() < 1e-3  # pixels
+        assert abs(a.score - b.score) < 1e-4
+
+
+def test_one_image_eight_expressions_runs_the_prefix_once_per_branch(model, monkeypatch):
+    pairs = [(0, t) for _, t in EXPRESSIONS]
+    batch = _batch(model, pairs)
+    count = _Count(model.mllm, monkeypatch)
+    _run(model, batch, share=True)
+    shared_tokens = count.tokens
+    count.calls.clear()
+    _run(model, batch, share=False)
+    p = len(model.mllm.prefix_ids)
+    assert shared_tokens == count.tokens - 2 * 7 * p  # 7 of the 8 prefixes saved, in both passes
+
+
+def test_glamm_prompt_format_shares_its_wrapped_image(monkeypatch):
+    m = _model({"model": {**IMAGE_FIRST["model"], "prompt_format": "glamm", "semantic_state": "predicting"}})
+    ids = m.mllm.prefix_ids.tolist()
+    assert ids[-1] == m.mllm.ids["<image>"] and m.mllm.ids["<im_start>"] in ids
+    batch = _batch(m)
+    _assert_same(_run(m, batch, share=False, max_sequences=3), _run(m, batch, share=True, max_sequences=3))
+
+
+def test_image_after_question_cannot_share_and_says_so_once(monkeypatch, caplog):
+    m = _model({})  # the tiny preset: image_position after
+    assert m.mllm.prefix_ids is None and not m.mllm.can_share_prefix
+    monkeypatch.setattr("ppcr.model._SAID", set())
+    with caplog.at_level(logging.WARNING, logger="ppcr.model"):
+        assert not m.shares_prefix()
+        assert not m.shares_prefix()
+    lines = [r.getMessage() for r in caplog.records if "prefix sharing" in r.getMessage()]
+    assert len(lines) == 1 and "image_position is 'after'" in lines[0]
+    with pytest.raises(ValueError, match="no shared prefix"):
+        m.mllm.prefix("semantic", torch.zeros(1, m.mllm.num_image_tokens, m.mllm.hidden_size))
+
+
+def test_training_runs_whole_prompts_and_says_so(model, monkeypatch, caplog):
+    monkeypatch.setattr("ppcr.model._SAID", set())
+    model.train()
+    try:
+        with caplog.at_level(logging.WARNING, logger="ppcr.model"):
+            assert not model.shares_prefix()
+    finally:
+        model.eval()
+    assert any("inference only" in r.getMessage() for r in caplog.records)
+    assert model.shares_prefix()
+    model.cfg.share_prefix = False
+    assert not model.shares_prefix()
+    model.cfg.share_prefix = True
+
+
+def test_prefix_checks_its_rows(model):
+    feats = model.mllm.image_features(_batch(model).clip_pixels)
+    with torch.no_grad():
+        prefix = model.mllm.prefix("semantic", feats)
+    assert prefix.num_images == 3 and prefix.length == len(model.mllm.prefix_ids)
+    assert prefix.image_states.shape == (3, model.mllm.num_image_tokens, model.mllm.hidden_size)
+    with pytest.raises(ValueError, match="outside the prefix's 3 images"):
+        prefix.rows(torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="indexed by row"):
+        model.semantic(model.mllm, None, ["the red circle"], prefix=prefix)
+    single = prefix.select([1])
+    assert single.num_images == 1 and torch.equal(single.keys[0][0], prefix.keys[0][1])
+    assert torch.equal(Prefix.cat([prefix.select([2]), single]).image_states, prefix.image_states[[2, 1]])
+
+
+def test_prefix_cache_across_calls(model, monkeypatch):
+    """A second call on the same images runs only suffixes (no vision tower, no prefix) and answers the same."""
+    batch = _batch(model)
+    keys = ["k0", "k1", "k2"]
+    cache = PrefixCache(capacity=4)
+
+    def reason():
+        with torch.no_grad():
+            return model.reason(
+                batch.clip_pixels,
+                batch.image_index,
+                batch.expressions,
+                batch.original_hw,
+                max_sequences=3,
+                image_keys=keys,
+                prefix_cache=cache,
+            )
+
+    first = reason()
+    assert cache.stats()["entries"] == 3 and cache.misses == 6  # 3 images x 2 branches
+    assert cache.stats()["bytes"] > 0
+    hits = cache.hits  # later chunks find the earlier chunks' images
+    count = _Count(model.mllm, monkeypatch)
+    vision = []
+    monkeypatch.setattr(model.mllm, "image_features", lambda px: vision.append(px) or None)
+    second = reason()
+    assert vision == [] and cache.misses == 6 and cache.hits > hits
+    assert all(n != len(model.mllm.prefix_ids) for _, n in count.calls)
+    assert torch.equal(first.box, second.box) and torch.equal(first.semantic_prompt, second.semantic_prompt)
+    monkeypatch.undo()
+    model.cfg.share_prefix = False
+    with torch.no_grad():
+        unshared = model.reason(batch.clip_pixels, batch.image_index, batch.expressions, batch.original_hw)
+    model.cfg.share_prefix = True
+    assert (unshared.box - second.box).abs().max() < 1e-4
+
+
+def test_prefix_cache_is_lru_and_checked(model):
+    with pytest.raises(ValueError, match=">= 1"):
+        PrefixCache(0)
+    feats = model.mllm.image_features(_batch(model).clip_pixels)
+    with torch.no_grad():
+        prefix = model.mllm.prefix("semantic", feats)
+    cache = PrefixCache(2)
+    with pytest.raises(ValueError, match="one image's prefix"):
+        cache.put("a", "semantic", prefix)
+    for k, i in (("a", 0), ("b", 1)):
+        cache.put(k, "semantic", prefix.select([i]))
+    assert cache.lookup(["a"], "semantic")[0] is not None  # "a" is now the most recent
+    cache.put("c", "semantic", prefix.select([2]))
+    assert list(cache.entries) == ["a", "c"]
+    assert cache.lookup(["b"], "semantic") == [None] and cache.lookup(["a"], "spatial") == [None]
+    assert not cache.holds("a", ("semantic", "spatial")) and cache.holds("a", ("semantic",))
+    with pytest.raises(ValueError, match="image key per image row"):
+        b = _batch(model)
+        model.reason(b.clip_pixels, b.image_index, b.expressions, b.original_hw, prefix_cache=cache)
