@@ -174,7 +174,8 @@ class ModelConfig:
     # Inference runs each image's prompt prefix (BOS, system prompt, USER:, image tokens) once per
     # LoRA branch and every expression's suffix against its KV cache: same answers (float tolerance),
     # a fraction of the language-model work when an image has several expressions. Needs image_position
-    # before; with after it is off (logged once). docs/architecture.md, "Shared prompt prefix".
+    # before; asked for with after, it is off and says so once (the tiny preset sets false).
+    # docs/architecture.md, "Shared prompt prefix".
     share_prefix: bool = True
     system_prompt: str = (
         "A chat between a curious human and an artificial intelligence assistant. "

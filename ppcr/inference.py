@@ -32,6 +32,7 @@ from .segmentation_stage import MASK_THRESHOLD
 
 if TYPE_CHECKING:
     from .inputs import Batch
+    from .mllm import PrefixCache
     from .model import PPCRModel
 
 
@@ -87,10 +88,13 @@ def reason_rows(
     clip_pixels: Callable[[int], torch.Tensor],
     original_hw: Callable[[int], Sequence[int]],
     max_sequences: int | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Stages 1 + 2 (`PPCRModel.reason`, fixed templates) for B expressions given one by one.
 
-    keys: (B,) the image key of each expression; equal keys share one CLIP forward. clip_pixels(i) /
+    keys: (B,) the image key of each expression; equal keys share one CLIP forward and, with prefix
+    sharing, one prompt prefix per pass (and, given `prefix_cache`, the keys it is stored under: they
+    must then name the image's content, `inputs.image_key`). clip_pixels(i) /
     original_hw(i): the CLIP-frame pixels (3, C, C) and the original (H, W) of expression i's image,
     asked once per distinct image (its first expression). Returns the semantic prompts (B, D) float32
     and the boxes (B, 4) float32 normalized XYXY of the original image, or None without a spatial stage.
@@ -103,6 +107,8 @@ def reason_rows(
         list(expressions),
         torch.tensor([tuple(original_hw(i)) for i in first], dtype=torch.long),
         max_sequences=max_sequences,
+        image_keys=[keys[i] for i in first],
+        prefix_cache=prefix_cache,
     )
     box = None if out.box is None else out.box.float().cpu().numpy()
     return out.semantic_prompt.float().cpu().numpy(), box

@@ -143,7 +143,8 @@ class PPCRModel(nn.Module):
         """Whether `reason` runs each image's prompt prefix once per pass and every expression's suffix
         against its keys and values (`MLLM.prefix`): `model.share_prefix`, prompts that open with the
         image (`image_position: before`), and inference (eval mode). When the config asks for it but
-        cannot have it, the reason is logged once per process."""
+        cannot have it, the reason is logged once per process (the tiny preset, whose prompts put the
+        image after the question, says `share_prefix: false`)."""
         if self.mllm is None or not self.cfg.share_prefix:
             return False
         if not self.mllm.can_share_prefix:

@@ -6,14 +6,23 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ppcr.config import load_config
-from ppcr.inference import predict_torch
-from ppcr.inputs import Item, collate
+from ppcr.batch.io import shard_rows_to_images
+from ppcr.batch.stages import MLLMActor, decode_stage
+from ppcr.checkpoint import load_checkpoint, save_checkpoint
+from ppcr.config import ConfigError, load_config
+from ppcr.evaluate import evaluate_split
+from ppcr.geometry import clip_preprocess
+from ppcr.inference import predict_torch, reason_rows
+from ppcr.inputs import Item, collate, image_key
 from ppcr.mllm import MLLM, Prefix, PrefixCache
 from ppcr.model import PPCRModel
+from ppcr.serve.deployments import MLLMDeployment
+from ppcr.serve.settings import resolve_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGE_FIRST = {
     "model": {
         "image_position": "before",
+        "share_prefix": True,
         "system_prompt": "A chat between a curious human and an assistant.",
     }
 }
@@ -151,7 +161,7 @@ def test_glamm_prompt_format_shares_its_wrapped_image(monkeypatch):
 
 
 def test_image_after_question_cannot_share_and_says_so_once(monkeypatch, caplog):
-    m = _model({})  # the tiny preset: image_position after
+    m = _model({"model": {"share_prefix": True}})  # asked for, with the tiny preset's image_position after
     assert m.mllm.prefix_ids is None and not m.mllm.can_share_prefix
     monkeypatch.setattr("ppcr.model._SAID", set())
     with caplog.at_level(logging.WARNING, logger="ppcr.model"):
@@ -249,3 +259,97 @@ def test_prefix_cache_is_lru_and_checked(model):
     with pytest.raises(ValueError, match="image key per image row"):
         b = _batch(model)
         model.reason(b.clip_pixels, b.image_index, b.expressions, b.original_hw, prefix_cache=cache)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    """An inference checkpoint of the image-first tiny model."""
+    return save_checkpoint(model, tmp_path_factory.mktemp("first") / "ckpt")
+
+
+class _Prefixes:
+    """Records the number of images of each `MLLM.prefix` call of a model."""
+
+    def __init__(self, mllm: MLLM, monkeypatch):
+        self.sizes: list[int] = []
+        run = mllm.prefix
+
+        def counted(adapter, image_features):
+            self.sizes.append(len(image_features))
+            return run(adapter, image_features)
+
+        monkeypatch.setattr(mllm, "prefix", counted)
+
+
+def test_evaluate_shares_each_batchs_images(model, val_dir, monkeypatch):
+    """ppcr evaluate (in process): batches of expressions in shard order reach the model grouped by
+    image, one prefix per distinct image and branch, with the unshared metrics."""
+    model.cfg.share_prefix = False
+    want = evaluate_split(model, val_dir, batch_size=8, limit_images=4, progress=False)
+    model.cfg.share_prefix = True
+    seen = _Prefixes(model.mllm, monkeypatch)
+    got = evaluate_split(model, val_dir, batch_size=8, limit_images=4, progress=False)
+    assert got == pytest.approx(want, abs=1e-6)
+    assert sum(seen.sizes) < 2 * got["count"]  # fewer prefixes than expressions: images were grouped
+
+
+def test_batch_actor_shares_each_rows_image(checkpoint, val_dir, monkeypatch):
+    """ppcr batch / evaluate --ray: the MLLM actor gets image rows with their expressions; each row's
+    image runs its prefix once per branch (per chunk of max_expr), with the unshared answers."""
+    shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))])
+    images = shard_rows_to_images(shard, split="val", with_gt=True, done=None).slice(0, 5)
+    m = load_checkpoint(checkpoint)
+    decoded = decode_stage(images, m.clip_size, m.sam_size, checkpoint=str(checkpoint))
+    actor = MLLMActor(str(checkpoint), None, "cpu", 1, max_expr=64)
+    seen = _Prefixes(actor.model.mllm, monkeypatch)
+    shared = actor(decoded)
+    rows = [r for r in decoded.to_pylist() if None in r["errors"]]  # rows with an expression to run
+    assert sum(len(r["texts"]) for r in rows) > len(rows) > 1
+    assert seen.sizes == [len(rows)] * 2  # one prefix per image row and branch
+    actor.model.cfg.share_prefix = False
+    unshared = actor(decoded)
+    for a, b in zip(shared["boxes"].to_pylist(), unshared["boxes"].to_pylist()):
+        np.testing.assert_allclose(np.frombuffer(a, np.float32), np.frombuffer(b, np.float32), atol=1e-4)
+
+
+def test_serve_replica_keeps_prefixes_across_requests(checkpoint):
+    """The Serve MLLM replica (its class, in process): a second request on the same image hits the prefix
+    cache for both branches and answers as the unshared model does."""
+    replica = MLLMDeployment.func_or_class({"checkpoint": str(checkpoint), "prefix_cache_images": 2})
+    image = _images()[0]
+    key = image_key(image)
+    first = replica._reason_batch([key], [image], [["the red circle", "a star"]])[0]
+    assert replica.stats()["prefix_cache"] | {"bytes": 0} == {
+        "entries": 1,
+        "capacity": 2,
+        "hits": 0,
+        "misses": 2,
+        "bytes": 0,
+    }
+    second = replica._reason_batch([key], [image], [["the big square"]])[0]
+    stats = replica.stats()["prefix_cache"]
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (2, 2, 1)
+    model = replica.model
+    model.cfg.share_prefix = False
+    sem, box = reason_rows(
+        model,
+        [key] * 3,
+        ["the red circle", "a star", "the big square"],
+        lambda i: clip_preprocess(image, model.clip_size, model.clip_mode),
+        lambda i: image.shape[:2],
+    )
+    got = np.concatenate([first["box"], second["box"]])
+    np.testing.assert_allclose(got, box, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([first["semantic"], second["semantic"]]), sem, atol=1e-4)
+
+
+def test_prefix_cache_setting_is_validated():
+    with pytest.raises(ConfigError, match="args.prefix_cache_images must be >= 0; got -1"):
+        resolve_settings({"prefix_cache_images": -1})
+    assert resolve_settings({"prefix_cache_images": 0}).prefix_cache_images == 0
+
+
+def test_serve_replica_of_a_model_without_sharing_keeps_no_prefixes(tiny_checkpoint):
+    replica = MLLMDeployment.func_or_class({"checkpoint": str(tiny_checkpoint)})
+    assert replica.prefix_cache is None and replica.stats()["prefix_cache"] is None
+    assert not load_config("tiny").model.share_prefix  # the preset says it has nothing to share

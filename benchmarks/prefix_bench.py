@@ -1,0 +1,168 @@
+"""Shared prompt prefix: language-model tokens and wall time per expression, shared vs unshared, at 1, 2,
+4, 8 expressions per image, side by side in one process; and a prefix-cache hit vs a miss.
+
+    python benchmarks/prefix_bench.py            # the configuration below, ~5 min on 2 cores
+    python benchmarks/prefix_bench.py --smoke    # a narrower model, 1 and 2 expressions, < 1 min
+
+Configuration (random init; what the language model costs dominates, as at real size): the production
+prompt layout (`image_position: before`, LLaVA-1.5's system prompt), 576 image tokens (CLIP at 336 px,
+patch 14, a narrow 2-layer tower), a Llama language model 1024 wide × 4 layers, the tiny SAM. Each
+point is `Segmenter.segment_batch([image] * k, k expressions)`, the median of `--repeats` runs, with
+`model.share_prefix` on and off on the same model. Tokens are those the language model runs (prefix
+and suffix forwards, padding included), counted at its forward. Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ppcr.config import ModelConfig, load_config
+from ppcr.inputs import Item, collate
+from ppcr.mllm import PrefixCache
+from ppcr.model import PPCRModel
+from ppcr.predictor import Segmenter
+
+EXPRESSIONS = [
+    "the man in the yellow shirt on the left",
+    "bottle of water",
+    "the woman holding an umbrella",
+    "dog lying on the grass near the bench",
+    "second car from the right",
+    "the small red sign",
+    "person in the back wearing a black hat",
+    "the table in the middle",
+]
+
+
+def config(smoke: bool) -> ModelConfig:
+    """The benchmark's model: tiny's SAM and tokenizer, the production prompt layout, 576 image tokens."""
+    width, layers = (256, 2) if smoke else (1024, 4)
+    return load_config(
+        "tiny",
+        {
+            "model": {
+                "image_position": "before",
+                "system_prompt": ModelConfig.system_prompt,
+                "vision": {
+                    "hidden_size": 64,
+                    "intermediate_size": 128,
+                    "num_layers": 2,
+                    "num_heads": 2,
+                    "image_size": 336,
+                    "patch_size": 14,
+                    "feature_layer": -2,
+                },
+                "language": {
+                    "hidden_size": width,
+                    "intermediate_size": width * 11 // 4,
+                    "num_layers": layers,
+                    "num_heads": width // 64,
+                    "max_position_embeddings": 1024,
+                    "initializer_range": 0.02,
+                },
+            }
+        },
+    ).model
+
+
+class TokenCount:
+    """Tokens (sequences × length) through the language model's forward."""
+
+    def __init__(self, model: PPCRModel):
+        self.n = 0
+        lm = model.mllm.llava.model.language_model
+        forward = lm.forward
+
+        def counted(*args, **kwargs):
+            self.n += int(np.prod(kwargs["inputs_embeds"].shape[:2]))
+            return forward(*args, **kwargs)
+
+        lm.forward = counted
+
+
+def measure(seg: Segmenter, count: TokenCount, image: np.ndarray, k: int, share: bool, repeats: int) -> dict:
+    seg.model.cfg.share_prefix = share
+    texts = EXPRESSIONS[:k]
+    seg.segment_batch([image] * k, texts)  # warm-up
+    times = []
+    for _ in range(repeats):
+        count.n = 0
+        t0 = time.perf_counter()
+        seg.segment_batch([image] * k, texts)
+        times.append(time.perf_counter() - t0)
+    return {"s": statistics.median(times), "tokens_per_expr": count.n / k}
+
+
+def cache_hit(model: PPCRModel, image: np.ndarray, repeats: int) -> tuple[float, float]:
+    """Seconds of `PPCRModel.reason` for one expression on an image: prefix-cache miss, then hit (what
+    the Serve MLLM replica runs for a first and a second request on the same image)."""
+    model.cfg.share_prefix = True
+    batch = collate([Item("img", image, EXPRESSIONS[0])], model.clip_size, model.sam_size)
+    miss, hit = [], []
+    for _ in range(repeats + 1):
+        cache = PrefixCache(1)
+        for out in (miss, hit):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.reason(
+                    batch.clip_pixels,
+                    batch.image_index,
+                    batch.expressions,
+                    batch.original_hw,
+                    image_keys=["img"],
+                    prefix_cache=cache,
+                )
+            out.append(time.perf_counter() - t0)
+    return statistics.median(miss[1:]), statistics.median(hit[1:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="a narrower model, 1 and 2 expressions (< 1 min)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3; smoke 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    a = p.parse_args()
+    repeats = a.repeats or (1 if a.smoke else 3)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = config(a.smoke)
+    model = PPCRModel(cfg).eval()
+    seg = Segmenter(model, batch_size=16)
+    count = TokenCount(model)
+    image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    ks = (1, 2) if a.smoke else (1, 2, 4, 8)
+    lang = cfg.language
+    print(
+        f"language {lang.hidden_size} wide x {lang.num_layers} layers, {model.mllm.num_image_tokens} image "
+        f"tokens, shared prefix {len(model.mllm.prefix_ids)} tokens; torch threads {torch.get_num_threads()}"
+    )
+    rows = {}
+    for k in ks:
+        rows[k] = {share: measure(seg, count, image, k, share, repeats) for share in (False, True)}
+    base = {share: rows[1][share]["s"] for share in (False, True)}
+    print(
+        "| expressions per image | LM tokens per expression (unshared / shared) | wall s (unshared / shared) "
+        "| time vs 1 expression (unshared / shared) |"
+    )
+    print("|---|---|---|---|")
+    for k, r in rows.items():
+        u, s = r[False], r[True]
+        print(
+            f"| {k} | {u['tokens_per_expr']:.0f} / {s['tokens_per_expr']:.0f} | {u['s']:.3f} / {s['s']:.3f} "
+            f"| {u['s'] / base[False]:.2f}x / {s['s'] / base[True]:.2f}x |"
+        )
+    miss, hit = cache_hit(model, image, repeats)
+    print(
+        f"prefix cache, one expression: first request (miss) {miss:.3f} s, second (hit) {hit:.3f} s "
+        f"({hit / miss:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
