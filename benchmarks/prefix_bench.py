@@ -2,7 +2,7 @@
 4, 8 expressions per image, side by side in one process; and a prefix-cache hit vs a miss.
 
     python benchmarks/prefix_bench.py            # the configuration below, ~5 min on 2 cores
-    python benchmarks/prefix_bench.py --smoke    # a narrower model, 1 and 2 expressions, < 1 min
+    python benchmarks/prefix_bench.py --smoke    # 64 image tokens, 128 wide, 1 and 2 expressions: < 1 min
 
 Configuration (random init; what the language model costs dominates, as at real size): the production
 prompt layout (`image_position: before`, LLaVA-1.5's system prompt), 576 image tokens (CLIP at 336 px,
@@ -40,8 +40,9 @@ EXPRESSIONS = [
 
 
 def config(smoke: bool) -> ModelConfig:
-    """The benchmark's model: tiny's SAM and tokenizer, the production prompt layout, 576 image tokens."""
-    width, layers = (256, 2) if smoke else (1024, 4)
+    """The benchmark's model: tiny's SAM and tokenizer, the production prompt layout, 576 image tokens
+    (smoke: 64, and a 128-wide language model)."""
+    width, layers, side = (128, 2, 112) if smoke else (1024, 4, 336)
     return load_config(
         "tiny",
         {
@@ -53,7 +54,7 @@ def config(smoke: bool) -> ModelConfig:
                     "intermediate_size": 128,
                     "num_layers": 2,
                     "num_heads": 2,
-                    "image_size": 336,
+                    "image_size": side,
                     "patch_size": 14,
                     "feature_layer": -2,
                 },
@@ -123,7 +124,7 @@ def cache_hit(model: PPCRModel, image: np.ndarray, repeats: int) -> tuple[float,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="a narrower model, 1 and 2 expressions (< 1 min)")
+    p.add_argument("--smoke", action="store_true", help="a small model, 1 and 2 expressions (< 1 min)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3; smoke 1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     a = p.parse_args()

@@ -179,7 +179,8 @@ class PPCRModel(nn.Module):
 
         With prefix sharing (`shares_prefix`), each chunk runs the shared prompt prefix once per distinct
         image and LoRA branch and its expressions' suffixes against it: the answers equal the
-        unshared path's to float tolerance. prefix_cache (with image_keys (N,), one key per image row):
+        unshared path's to float tolerance. A chunk in which no image appears twice runs whole prompts
+        (sharing would save nothing there), unless a prefix cache is given. prefix_cache (with image_keys (N,), one key per image row):
         prefixes kept across calls (`PrefixCache`), looked up before and stored after they are run;
         an image whose prefixes are all cached needs no vision tower either.
         """
@@ -202,6 +203,12 @@ class PPCRModel(nn.Module):
             for sl in chunks:
                 images, local = torch.unique(image_index[sl], return_inverse=True)
                 images = images.tolist()
+                if prefix_cache is None and len(images) == len(local):
+                    # No image twice in the chunk and nothing kept across calls: sharing would save
+                    # nothing and cost a second forward per pass, so the whole prompts run.
+                    feats = features(range(len(clip_pixels)))
+                    parts.append(self._reason_rows(feats, hw, image_index[sl], expressions[sl], rng))
+                    continue
 
                 def prefix_for(adapter: str, images=images, local=local) -> Prefix:
                     if prefix_cache is None:
