@@ -23,6 +23,9 @@ GB = 1e9
 
 LLAVA_HF_VOCAB_ROWS = 32064  # llava-hf/llava-1.5-7b-hf config.json: text_config.vocab_size
 PROMPT_TOKENS = 650  # 576 image tokens + system prompt, template, expression and answer (~74)
+# The part of a prompt every expression of an image shares (BOS, LLaVA-1.5's system prompt ~31 tokens,
+# "USER:", 576 image tokens; docs/architecture.md, "Shared prompt prefix"); the rest (~39) is the suffix.
+PREFIX_TOKENS = 611
 LLM_PASSES = 2  # semantic (LoRA A) and spatial (LoRA B) pass per expression
 CUDA_CONTEXT_GB = 1.5  # CUDA context, cuBLAS/NCCL workspaces, allocator slack per process (assumed)
 PROCESS_RAM_GB = 3.0  # Python + torch + CUDA libraries of a worker process before weights (assumed)
@@ -159,6 +162,27 @@ def sam_encoder_flops(c: Counts) -> float:
     return 2 * c.sam_encoder * t + attention
 
 
+def suffix_pass_flops(c: Counts, tokens: int = PROMPT_TOKENS, prefix: int = PREFIX_TOKENS) -> float:
+    """One expression's suffix (tokens - prefix of them) against its image's shared prefix: the matmuls of
+    the suffix tokens, and their attention to every key (4·S·T·h per layer)."""
+    s = tokens - prefix
+    return 2 * c.llm_matmul * s + 4 * c.llm_layers * s * tokens * c.hidden
+
+
+def image_llm_flops(c: Counts, expressions: int, shared: bool = True) -> float:
+    """Language-model FLOPs of `expressions` expressions of one image, both passes: with the shared
+    prefix, the prefix once per pass and each suffix against it; without, every whole prompt."""
+    if not shared or expressions == 1:  # a lone expression runs its whole prompt either way
+        return LLM_PASSES * expressions * llm_pass_flops(c)
+    return LLM_PASSES * (llm_pass_flops(c, PREFIX_TOKENS) + expressions * suffix_pass_flops(c))
+
+
+def image_request_flops(c: Counts, expressions: int, shared: bool = True) -> float:
+    """FLOPs of one image asked `expressions` expressions: the language model (`image_llm_flops`), one CLIP
+    and one SAM encode."""
+    return image_llm_flops(c, expressions, shared) + clip_flops(c) + sam_encoder_flops(c)
+
+
 def request_flops(c: Counts) -> float:
     """One request of one image and one expression: two LLM passes, one CLIP and one SAM encode."""
     return LLM_PASSES * llm_pass_flops(c) + clip_flops(c) + sam_encoder_flops(c)
@@ -265,14 +289,26 @@ def host_ram_replica_gb(c: Counts) -> dict[str, float]:
     return {"MLLM": llava_weights_gb(c) + PROCESS_RAM_GB, "SAM": c.sam * 4 / GB + PROCESS_RAM_GB}
 
 
-def mllm_replica_gb(c: Counts, sequences_per_forward: int) -> float:
+def prefix_bytes(c: Counts, tokens: int = PREFIX_TOKENS) -> int:
+    """One image's shared prefix under one LoRA branch: keys and values of every layer in bf16."""
+    return c.llm_layers * 2 * tokens * c.hidden * 2
+
+
+def mllm_replica_gb(
+    c: Counts, sequences_per_forward: int, prefix_cache_images: int = 0, chunk_images: int = 0
+) -> float:
     """One MLLM serve replica: weights by the dtype policy (bf16 LLaVA; float32 LoRA, projection and box
     head) + the transient activations and bf16 logits of one language-model forward, which holds at most
-    `max_sequences_per_forward` sequences whatever the batch (PPCRModel.reason runs larger batches in chunks)."""
+    `max_sequences_per_forward` sequences whatever the batch (PPCRModel.reason runs larger batches in chunks)
+    + the shared prefixes: both branches of the `prefix_cache_images` kept images, the running branch's
+    of the at most `chunk_images` distinct images of a chunk (one branch runs at a time), and one layer's
+    keys and values gathered per sequence."""
     t, h = PROMPT_TOKENS, c.hidden
     weights = (c.mllm_replica - c.mllm_replica_fp32) * 2 + c.mllm_replica_fp32 * 4
     transient = sequences_per_forward * (34 * t * h + t * LLAVA_HF_VOCAB_ROWS * 2)
-    return (weights + transient) / GB + CUDA_CONTEXT_GB
+    prefixes = (2 * prefix_cache_images + chunk_images) * prefix_bytes(c)
+    gathered = sequences_per_forward * 2 * PREFIX_TOKENS * h * 2
+    return (weights + transient + prefixes + gathered) / GB + CUDA_CONTEXT_GB
 
 
 def sam_embedding_bytes(dtype_bytes: int = 2) -> int:
@@ -360,6 +396,9 @@ def plan() -> dict:
     c = parameter_counts()
     gpus = d["num_workers"]
     mem = {mb: train_gpu_gb(c, gpus, mb, zero) for mb in (1, 2)}
+    # A chunk of a batch holds at most one distinct image per request of the batch.
+    chunk_images = min(serve["max_sequences_per_forward"], serve["max_batch_size"])
+    replica_args = (serve["max_sequences_per_forward"], serve.get("prefix_cache_images", 4), chunk_images)
     return {
         "counts": c,
         "gpus": gpus,
@@ -369,11 +408,12 @@ def plan() -> dict:
         "host_ram_per_worker_gb": host_ram_per_worker_gb(c),
         "host_ram_replica_gb": host_ram_replica_gb(c),
         "serve": serve,
-        "mllm_replica_gb": mllm_replica_gb(c, serve["max_sequences_per_forward"]),
+        "mllm_replica_gb": mllm_replica_gb(c, *replica_args),
+        "prefix_gb": prefix_bytes(c) / GB,
         "sam_replica_gb": sam_replica_gb(c, serve["cache_images"]),
         "sam_attention_peak_gb": sam_attention_peak_gb(c),
         "host_ram_random_init_gb": host_ram_random_init_gb(c),
-        "mllm_per_l20": replicas_per_gpu(mllm_replica_gb(c, serve["max_sequences_per_forward"])),
+        "mllm_per_l20": replicas_per_gpu(mllm_replica_gb(c, *replica_args)),
         "sam_per_l20": replicas_per_gpu(sam_replica_gb(c, serve["cache_images"])),
         "sam_embedding_mb": sam_embedding_bytes() / 1e6,
         "serve_call": {g.name: serve_call(c, serve, deployments, g) for g in (L20, H200)},
@@ -394,6 +434,8 @@ def plan() -> dict:
             "clip": clip_flops(c) / 1e12,
             "sam": sam_encoder_flops(c) / 1e12,
             "request": request_flops(c) / 1e12,
+            "prefix_pass": llm_pass_flops(c, PREFIX_TOKENS) / 1e12,
+            "suffix_pass": suffix_pass_flops(c) / 1e12,
             "train_expression": train_expression_flops(c) / 1e12,
         },
         "req_s": {
@@ -403,6 +445,11 @@ def plan() -> dict:
             "L20 SAM bf16": sam_bound(c, L20),
             "H200 SAM bf16": sam_bound(c, H200),
             "H200 SAM fp32 (not served)": sam_bound(c, H200, "fp32"),
+        },
+        # TFLOP per expression of an image asked k expressions: shared prefix vs every whole prompt.
+        "per_expression": {
+            k: {share: image_request_flops(c, k, share) / k / 1e12 for share in (False, True)}
+            for k in (1, 2, 4, 7, 8)
         },
         "steps": t["steps"],
         "batch": t["batch_size"],
@@ -423,6 +470,7 @@ def main() -> None:
     r = p["host_ram_replica_gb"]
     print(f"host RAM per serve replica at start-up: MLLM {r['MLLM']:.1f} GB, SAM {r['SAM']:.1f} GB")
     print(f"MLLM replica {p['mllm_replica_gb']:.1f} GB -> {p['mllm_per_l20']} per L20")
+    print(f"  (one image's shared prefix per branch {p['prefix_gb']:.2f} GB in bf16)")
     print(f"SAM replica {p['sam_replica_gb']:.1f} GB -> {p['sam_per_l20']} per L20")
     print(f"  (SAM-H encoder attention peak per image {p['sam_attention_peak_gb']:.2f} GB in bf16)")
     print(f"host RAM to build the whole model from random weights: {p['host_ram_random_init_gb']:.1f} GB")
@@ -431,6 +479,12 @@ def main() -> None:
         print(f"TFLOP {k}: {v:.1f}")
     for k, v in p["req_s"].items():
         print(f"req/s bound {k}: {v:.1f}")
+    one = p["per_expression"][1][False]
+    for k, v in p["per_expression"].items():
+        print(
+            f"{k} expression(s) of one image: TFLOP per expression {v[False]:.1f} whole prompts, "
+            f"{v[True]:.1f} shared prefix ({v[True] / one:.2f}x one expression's)"
+        )
     s = p["serve"]
     print(
         f"serve call ({SERVE_CONFIG.name}): max_batch_size {s['max_batch_size']} x max_expressions "

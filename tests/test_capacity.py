@@ -132,10 +132,14 @@ def test_sam_memory_and_bound_follow_the_dtype_policy(capacity, plan):
 def test_replica_memory_follows_the_serve_limits(capacity, plan):
     c, serve = plan["counts"], plan["serve"]
     # Activations are per forward (max_sequences_per_forward), the SAM attention peak per encode call.
-    assert plan["mllm_replica_gb"] == pytest.approx(
-        capacity.mllm_replica_gb(c, serve["max_sequences_per_forward"])
-    )
-    assert capacity.mllm_replica_gb(c, 64) > plan["mllm_replica_gb"] + 5
+    # Shared prompt prefixes: both branches of the kept images, one branch of a chunk's distinct images
+    # (at most one per request of the batch).
+    chunk_images = min(serve["max_sequences_per_forward"], serve["max_batch_size"])
+    args = (serve["max_sequences_per_forward"], serve["prefix_cache_images"], chunk_images)
+    assert plan["mllm_replica_gb"] == pytest.approx(capacity.mllm_replica_gb(c, *args))
+    kept = capacity.mllm_replica_gb(c, *args) - capacity.mllm_replica_gb(c, args[0], 0, chunk_images)
+    assert kept == pytest.approx(serve["prefix_cache_images"] * 2 * plan["prefix_gb"])
+    assert capacity.mllm_replica_gb(c, 64, *args[1:]) > plan["mllm_replica_gb"] + 5
     assert capacity.sam_replica_gb(c, 2 * serve["cache_images"]) > plan["sam_replica_gb"]
     assert (
         plan["mllm_replica_gb"] < capacity.L20.memory_gb and plan["sam_replica_gb"] < capacity.L20.memory_gb
@@ -215,3 +219,25 @@ def test_serving_doc_quotes_the_same_arithmetic(plan):
     ):
         assert quoted in text, quoted
     assert l20["batches_waited"] == 2 and l20["forwards_per_batch"] == 4
+
+
+def test_doc_quotes_the_cost_of_several_expressions_per_image(plan, capacity):
+    """FLOPs per request depend on the expressions per image (the shared prompt prefix): the doc's table
+    is what the script computes, sharing never costs more, and a lone expression costs the same."""
+    text = DOC.read_text()
+    one = plan["per_expression"][1][False]
+    for k, cost in plan["per_expression"].items():
+        row = f"| {cost[False]:.1f} | {cost[True]:.1f} | {cost[True] / one:.2f}× |"
+        assert any(line.startswith(f"| {k}") and line.endswith(row) for line in text.splitlines()), (k, row)
+        assert row in text, row
+        assert cost[True] <= cost[False]
+    assert plan["per_expression"][1][True] == plan["per_expression"][1][False]
+    tf = plan["tflop"]
+    assert f"a prefix pass is {tf['prefix_pass']:.1f} TFLOP" in text
+    assert f"a suffix pass {tf['suffix_pass']:.1f} TFLOP" in text
+    assert f"{plan['prefix_gb']:.2f} GB" in text
+    c = plan["counts"]
+    # Whole prompts = prefix + suffix pass, to within the attention term counted once causally.
+    assert capacity.llm_pass_flops(c) == pytest.approx(
+        tf["prefix_pass"] * 1e12 + tf["suffix_pass"] * 1e12, rel=0.05
+    )
