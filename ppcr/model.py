@@ -142,7 +142,8 @@ class PPCRModel(nn.Module):
     def shares_prefix(self) -> bool:
         """Whether `reason` runs each image's prompt prefix once per pass and every expression's suffix
         against its keys and values (`MLLM.prefix`): `model.share_prefix`, prompts that open with the
-        image (`image_position: before`), and inference (eval mode). When the config asks for it but
+        image (`image_position: before`), and no gradient checkpointing in training (the gradients of a
+        shared step equal the unshared step's to float tolerance). When the config asks for it but
         cannot have it, the reason is logged once per process (the tiny preset, whose prompts put the
         image after the question, says `share_prefix: false`)."""
         if self.mllm is None or not self.cfg.share_prefix:
@@ -153,8 +154,12 @@ class PPCRModel(nn.Module):
                 "so every expression runs its whole prompt through the language model"
             )
             return False
-        if self.training:
-            _say_once("prefix sharing runs at inference only: training runs every expression's whole prompt")
+        if self.training and self.cfg.gradient_checkpointing:
+            # transformers turns the KV cache off under gradient checkpointing in training.
+            _say_once(
+                "prefix sharing off in training with model.gradient_checkpointing: every expression "
+                "runs its whole prompt"
+            )
             return False
         return True
 

@@ -4,6 +4,7 @@ tokens) once per LoRA branch and their suffixes against its KV cache, with the u
 from __future__ import annotations
 
 import logging
+import random
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ from ppcr.evaluate import evaluate_split
 from ppcr.geometry import clip_preprocess
 from ppcr.inference import predict_torch, reason_rows
 from ppcr.inputs import Item, collate, image_key
+from ppcr.losses import ppcr_loss
 from ppcr.mllm import MLLM, Prefix, PrefixCache
 from ppcr.model import PPCRModel
 from ppcr.serve.deployments import MLLMDeployment
@@ -177,19 +179,52 @@ def test_image_after_question_cannot_share_and_says_so_once(monkeypatch, caplog)
         m.mllm.prefix("semantic", torch.zeros(1, m.mllm.num_image_tokens, m.mllm.hidden_size))
 
 
-def test_training_runs_whole_prompts_and_says_so(model, monkeypatch, caplog):
+def test_training_step_shares_with_the_unshared_gradients(monkeypatch):
+    """Training shares too (train mode, template sampling, the loss's terms): the gradients of every
+    parameter equal the unshared step's (LoRA dropout 0, so both steps draw no dropout masks)."""
+    run = load_config("tiny", {**IMAGE_FIRST, "model": {**IMAGE_FIRST["model"], "lora": {"dropout": 0.0}}})
+    torch.manual_seed(0)
+    m = PPCRModel(run.model).train()
+    images = _images()
+    items = []
+    for i, text in EXPRESSIONS:
+        h, w = SIZES[i]
+        mask = np.zeros((h, w), dtype=bool)
+        mask[5:30, 10:40] = True
+        items.append(Item(i, images[i], text, mask, np.array([10.0, 5.0, 40.0, 30.0])))
+    batch = collate(items, m.clip_size, m.sam_size, m.clip_mode)
+
+    def step(share: bool):
+        m.cfg.share_prefix = share
+        m.zero_grad()
+        count = _Count(m.mllm, monkeypatch)
+        out = m(batch, rng=random.Random(0), max_sequences=5)
+        loss, _ = ppcr_loss(out, batch, run.loss, m.patch_centers())
+        loss.backward()
+        monkeypatch.undo()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return loss.item(), grads, count.tokens
+
+    loss_a, grads_a, tokens_a = step(False)
+    loss_b, grads_b, tokens_b = step(True)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6) and tokens_b < tokens_a
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 100
+    for name, g in grads_a.items():
+        assert (g - grads_b[name]).abs().max() <= 1e-5 * max(1.0, g.abs().max()), name
+
+
+def test_gradient_checkpointing_in_training_runs_whole_prompts_and_says_so(monkeypatch, caplog):
     monkeypatch.setattr("ppcr.model._SAID", set())
-    model.train()
-    try:
-        with caplog.at_level(logging.WARNING, logger="ppcr.model"):
-            assert not model.shares_prefix()
-    finally:
-        model.eval()
-    assert any("inference only" in r.getMessage() for r in caplog.records)
-    assert model.shares_prefix()
-    model.cfg.share_prefix = False
-    assert not model.shares_prefix()
-    model.cfg.share_prefix = True
+    m = _model({"model": {**IMAGE_FIRST["model"], "gradient_checkpointing": True}})
+    assert m.shares_prefix()  # inference: the checkpointing is a training matter
+    m.train()
+    with caplog.at_level(logging.WARNING, logger="ppcr.model"):
+        assert not m.shares_prefix() and not m.shares_prefix()
+    lines = [r.getMessage() for r in caplog.records if "prefix sharing" in r.getMessage()]
+    assert len(lines) == 1 and "gradient_checkpointing" in lines[0]
+    m.cfg.share_prefix = False
+    m.eval()
+    assert not m.shares_prefix()
 
 
 def test_prefix_checks_its_rows(model):
