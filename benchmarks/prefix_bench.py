@@ -8,7 +8,7 @@ Configuration (random init; what the language model costs dominates, as at real 
 prompt layout (`image_position: before`, LLaVA-1.5's system prompt), 576 image tokens (CLIP at 336 px,
 patch 14, a narrow 2-layer tower), a Llama language model 1024 wide × 4 layers, the tiny SAM. Each
 point is `Segmenter.segment_batch([image] * k, k expressions)`, the median of `--repeats` runs, with
-`model.share_prefix` on and off on the same model. Tokens are those the language model runs (prefix
+`model.share_prefix` off and on alternately on the same model. Tokens are those the language model runs (prefix
 and suffix forwards, padding included), counted at its forward. Results: docs/benchmarks.md.
 """
 
@@ -86,17 +86,24 @@ class TokenCount:
         lm.forward = counted
 
 
-def measure(seg: Segmenter, count: TokenCount, image: np.ndarray, k: int, share: bool, repeats: int) -> dict:
-    seg.model.cfg.share_prefix = share
+def measure(seg: Segmenter, count: TokenCount, image: np.ndarray, k: int, repeats: int) -> dict:
+    """{share: {"s": median wall seconds, "tokens_per_expr"}} of `segment_batch` on k expressions of one
+    image, unshared and shared runs alternating (after one warm-up run of each)."""
     texts = EXPRESSIONS[:k]
-    seg.segment_batch([image] * k, texts)  # warm-up
-    times = []
-    for _ in range(repeats):
-        count.n = 0
-        t0 = time.perf_counter()
-        seg.segment_batch([image] * k, texts)
-        times.append(time.perf_counter() - t0)
-    return {"s": statistics.median(times), "tokens_per_expr": count.n / k}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    tokens: dict[bool, int] = {}
+    for r in range(repeats + 1):
+        for share in (False, True):
+            seg.model.cfg.share_prefix = share
+            count.n = 0
+            t0 = time.perf_counter()
+            seg.segment_batch([image] * k, texts)
+            if r:  # run 0 warms up
+                times[share].append(time.perf_counter() - t0)
+            tokens[share] = count.n
+    return {
+        share: {"s": statistics.median(times[share]), "tokens_per_expr": tokens[share] / k} for share in times
+    }
 
 
 def cache_hit(model: PPCRModel, image: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -145,7 +152,7 @@ def main() -> None:
     )
     rows = {}
     for k in ks:
-        rows[k] = {share: measure(seg, count, image, k, share, repeats) for share in (False, True)}
+        rows[k] = measure(seg, count, image, k, repeats)
     base = {share: rows[1][share]["s"] for share in (False, True)}
     print(
         "| expressions per image | LM tokens per expression (unshared / shared) | wall s (unshared / shared) "
