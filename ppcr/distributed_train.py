@@ -137,13 +137,12 @@ def worker_config(cfg: RunConfig) -> dict:
 def check_before_launch(cfg: RunConfig, resume: bool) -> dict:
     """Everything that can be checked on the driver: returns the DeepSpeed config or raises
     ConfigError / ResourceError naming the problem. Starts or connects to Ray (sized for the job)."""
-    from .data.streaming import mix_entries, shard_files
+    from .data.streaming import check_mix_single_target
     from .ray_cluster import init_ray, require_resources
 
     d = cfg.distributed
     ds = deepspeed_config(cfg)
-    for entry in mix_entries(cfg):
-        shard_files(entry)
+    check_mix_single_target(cfg)  # every split exists, and holds one target per expression
     if d.evaluate_split:
         from .data.shards import shard_dir
 

@@ -16,10 +16,18 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_init_weights, save_checkpoint
 from .config import RunConfig, TrainConfig, to_dict
-from .data.shards import ExpressionSample, ImageCache, iter_expressions, shard_dir, to_item
+from .data.shards import (
+    ExpressionSample,
+    ImageCache,
+    check_single_target,
+    iter_expressions,
+    shard_dir,
+    to_item,
+)
 from .inputs import Batch, Item, collate, group_images
 from .losses import ppcr_loss
 from .model import PPCRModel
+from .storage import parquet_files
 
 HEAD_PREFIXES = ("semantic.", "spatial.", "segmentation.")
 
@@ -100,6 +108,9 @@ def batch_image_keys(items: Sequence[Item]) -> list:
 
 
 def load_training_samples(split_dir: Path, max_per_image: int | None = None) -> list[ExpressionSample]:
+    """Every expression of a training split; InputError (one line) when the split holds expressions
+    without a target or with several (training learns exactly one target per expression)."""
+    check_single_target(parquet_files(split_dir, "part-"), str(split_dir))
     samples = list(iter_expressions(split_dir))
     if max_per_image is not None:
         per: dict[int, int] = defaultdict(int)

@@ -77,8 +77,20 @@ def test_schema_exact(shards: tuple) -> None:
     assert SHARD_SCHEMA.field("image").type == pa.binary()
     assert SHARD_SCHEMA.field("height").type == pa.int32()
     ref_type = SHARD_SCHEMA.field("refs").type.value_type
-    assert [f.name for f in ref_type] == ["ref_id", "ann_id", "category_id", "bbox", "mask", "sentences"]
+    assert [f.name for f in ref_type] == [
+        "ref_id",
+        "ann_id",
+        "category_id",
+        "bbox",
+        "mask",
+        "sentences",
+        "no_target",
+        "targets",
+    ]
     assert ref_type.field("mask").type.field("counts").type == pa.string()
+    target_type = ref_type.field("targets").type.value_type
+    assert [f.name for f in target_type] == ["ann_id", "category_id", "bbox", "mask"]
+    assert SHARD_SCHEMA.metadata[b"ppcr.shard_format_version"] == b"2"
 
 
 def test_one_row_per_image_with_original_bytes(shards: tuple, refer: ReferDataset, synth: dict) -> None:
@@ -98,6 +110,9 @@ def test_one_row_per_image_with_original_bytes(shards: tuple, refer: ReferDatase
                 assert mask.shape == (row["height"], row["width"])
                 assert np.array_equal(mask, decode_rle(refer.ann_rle(ref["ann_id"])))
                 assert ref["bbox"] == refer.ann_bbox_xyxy(ref["ann_id"])
+                # A classic ref is one target: the version-1 fields repeated as its only target.
+                assert ref["no_target"] is False
+                assert ref["targets"] == [{k: ref[k] for k in ("ann_id", "category_id", "bbox", "mask")}]
                 ys, xs = np.nonzero(mask)
                 assert abs(xs.min() - ref["bbox"][0]) <= 2 and abs(ys.max() + 1 - ref["bbox"][3]) <= 2
 

@@ -43,7 +43,7 @@ from ..config import InputError
 from ..masks import MaskError, bbox_xywh_to_xyxy, png_mask_rle, rle_bbox_xyxy, segmentation_rle
 from ..storage import is_uri, read_bytes
 from .refer import ReferDataError
-from .shards import DONE_DIR, PrepareReport, _atomic_write_text, shard_dir, write_split
+from .shards import DONE_DIR, PrepareReport, _atomic_write_text, ref_row, shard_dir, write_split
 
 __all__ = [
     "FORMATS",
@@ -435,16 +435,16 @@ def _ref_entry(rec: Record, h: int, w: int) -> dict:
     extent = rle_bbox_xyxy(rle)
     if extent[2] <= extent[0]:
         raise ValueError(f"{rec.ann_note}mask is empty (no object pixels in the {w}x{h} image)")
-    return {
-        "ref_id": rec.ref_id,
+    target = {
         "ann_id": rec.ann_id,
         "category_id": rec.category_id,
         "bbox": rec.bbox_xyxy if rec.bbox_xyxy is not None else extent,
         "mask": rle,
-        "sentences": [
-            {"sent_id": rec.ref_id * MAX_EXPRESSIONS_PER_LINE + k, "text": t} for k, t in enumerate(rec.texts)
-        ],
     }
+    sentences = [
+        {"sent_id": rec.ref_id * MAX_EXPRESSIONS_PER_LINE + k, "text": t} for k, t in enumerate(rec.texts)
+    ]
+    return ref_row(rec.ref_id, rec.category_id, False, [target], sentences, h, w)
 
 
 def build_custom_row(records: list[Record], source_path: str) -> tuple[dict | None, list[dict]]:

@@ -1,9 +1,16 @@
-"""Loader for the official REFER layout (RefCOCO / RefCOCO+ / RefCOCOg and our synthetic ``synthref``).
+"""Loader for the official REFER layout (RefCOCO / RefCOCO+ / RefCOCOg and our synthetic ``synthref``) and
+the generalized gRefCOCO layout (``grefcoco`` and our synthetic ``synthgref``).
 
 Layout::
 
     <refer_root>/<dataset>/refs(<split_by>).p   pickle: list of ref dicts
     <refer_root>/<dataset>/instances.json       COCO instances (images, annotations, categories)
+
+Generalized data sets (:data:`GENERALIZED_DATASETS`, ReLA's gRefCOCO) keep their refs in
+``grefs(<split_by>).json`` (or ``grefs(<split_by>).p`` when there is no JSON file); a ref's ``ann_id`` and
+``category_id`` are lists: several annotations for a multi-target expression, ``[-1]`` (with
+``no_target: true``) for an expression that names nothing in the image. A target is the union of its
+non-crowd annotations (ReLA's ``grefer.py``); crowd annotations are left out when the shards are built.
 
 Images live elsewhere (COCO ``train2014/``) and are named ``COCO_train2014_%012d.jpg % image_id``.
 Note that a ref's own ``file_name`` carries an extra ``_<ann_id>`` suffix and is *not* an image file name.
@@ -25,6 +32,8 @@ from ..masks import MaskError, bbox_xywh_to_xyxy, segmentation_rle
 
 __all__ = [
     "DATASET_SPLITS",
+    "GENERALIZED_DATASETS",
+    "NO_TARGET",
     "ReferDataError",
     "ReferDataset",
     "ReferRef",
@@ -40,7 +49,13 @@ DATASET_SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
     ("refcocog", "umd"): ("train", "val", "test"),
     ("refcocog", "google"): ("train", "val"),
     ("synthref", "unc"): ("train", "val", "testA", "testB"),
+    ("grefcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("synthgref", "unc"): ("train", "val", "testA", "testB"),
 }
+#: Data sets in the generalized (gRefCOCO) layout: zero, one or several targets per expression.
+GENERALIZED_DATASETS: tuple[str, ...] = ("grefcoco", "synthgref")
+#: gRefCOCO's ``ann_id`` / ``category_id`` of an expression without a target.
+NO_TARGET = -1
 
 
 class ReferDataError(ValueError):
@@ -85,7 +100,12 @@ class Sentence:
 
 @dataclass
 class ReferRef:
-    """One referred object: an annotation plus the sentences that refer to it."""
+    """One referred object: an annotation plus the sentences that refer to it.
+
+    Generalized data sets: ``ann_ids`` lists every annotation of the target (several for a multi-target
+    expression, none when ``no_target``); ``ann_id`` and ``category_id`` are the first ones, ``-1`` (NO_TARGET)
+    without a target. Classic data sets: ``ann_ids == (ann_id,)`` and ``no_target`` is False.
+    """
 
     ref_id: int
     ann_id: int
@@ -93,6 +113,12 @@ class ReferRef:
     split: str
     category_id: int
     sentences: list[Sentence] = field(default_factory=list)
+    ann_ids: tuple[int, ...] = ()
+    no_target: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ann_ids and not self.no_target:
+            self.ann_ids = (self.ann_id,)
 
 
 def _load_pickle(path: Path) -> Any:
@@ -161,6 +187,14 @@ def _load_json(path: Path) -> Any:
     raise ReferDataError(path, reason)
 
 
+def _id_list(value: Any, what: str) -> list[int]:
+    """gRefCOCO's id list (a bare integer is a list of one); ValueError naming ``what`` otherwise."""
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"{what} must be a non-empty list of integers; got {value!r}")
+    return list(values)
+
+
 def _text(value: Any, what: str) -> str:
     """A text field as it is: never ``str()`` of bytes or numbers, which would alter it silently."""
     if not isinstance(value, str):
@@ -183,11 +217,19 @@ class ReferDataset:
         self.dataset = dataset
         self.split_by = split_by
         self.refer_root = Path(refer_root)
-        self.refs_path = self.refer_root / dataset / f"refs({split_by}).p"
-        self.instances_path = self.refer_root / dataset / "instances.json"
+        self.generalized = dataset in GENERALIZED_DATASETS
+        folder = self.refer_root / dataset
+        if self.generalized:
+            # JSON first: it is what gRefCOCO ships, and reading it runs no code (unpickling does).
+            json_refs, pickle_refs = folder / f"grefs({split_by}).json", folder / f"grefs({split_by}).p"
+            self.refs_path = json_refs if json_refs.is_file() or not pickle_refs.is_file() else pickle_refs
+        else:
+            self.refs_path = folder / f"refs({split_by}).p"
+        self.instances_path = folder / "instances.json"
         for p in (self.refs_path, self.instances_path):
             if not p.is_file():
-                raise FileNotFoundError(f"REFER file not found: {p}")
+                also = f" (nor grefs({split_by}).p)" if self.generalized and p == self.refs_path else ""
+                raise FileNotFoundError(f"REFER file not found: {p}{also}")
 
         inst = _load_json(self.instances_path)
         try:
@@ -197,28 +239,82 @@ class ReferDataset:
         except (KeyError, TypeError) as e:
             raise ReferDataError(self.instances_path, f"not a COCO instances file ({e!r})") from None
 
-        raw_refs = _load_pickle(self.refs_path)
+        if self.refs_path.suffix == ".json":
+            raw_refs = _load_json(self.refs_path)
+        else:
+            raw_refs = _load_pickle(self.refs_path)
         if not isinstance(raw_refs, list):
             raise ReferDataError(self.refs_path, f"expected a list of refs, got {type(raw_refs).__name__}")
-        self._refs = [self._parse_ref(i, r) for i, r in enumerate(raw_refs)]
+        parse = self._parse_gref if self.generalized else self._parse_ref
+        self._refs = [parse(i, r) for i, r in enumerate(raw_refs)]
+        seen: set[int] = set()
+        for ref in self._refs:
+            if self.generalized and ref.ref_id in seen:
+                raise ReferDataError(self.refs_path, "ref_id appears twice", ref_id=ref.ref_id)
+            seen.add(ref.ref_id)
+
+    def _sentences(self, r: dict) -> list[Sentence]:
+        return [
+            Sentence(int(s["sent_id"]), _text(s.get("sent", s.get("raw", "")), f"sentences[{k}].sent"))
+            for k, s in enumerate(r["sentences"])
+        ]
 
     def _parse_ref(self, index: int, r: Any) -> ReferRef:
         ref_id = r.get("ref_id") if isinstance(r, dict) else None
         try:
-            sentences = [
-                Sentence(int(s["sent_id"]), _text(s.get("sent", s.get("raw", "")), f"sentences[{k}].sent"))
-                for k, s in enumerate(r["sentences"])
-            ]
             ref = ReferRef(
                 ref_id=int(r["ref_id"]),
                 ann_id=int(r["ann_id"]),
                 image_id=int(r["image_id"]),
                 split=_text(r["split"], "split"),
                 category_id=int(r["category_id"]),
-                sentences=sentences,
+                sentences=self._sentences(r),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ReferDataError(self.refs_path, f"malformed ref #{index}: {e!r}", ref_id=ref_id) from None
+        return self._check_ref_split(ref)
+
+    def _parse_gref(self, index: int, r: Any) -> ReferRef:
+        """A gRefCOCO ref: ``ann_id`` / ``category_id`` lists (``[-1]`` = no target), optional ``no_target``."""
+        ref_id = r.get("ref_id") if isinstance(r, dict) else None
+
+        def bad(reason: str) -> ReferDataError:
+            return ReferDataError(self.refs_path, f"ref #{index}: {reason}", ref_id=ref_id)
+
+        try:
+            ann_ids = _id_list(r["ann_id"], "ann_id")
+            cat_ids = _id_list(r["category_id"], "category_id")
+            flag = r.get("no_target")
+            if flag is not None and not isinstance(flag, bool):
+                raise bad(f"no_target must be true or false; got {flag!r}")
+            no_target = ann_ids == [NO_TARGET]
+            if NO_TARGET in ann_ids and not no_target:
+                raise bad(f"ann_id {ann_ids} mixes -1 (no target) with annotation ids")
+            if len(set(ann_ids)) != len(ann_ids):
+                raise bad(f"ann_id {ann_ids} repeats an annotation")
+            if flag is not None and flag != no_target:
+                raise bad(f"no_target is {str(flag).lower()} but ann_id is {ann_ids}")
+            if no_target and cat_ids != [NO_TARGET]:
+                raise bad(f"a ref without target (ann_id [-1]) must have category_id [-1]; got {cat_ids}")
+            if not no_target and NO_TARGET in cat_ids:
+                raise bad(f"category_id {cat_ids} holds -1 (no target) but ann_id is {ann_ids}")
+            ref = ReferRef(
+                ref_id=int(r["ref_id"]),
+                ann_id=ann_ids[0],
+                image_id=int(r["image_id"]),
+                split=_text(r["split"], "split"),
+                category_id=cat_ids[0],
+                sentences=self._sentences(r),
+                ann_ids=() if no_target else tuple(ann_ids),
+                no_target=no_target,
+            )
+        except ReferDataError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise bad(f"malformed ref: {e!r}") from None
+        return self._check_ref_split(ref)
+
+    def _check_ref_split(self, ref: ReferRef) -> ReferRef:
         if ref.split not in self.splits:
             raise ReferDataError(
                 self.refs_path,
@@ -282,6 +378,25 @@ class ReferDataset:
             return segmentation_rle(ann.get("segmentation"), h, w)
         except MaskError as e:
             raise ReferDataError(self.instances_path, str(e), ann_id=ann_id, image_id=image_id) from None
+
+    def ann_target_info(self, ann_id: int, image_id: int) -> tuple[bool, int]:
+        """(is it a crowd annotation, its category id) of ``ann_id``, which must belong to image
+        ``image_id``; ReferDataError naming instances.json and the ann id otherwise."""
+        ann = self._ann(ann_id)
+        if ann.get("image_id") != image_id:
+            raise ReferDataError(
+                self.instances_path,
+                f"annotation belongs to image {ann.get('image_id')!r}, not to the ref's image {image_id}",
+                ann_id=ann_id,
+            )
+        crowd, category = ann.get("iscrowd", 0), ann.get("category_id")
+        if crowd not in (0, 1) or isinstance(category, bool) or not isinstance(category, int):
+            raise ReferDataError(
+                self.instances_path,
+                f"iscrowd must be 0 or 1 and category_id an integer; got {crowd!r}, {category!r}",
+                ann_id=ann_id,
+            )
+        return bool(crowd), category
 
     def ann_bbox_xyxy(self, ann_id: int) -> list[float]:
         """COCO XYWH bbox of ``ann_id`` as ``[x1, y1, x2, y2]`` in continuous pixel coords."""

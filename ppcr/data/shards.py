@@ -19,35 +19,47 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
+from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from ..config import InputError
 from ..geometry import ImageDecodeError, decode_image
 from ..inputs import Item
-from ..masks import decode_rle
+from ..masks import decode_rle, encode_mask
 from ..prompts import clean_expression
 from ..storage import parquet_files
 from .refer import ReferDataError, ReferDataset, ReferRef
 
 __all__ = [
+    "READABLE_VERSIONS",
     "SHARD_FORMAT_VERSION",
     "SHARD_SCHEMA",
+    "SHARD_SCHEMA_V1",
     "ExpressionSample",
     "ImageCache",
     "PrepareReport",
     "build_image_row",
+    "check_single_target",
+    "file_version",
+    "generalized_counts",
     "iter_expressions",
     "prepare_shards",
     "read_image_rows",
+    "ref_row",
     "shard_dir",
     "to_item",
+    "union_target",
+    "upgrade_row",
     "validate_shard_schema",
     "write_split",
 ]
 
-SHARD_FORMAT_VERSION = "1"
+SHARD_FORMAT_VERSION = "2"
+#: Versions the readers accept: version 1 files (no ``no_target`` / ``targets``) read as single-target refs.
+READABLE_VERSIONS = ("1", "2")
 #: Per split folder, `prepare --ray` marks its finished parts here (ppcr/data/distributed_prepare.py).
 DONE_DIR = "_done"
 
@@ -60,28 +72,46 @@ def _list(value_type: pa.DataType) -> pa.DataType:
 
 _MASK_TYPE = pa.struct([pa.field("size", _list(pa.int32())), pa.field("counts", pa.string())])
 _SENTENCE_TYPE = pa.struct([pa.field("sent_id", pa.int64()), pa.field("text", pa.string())])
-_REF_TYPE = pa.struct(
+_V1_REF_FIELDS = [
+    pa.field("ref_id", pa.int64()),
+    pa.field("ann_id", pa.int64()),
+    pa.field("category_id", pa.int32()),
+    pa.field("bbox", _list(pa.float64())),
+    pa.field("mask", _MASK_TYPE),
+    pa.field("sentences", _list(_SENTENCE_TYPE)),
+]
+#: One target (a referred object) of an expression: an annotation's id, category, box and mask.
+_TARGET_TYPE = pa.struct(
     [
-        pa.field("ref_id", pa.int64()),
         pa.field("ann_id", pa.int64()),
         pa.field("category_id", pa.int32()),
         pa.field("bbox", _list(pa.float64())),
         pa.field("mask", _MASK_TYPE),
-        pa.field("sentences", _list(_SENTENCE_TYPE)),
     ]
 )
-#: The exact schema of every shard file (field names, order, types). Writers never write nulls.
-SHARD_SCHEMA: pa.Schema = pa.schema(
-    [
-        pa.field("image_id", pa.int64()),
-        pa.field("file_name", pa.string()),
-        pa.field("height", pa.int32()),
-        pa.field("width", pa.int32()),
-        pa.field("image", pa.binary()),
-        pa.field("refs", _list(_REF_TYPE)),
-    ],
-    metadata={"ppcr.shard_format_version": SHARD_FORMAT_VERSION},
+_REF_TYPE = pa.struct(
+    [*_V1_REF_FIELDS, pa.field("no_target", pa.bool_()), pa.field("targets", _list(_TARGET_TYPE))]
 )
+
+
+def _schema(ref_type: pa.DataType, version: str) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("image_id", pa.int64()),
+            pa.field("file_name", pa.string()),
+            pa.field("height", pa.int32()),
+            pa.field("width", pa.int32()),
+            pa.field("image", pa.binary()),
+            pa.field("refs", _list(ref_type)),
+        ],
+        metadata={"ppcr.shard_format_version": version},
+    )
+
+
+#: The exact schema of every shard file written now (field names, order, types). Writers never write nulls.
+SHARD_SCHEMA: pa.Schema = _schema(_REF_TYPE, SHARD_FORMAT_VERSION)
+#: The schema of version 1 files (before ``no_target`` / ``targets``), still read.
+SHARD_SCHEMA_V1: pa.Schema = _schema(pa.struct(_V1_REF_FIELDS), "1")
 
 
 def shard_dir(root: str | Path, dataset: str, split_by: str, split: str) -> Path:
@@ -101,12 +131,44 @@ def error_entry(split: str, image_id: int, ref_id: int | None, err: ReferDataErr
     return entry
 
 
+def union_target(targets: list[dict], h: int, w: int) -> tuple[list[float], dict]:
+    """(box, mask) of a ref's targets taken together: the enclosing pixel XYXY box and the union mask
+    (COCO compressed RLE of size [h, w]). One target: its own box and mask; none: ``[0, 0, 0, 0]`` and
+    an empty mask."""
+    if len(targets) == 1:
+        return list(targets[0]["bbox"]), dict(targets[0]["mask"])
+    if not targets:
+        return [0.0, 0.0, 0.0, 0.0], encode_mask(np.zeros((h, w), dtype=bool))
+    merged = mask_utils.merge(
+        [{"size": [h, w], "counts": t["mask"]["counts"].encode("ascii")} for t in targets], intersect=0
+    )
+    boxes = np.asarray([t["bbox"] for t in targets], dtype=np.float64)
+    box = [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()]
+    return box, {"size": [h, w], "counts": merged["counts"].decode("ascii")}
+
+
+def ref_row(
+    ref_id: int, category_id: int, no_target: bool, targets: list[dict], sentences: list[dict], h: int, w: int
+) -> dict:
+    """A ``refs`` element (SHARD_SCHEMA): the targets (``{ann_id, category_id, bbox, mask}``, none when
+    ``no_target``) and, as version 1 had them, ``ann_id`` (the first target's, -1 without), ``bbox`` and
+    ``mask`` of all targets together (`union_target`)."""
+    if no_target == bool(targets):
+        raise ValueError("a ref has targets exactly when no_target is false")
+    bbox, mask = union_target(targets, h, w)
+    return {
+        "ref_id": ref_id,
+        "ann_id": targets[0]["ann_id"] if targets else -1,
+        "category_id": category_id,
+        "bbox": bbox,
+        "mask": mask,
+        "sentences": sentences,
+        "no_target": no_target,
+        "targets": targets,
+    }
+
+
 def _ref_entry(refer: ReferDataset, ref: ReferRef, h: int, w: int) -> dict:
-    rle = refer.ann_rle(ref.ann_id)
-    if list(rle["size"]) != [h, w]:
-        raise ReferDataError(
-            refer.instances_path, f"mask size {rle['size']} != image size [{h}, {w}]", ref_id=ref.ref_id
-        )
     if not ref.sentences:
         raise ReferDataError(refer.refs_path, "ref has no sentences", ref_id=ref.ref_id)
     for s in ref.sentences:  # the text rules every entry point applies: a shard never holds what they refuse
@@ -114,14 +176,31 @@ def _ref_entry(refer: ReferDataset, ref: ReferRef, h: int, w: int) -> dict:
             clean_expression(s.text)
         except InputError as exc:
             raise ReferDataError(refer.refs_path, f"sentence {s.sent_id}: {exc}", ref_id=ref.ref_id) from None
-    return {
-        "ref_id": ref.ref_id,
-        "ann_id": ref.ann_id,
-        "category_id": ref.category_id,
-        "bbox": refer.ann_bbox_xyxy(ref.ann_id),
-        "mask": {"size": [h, w], "counts": rle["counts"]},
-        "sentences": [{"sent_id": s.sent_id, "text": s.text} for s in ref.sentences],
-    }
+    targets = []
+    for ann_id in ref.ann_ids:
+        category = ref.category_id
+        if refer.generalized:  # a target is the union of its non-crowd annotations (ReLA's grefer.py)
+            crowd, category = refer.ann_target_info(ann_id, ref.image_id)
+            if crowd:
+                continue
+        rle = refer.ann_rle(ann_id)
+        if list(rle["size"]) != [h, w]:
+            raise ReferDataError(
+                refer.instances_path,
+                f"mask size {rle['size']} != image size [{h}, {w}]",
+                ref_id=ref.ref_id,
+                ann_id=ann_id,
+            )
+        bbox = refer.ann_bbox_xyxy(ann_id)
+        targets.append({"ann_id": ann_id, "category_id": category, "bbox": bbox, "mask": rle})
+    if not ref.no_target and not targets:
+        raise ReferDataError(
+            refer.instances_path,
+            f"every annotation of the target {list(ref.ann_ids)} is a crowd annotation (iscrowd 1)",
+            ref_id=ref.ref_id,
+        )
+    sentences = [{"sent_id": s.sent_id, "text": s.text} for s in ref.sentences]
+    return ref_row(ref.ref_id, ref.category_id, ref.no_target, targets, sentences, h, w)
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -340,13 +419,27 @@ def prepare_shards(
 # ----------------------------------------------------------------------------- reader
 
 
-def validate_shard_schema(path: str | Path) -> None:
-    """Raise ValueError naming ``path`` and the first differing column if its schema != SHARD_SCHEMA."""
+def file_version(schema: pa.Schema) -> str:
+    """The shard format version a file's schema metadata declares (files without one are version 1)."""
+    meta = schema.metadata or {}
+    return meta.get(b"ppcr.shard_format_version", b"1").decode("utf-8", "replace")
+
+
+def validate_shard_schema(path: str | Path) -> str:
+    """The format version of the shard file ``path`` ("1" or "2"); InputError naming ``path`` and the
+    first differing column if its schema is not that version's (SHARD_SCHEMA, SHARD_SCHEMA_V1), or
+    naming the version if no reader knows it."""
     schema = pq.read_schema(path)
-    expected = {f.name: f for f in SHARD_SCHEMA}
+    version = file_version(schema)
+    if version not in READABLE_VERSIONS:
+        raise InputError(
+            f"{path}: shard format version {version!r}; this ppcr reads versions {', '.join(READABLE_VERSIONS)}"
+        )
+    want = SHARD_SCHEMA_V1 if version == "1" else SHARD_SCHEMA
+    expected = {f.name: f for f in want}
     got = {f.name: f for f in schema}
     # Iterate in schema order (not set order) so the reported column is deterministic.
-    for name in SHARD_SCHEMA.names:
+    for name in want.names:
         if name not in got:
             raise InputError(f"{path}: missing column {name!r} (expected {expected[name].type})")
     for name in schema.names:
@@ -354,13 +447,27 @@ def validate_shard_schema(path: str | Path) -> None:
             raise InputError(f"{path}: unexpected column {name!r} ({got[name].type})")
     for name, f in expected.items():
         if not got[name].equals(f):
-            raise InputError(f"{path}: column {name!r} is {got[name]}, expected {f}")
-    if schema.names != SHARD_SCHEMA.names:
-        raise InputError(f"{path}: column order {schema.names} != {SHARD_SCHEMA.names}")
+            raise InputError(
+                f"{path}: column {name!r} is {got[name]}, expected {f} (format version {version})"
+            )
+    if schema.names != want.names:
+        raise InputError(f"{path}: column order {schema.names} != {want.names}")
+    return version
+
+
+def upgrade_row(row: dict) -> dict:
+    """A version 1 row as version 2 has it (in place): each ref gets ``no_target`` False and its one
+    target. Version 2 rows are returned as they are."""
+    for ref in row["refs"]:
+        if "targets" not in ref:
+            ref["no_target"] = False
+            ref["targets"] = [{k: ref[k] for k in ("ann_id", "category_id", "bbox", "mask")}]
+    return row
 
 
 def read_image_rows(split_dir: str | Path, batch_size: int = 32) -> Iterator[dict]:
-    """Yield shard rows as python dicts (SHARD_SCHEMA), file by file in file-name order.
+    """Yield shard rows as python dicts (SHARD_SCHEMA, version 2: version 1 files are upgraded, see
+    `upgrade_row`), file by file in file-name order.
 
     Streams ``batch_size`` rows at a time so a split never has to fit in memory.
     """
@@ -368,10 +475,47 @@ def read_image_rows(split_dir: str | Path, batch_size: int = 32) -> Iterator[dic
     if not files:
         raise FileNotFoundError(f"no part-*.parquet shard files in {split_dir}")
     for path in files:
-        validate_shard_schema(path)
+        version = validate_shard_schema(path)
         pf = pq.ParquetFile(path)
         for batch in pf.iter_batches(batch_size=batch_size):
-            yield from batch.to_pylist()
+            rows = batch.to_pylist()
+            yield from (map(upgrade_row, rows) if version == "1" else rows)
+
+
+def generalized_counts(files: Iterable[str | Path]) -> dict[str, Any]:
+    """How many expressions of these shard files have no target, and how many several: ``{"no_target",
+    "multi_target", "expressions", "first_file"}`` (``first_file``: the first file holding either, or
+    None). Reads the ``refs`` column only, never the images; version 1 files hold neither."""
+    out: dict[str, Any] = {"no_target": 0, "multi_target": 0, "expressions": 0, "first_file": None}
+    for path in files:
+        version = validate_shard_schema(path)
+        refs = pq.read_table(path, columns=["refs"]).column("refs").combine_chunks()
+        flat = pc.list_flatten(refs)
+        sentences = pc.list_value_length(flat.field("sentences")).to_numpy(zero_copy_only=False)
+        out["expressions"] += int(sentences.sum())
+        if version == "1" or len(flat) == 0:
+            continue
+        none = flat.field("no_target").to_numpy(zero_copy_only=False).astype(bool)
+        several = pc.list_value_length(flat.field("targets")).to_numpy(zero_copy_only=False) > 1
+        n_none, n_several = int(sentences[none].sum()), int(sentences[several].sum())
+        out["no_target"] += n_none
+        out["multi_target"] += n_several
+        if (n_none or n_several) and out["first_file"] is None:
+            out["first_file"] = str(path)
+    return out
+
+
+def check_single_target(files: list[str], where: str) -> None:
+    """InputError in one line when shard files hold expressions with no target or with several:
+    training learns exactly one target per expression, and dropping those rows would mis-train silently."""
+    counts = generalized_counts(files)
+    if counts["no_target"] or counts["multi_target"]:
+        raise InputError(
+            f"{where}: {counts['no_target']} expression(s) without a target and {counts['multi_target']} "
+            f"with several targets (of {counts['expressions']}; first in {counts['first_file']}): training "
+            "learns exactly one target per expression; train on single-target data (e.g. a classic "
+            "REFER split) or evaluate these with `ppcr evaluate`"
+        )
 
 
 @dataclass
@@ -379,7 +523,10 @@ class ExpressionSample:
     """One (image, referred object, sentence) triple read from the shards.
 
     ``bbox_xyxy``: float64 ``(4,)`` in continuous pixel coords of the original image;
-    ``mask_rle``: COCO compressed RLE ``{"size": [height, width], "counts": str}``.
+    ``mask_rle``: COCO compressed RLE ``{"size": [height, width], "counts": str}``. Both cover every
+    target together (the union mask and its enclosing box; ``[0, 0, 0, 0]`` and an empty mask when
+    ``no_target``). ``targets``: each target's ``{ann_id, category_id, bbox, mask}`` (none when
+    ``no_target``, one for a classic REFER expression). ``ann_id`` is the first target's, -1 without.
     """
 
     image_id: int
@@ -393,6 +540,13 @@ class ExpressionSample:
     text: str
     bbox_xyxy: np.ndarray
     mask_rle: dict
+    no_target: bool = False
+    targets: list[dict] = field(default_factory=list)
+
+    @property
+    def generalized(self) -> bool:
+        """True when the expression has no target or several (what a single-target model cannot answer)."""
+        return self.no_target or len(self.targets) > 1
 
     def mask(self) -> np.ndarray:
         """Decoded bool mask of shape ``(height, width)``."""
@@ -453,4 +607,6 @@ def iter_expressions(split_dir: str | Path, limit_images: int | None = None) -> 
                     text=s["text"],
                     bbox_xyxy=bbox.copy(),  # fresh per sample: consumers may mutate in place
                     mask_rle=dict(mask),
+                    no_target=bool(ref["no_target"]),
+                    targets=[dict(t) for t in ref["targets"]],
                 )

@@ -27,7 +27,7 @@ from ..geometry import decode_image, preprocess_image
 from ..inputs import Batch, ground_truth_boxes, group_images
 from ..masks import decode_rle
 from ..storage import filesystem_for, is_uri
-from .shards import SHARD_SCHEMA, shard_dir
+from .shards import SHARD_SCHEMA, SHARD_SCHEMA_V1, check_single_target, shard_dir, validate_shard_schema
 
 #: One training row per expression (the output of `preprocess_images`).
 ROW_COLUMNS = (
@@ -75,6 +75,26 @@ def shard_files(entry: MixEntry) -> list[str]:
     return [scheme + f if scheme and not is_uri(f) else f for f in files]
 
 
+def files_schema(files: list[str]) -> pa.Schema:
+    """The schema the shard files of one split share (SHARD_SCHEMA, or SHARD_SCHEMA_V1 for version 1
+    files, which preprocess_images reads the same); ConfigError when the split mixes versions."""
+    versions = {validate_shard_schema(f) for f in files}
+    if len(versions) > 1:
+        raise ConfigError(
+            f"{files[0]} and the rest of its split mix shard format versions {sorted(versions)}; "
+            "prepare the split again"
+        )
+    return SHARD_SCHEMA_V1 if versions == {"1"} else SHARD_SCHEMA
+
+
+def check_mix_single_target(cfg: RunConfig) -> None:
+    """InputError (one line, naming the split and the counts) when a training split holds expressions
+    without a target or with several: training learns exactly one target per expression."""
+    for entry in mix_entries(cfg):
+        where = f"{entry.shards_root}/{entry.dataset}_{entry.split_by}/{entry.split}"
+        check_single_target(shard_files(entry), where)
+
+
 def preprocess_images(
     batch: pa.Table, clip_size: int, sam_size: int, dataset: str, split_by: str, clip_mode: str = "pad"
 ) -> dict:
@@ -117,7 +137,7 @@ def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | 
     for i, entry in enumerate(mix_entries(cfg)):
         files = shard_files(entry)
         read = ray.data.read_parquet(
-            files, schema=SHARD_SCHEMA, shuffle="files", override_num_blocks=len(files)
+            files, schema=files_schema(files), shuffle="files", override_num_blocks=len(files)
         )
         rows = read.map_batches(
             preprocess_images,
