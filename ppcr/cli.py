@@ -67,6 +67,8 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from .data.synth import SynthConfig, synthesize
 
     fields = dict(num_images=a.num_images, seed=a.seed, min_objects=a.min_objects, max_objects=a.max_objects)
+    if a.grefcoco:
+        fields.update(generalized=True, dataset="synthgref")
     cfg = from_dict(SynthConfig, {**fields, "relations": not a.no_relations}, "synth")
     summary = synthesize(a.out, cfg)
     print(json.dumps(summary, indent=2, default=str))
@@ -270,10 +272,20 @@ def check_splits(root: str | Path, dataset: str, split_by: str, splits: list[str
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .data.shards import shard_dir
-    from .evaluate import evaluate_split
+    from .evaluate import evaluate_split, split_is_generalized
     from .report import write_report
 
     check_splits(a.shards, a.dataset, a.split_by, a.splits)
+    generalized = {
+        s: split_is_generalized(shard_dir(a.shards, a.dataset, a.split_by, s), a.dataset) for s in a.splits
+    }
+    names = [s for s, g in generalized.items() if g]
+    if names and (a.ray or a.oracle_box):
+        flag = "--ray" if a.ray else "--oracle-box"
+        raise InputError(
+            f"{flag} is for single-target splits; {a.dataset} {', '.join(names)} hold(s) expressions with no "
+            "target or several (scored as gIoU, cIoU, N-acc, T-acc): evaluate without " + flag
+        )
     overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else {}
     if not a.ray and (a.config or a.set):
         raise InputError("--config / --set size the --ray pipeline (BatchConfig); add --ray or drop them")
@@ -296,6 +308,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             protocol=a.protocol,
             seed=a.protocol_seed or 0,
             on_prediction=None if records is None else records.append,
+            generalized=generalized[split],
         )
     _write_predictions(a, records)
     js, md = write_report(a.out, results, meta=meta)
@@ -523,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
             "ppcr synth --out data/synth --num-images 200",
             "ppcr prepare --refer-root data/synth --images data/synth/images/train2014 --dataset synthref "
             "--split-by unc --out data/shards",
+            "ppcr synth --grefcoco --out data/gsynth --num-images 200",
+            "ppcr prepare --refer-root data/gsynth --images data/gsynth/images/train2014 --dataset synthgref "
+            "--split-by unc --out data/shards",
         ),
     )
     s.add_argument("--out", required=True, help="folder to write (the REFER layout and images/)")
@@ -534,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-objects", type=int, default=2, help="fewest objects per image")
     s.add_argument("--max-objects", type=int, default=4, help="most objects per image")
     s.add_argument("--no-relations", action="store_true", help="attribute expressions only (easier)")
+    s.add_argument(
+        "--grefcoco",
+        action="store_true",
+        help="write gRefCOCO's layout as data set synthgref (grefs(unc).json): also expressions naming "
+        "no object and several objects",
+    )
     s.set_defaults(fn=cmd_synth)
 
     s = _command(
@@ -625,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = _command(
         sub,
         "evaluate",
-        help="evaluate a checkpoint on shard splits (oIoU, mIoU, Prec@k, BoxAcc)",
+        help="evaluate a checkpoint on shard splits (oIoU, mIoU, Prec@k, BoxAcc; generalized splits "
+        "such as gRefCOCO: gIoU, cIoU, N-acc, T-acc)",
         epilog=_examples(
             "ppcr evaluate --checkpoint demo_out/checkpoint --shards demo_out/shards --dataset synthref "
             "--splits val testA testB",

@@ -14,14 +14,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import InputError
-from .data.shards import ExpressionSample, ImageCache, iter_expressions, read_image_rows, to_item
+from .data.refer import GENERALIZED_DATASETS
+from .data.shards import (
+    ExpressionSample,
+    ImageCache,
+    generalized_counts,
+    iter_expressions,
+    read_image_rows,
+    to_item,
+)
 from .geometry import denormalize_box, mask_to_box
 from .inference import predict_torch
 from .inputs import collate
 from .masks import decode_rle, encode_mask
-from .metrics import RISMetrics, protocol_indices, score_expression
+from .metrics import GRESMetrics, RISMetrics, protocol_indices, score_expression, score_generalized
 from .model import PPCRModel
-from .report import prediction_record
+from .report import generalized_prediction_record, prediction_record
+from .storage import parquet_files
 
 
 def _chunks(samples: Iterable[ExpressionSample], size: int) -> Iterator[list[ExpressionSample]]:
@@ -50,6 +59,16 @@ def protocol_samples(
             yield group[i]
 
 
+def split_is_generalized(split_dir: str | Path, dataset: str | None = None) -> bool:
+    """True for a split of a generalized data set (``refer.GENERALIZED_DATASETS``, e.g. gRefCOCO) or one
+    whose shards hold an expression with no target or several: such a split is scored with
+    GRESMetrics (gIoU, cIoU, N-acc, T-acc) instead of RISMetrics."""
+    if dataset in GENERALIZED_DATASETS:
+        return True
+    counts = generalized_counts(parquet_files(split_dir, "part-"))
+    return bool(counts["no_target"] or counts["multi_target"])
+
+
 @torch.no_grad()
 def evaluate_split(
     model: PPCRModel,
@@ -61,9 +80,16 @@ def evaluate_split(
     protocol: str = "all",
     seed: int = 0,
     on_prediction: Callable[[dict], None] | None = None,
+    generalized: bool | None = None,
 ) -> dict:
     """Metrics of `model` on one shard split (RISMetrics.compute() keys): every expression, or those
     `protocol` picks ("glamm": 3 per image, drawn with `seed`; metrics.protocol_indices).
+
+    A generalized split (`generalized`; None: `split_is_generalized` decides from the shards) is scored
+    with GRESMetrics (gIoU, cIoU, N-acc, T-acc, Prec@t over target expressions): the answer is the union
+    of the answer's instances, and an empty answer means "no target". Today's model answers every
+    expression with one mask, which counts as one instance (an empty mask as none); `oracle_box` is
+    refused there (a no-target expression has no box to give SAM).
 
     Expressions are batched in shard order, so the expressions of one image share its encodings.
     `on_prediction` receives each expression's result (`report.prediction_record`: sent_id, IoU, box IoU,
@@ -74,7 +100,14 @@ def evaluate_split(
     about with its sentence id, as `ppcr evaluate --ray` does.
     """
     model.eval()
-    metrics = RISMetrics()
+    if generalized is None:
+        generalized = split_is_generalized(split_dir)
+    if generalized and oracle_box:
+        raise InputError(
+            f"{split_dir}: --oracle-box gives SAM the ground-truth box, which an expression without a "
+            "target does not have; evaluate this generalized split without it"
+        )
+    metrics: RISMetrics | GRESMetrics = GRESMetrics() if generalized else RISMetrics()
     cache = ImageCache(capacity=256)
     split = Path(split_dir).name
     samples = protocol_samples(iter_expressions(split_dir, limit_images=limit_images), protocol, seed)
@@ -85,6 +118,24 @@ def evaluate_split(
         batch = collate(items, model.clip_size, model.sam_size, model.clip_mode).to(model.device)
         # The box of each answer is what SAM was given: the predicted box, or the GT box as the oracle.
         for sample, item, seg in zip(chunk, items, predict_torch(model, batch, oracle_box=oracle_box)):
+            if generalized:
+                gres = score_generalized(seg.mask, item.gt_mask, sample.no_target)
+                metrics.add(gres)
+                if on_prediction is not None:
+                    # The single-target model's answer is one instance (none when its mask is empty).
+                    instances = [(seg.box, seg.mask, seg.score)] if gres.answered else []
+                    on_prediction(
+                        generalized_prediction_record(
+                            split,
+                            sample.sent_id,
+                            sample.file_name,
+                            sample.text,
+                            instances,
+                            gres,
+                            (sample.height, sample.width),
+                        )
+                    )
+                continue
             score = score_expression(seg.mask, item.gt_mask, seg.box, item.gt_box)
             metrics.add(score)
             if on_prediction is not None:

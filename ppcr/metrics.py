@@ -1,4 +1,5 @@
-"""Referring-image-segmentation metrics: oIoU, mIoU, Prec@t and box accuracy.
+"""Referring-image-segmentation metrics: oIoU, mIoU, Prec@t and box accuracy; and the generalized ones
+(gRefCOCO: gIoU, cIoU, N-acc, T-acc) of :class:`GRESMetrics`.
 
 Masks are HxW arrays in image pixel coordinates (bool, or 0/1 integers: anything ``!= 0`` is foreground).
 Boxes are pixel XYXY ``(x1, y1, x2, y2)`` in continuous coordinates: the box ``[0, 0, 10, 10]`` covers
@@ -309,3 +310,184 @@ def describe_protocol(protocol: str, seed: int = 0) -> str:
             "samples them for RefCOCO evaluation but reproducible"
         )
     raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+
+
+# ----------------------------------------------------------------------------- generalized RES (gRefCOCO)
+
+
+class GRESScore(NamedTuple):
+    """One expression of a generalized split: mask intersection and union (pixels), whether the ground
+    truth has no target, whether the answer has pixels, and the expression's IoU as gIoU counts it."""
+
+    intersection: int
+    union: int
+    no_target: bool
+    answered: bool
+    iou: float
+
+
+def score_generalized(pred_mask: np.ndarray, gt_mask: np.ndarray, no_target: bool) -> GRESScore:
+    """Score one expression: the answer's union mask and the ground truth's (HxW, bool or 0/1; all
+    targets together, empty when ``no_target``). An empty answer means "no target".
+
+    IoU: a target expression's mask IoU (an empty answer scores 0); a no-target expression scores 1
+    when the answer is empty, else 0, and its answer's pixels are its union (cIoU). ValueError when the
+    ground truth contradicts ``no_target`` (pixels for no target, or none for a target).
+    """
+    inter, union = mask_iou_parts(pred_mask, gt_mask)
+    gt_pixels = int(np.count_nonzero(_as_mask(gt_mask, "gt")))
+    if no_target and gt_pixels:
+        raise ValueError(f"a no-target expression has a ground-truth mask of {gt_pixels} pixels")
+    if not no_target and not gt_pixels:
+        raise ValueError("a target expression has an empty ground-truth mask")
+    answered = union > gt_pixels or inter > 0
+    if no_target:
+        return GRESScore(0, union, True, answered, 0.0 if answered else 1.0)
+    return GRESScore(inter, union, False, answered, inter / union)
+
+
+class GRESMetrics:
+    """Running metrics of generalized referring expression segmentation (gRefCOCO; the GRES paper's
+    definitions, Liu, Ding and Jiang, CVPR 2023), one update per expression, O(1) memory.
+
+    Reported by :meth:`compute` (fractions in [0, 1]):
+      * ``gIoU``: mean per-expression IoU over all expressions; a no-target expression scores 1 when its
+        answer is empty, else 0;
+      * ``cIoU``: cumulative intersection over cumulative union over all expressions; a non-empty answer
+        to a no-target expression adds its pixels to the union (1.0 when the union is still empty);
+      * ``N-acc``: no-target expressions answered empty / all no-target expressions;
+      * ``T-acc``: target expressions answered with pixels / all target expressions;
+      * ``Prec@t``: target expressions with IoU >= t / all target expressions (as ReLA reports Pr@t);
+      * ``count``, ``no_target_count``. A rate with no expression to count (``N-acc`` on a split without
+        no-target expressions) is None.
+
+    Where ReLA's ``gres_model/evaluation/refer_evaluation.py`` differs from these (paper) definitions:
+      * its ``N_acc`` is TP / (TP + FN + **1**) (TP: no-target answered "no target", FN: no-target
+        answered with a target): the +1 in the denominator keeps it below the paper's value, e.g. 0.999
+        for 1000 of 1000;
+      * its ``T_acc`` is TP / (TP + FP + 1) (FP: a target expression answered "no target"): the share of
+        "no target" answers that were right, smoothed by the same +1 — not the paper's share of target
+        expressions answered with a target, which is TN / (TN + FP) in its counts;
+      * it decides "no target" with a separate classifier and scores the mask apart from it: a target
+        expression answered "no target" adds intersection 0 but the union of the (unused) predicted mask
+        and the ground truth, where an empty answer adds the ground truth's pixels only. ppcr's answer
+        is its mask, so the two cannot disagree.
+    Its gIoU, cIoU and Pr@t are computed as here.
+    """
+
+    thresholds: tuple[float, ...] = (0.7, 0.8, 0.9)
+
+    def __init__(self, thresholds: Sequence[float] | None = None) -> None:
+        if thresholds is not None:
+            self.thresholds = tuple(float(t) for t in thresholds)
+        self._fracs = [Fraction(t).limit_denominator(10**6) for t in self.thresholds]
+        self.sum_inter = 0
+        self.sum_union = 0
+        self._iou_partials: list[float] = []  # exact, order-independent sum (as RISMetrics)
+        self.count = 0
+        self.no_target_count = 0
+        self.no_target_right = 0  # no-target expressions answered empty
+        self.target_answered = 0  # target expressions answered with pixels
+        self.hits = [0] * len(self.thresholds)
+
+    def update(self, pred_mask: np.ndarray, gt_mask: np.ndarray, no_target: bool) -> float:
+        """Add one expression (see :func:`score_generalized`); returns its IoU."""
+        return self.add(score_generalized(pred_mask, gt_mask, no_target))
+
+    def add(self, score: GRESScore) -> float:
+        """Add one expression's :class:`GRESScore` (e.g. a line of a predictions file); returns its IoU."""
+        inter, union = int(score.intersection), int(score.union)
+        if inter < 0 or union < inter:
+            raise ValueError(
+                f"intersection {inter} and union {union} must satisfy 0 <= intersection <= union"
+            )
+        if score.no_target:
+            if inter or (union > 0) != bool(score.answered):
+                raise ValueError(
+                    f"a no-target expression has intersection 0 and a union of its answer's pixels; got "
+                    f"{inter}, {union} with answered={score.answered}"
+                )
+            iou = 0.0 if score.answered else 1.0
+        else:
+            if union == 0:
+                raise ValueError("a target expression has a union of at least its ground-truth pixels; got 0")
+            iou = inter / union
+        self.sum_inter += inter
+        self.sum_union += union
+        _add_exact(self._iou_partials, iou)
+        self.count += 1
+        if score.no_target:
+            self.no_target_count += 1
+            self.no_target_right += not score.answered
+        else:
+            self.target_answered += bool(score.answered)
+            for i, t in enumerate(self._fracs):
+                if inter * t.denominator >= t.numerator * union:
+                    self.hits[i] += 1
+        return iou
+
+    def merge(self, other: GRESMetrics) -> GRESMetrics:
+        """Accumulate ``other`` into ``self`` in place; returns ``self``."""
+        if tuple(other.thresholds) != tuple(self.thresholds):
+            raise ValueError(f"threshold mismatch: {self.thresholds} vs {other.thresholds}")
+        self.sum_inter += other.sum_inter
+        self.sum_union += other.sum_union
+        for x in other._iou_partials:
+            _add_exact(self._iou_partials, x)
+        self.count += other.count
+        self.no_target_count += other.no_target_count
+        self.no_target_right += other.no_target_right
+        self.target_answered += other.target_answered
+        self.hits = [a + b for a, b in zip(self.hits, other.hits, strict=True)]
+        return self
+
+    def compute(self) -> dict[str, float | int | None]:
+        """Metrics dict; ValueError("no expressions") before any update."""
+        if self.count == 0:
+            raise ValueError("no expressions")
+        targets = self.count - self.no_target_count
+        out: dict[str, float | int | None] = {
+            "gIoU": math.fsum(self._iou_partials) / self.count,
+            "cIoU": self.sum_inter / self.sum_union if self.sum_union else 1.0,
+            "N-acc": self.no_target_right / self.no_target_count if self.no_target_count else None,
+            "T-acc": self.target_answered / targets if targets else None,
+        }
+        for t, h in zip(self.thresholds, self.hits, strict=True):
+            out[f"Prec@{t:g}"] = h / targets if targets else None
+        out["count"] = self.count
+        out["no_target_count"] = self.no_target_count
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON-able) snapshot of the running sums."""
+        return {
+            "thresholds": list(self.thresholds),
+            "sum_inter": int(self.sum_inter),
+            "sum_union": int(self.sum_union),
+            "iou_partials": [float(x) for x in self._iou_partials],
+            "count": int(self.count),
+            "no_target_count": int(self.no_target_count),
+            "no_target_right": int(self.no_target_right),
+            "target_answered": int(self.target_answered),
+            "hits": [int(h) for h in self.hits],
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> GRESMetrics:
+        """Inverse of :meth:`state_dict`."""
+        m = cls(thresholds=d.get("thresholds", cls.thresholds))
+        hits = [int(h) for h in d["hits"]]
+        if len(hits) != len(m.thresholds):
+            raise ValueError(f"state has {len(hits)} hit counts for {len(m.thresholds)} thresholds")
+        m.sum_inter, m.sum_union = int(d["sum_inter"]), int(d["sum_union"])
+        for x in d["iou_partials"]:
+            _add_exact(m._iou_partials, float(x))
+        m.count = int(d["count"])
+        m.no_target_count = int(d["no_target_count"])
+        m.no_target_right = int(d["no_target_right"])
+        m.target_answered = int(d["target_answered"])
+        m.hits = hits
+        return m
+
+    def __repr__(self) -> str:
+        return f"GRESMetrics(count={self.count}, no_target_count={self.no_target_count})"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import ExpressionScore, RISMetrics
+from .metrics import ExpressionScore, GRESMetrics, GRESScore, RISMetrics
 
 ColumnKey = tuple[str, str, str]
 Results = Mapping[str, Mapping[ColumnKey, Mapping[str, Any]]]
@@ -40,9 +40,24 @@ CONVENTIONS = (
     "expressions; mIoU (= gIoU in LISA/GLaMM, not the box-regression GIoU) = mean per-expression IoU "
     "(an expression whose prediction and ground truth are both empty scores 1)."
 )
+GRES_CONVENTIONS = (
+    "Generalized splits (expressions naming no object or several; the answer is the union of its "
+    "instances, empty for 'no target'): gIoU = mean per-expression IoU, a no-target expression scoring 1 "
+    "when answered empty, else 0; cIoU = cumulative intersection / cumulative union, a wrong answer to a "
+    "no-target expression adding its pixels to the union; N-acc = no-target expressions answered empty / "
+    "all no-target; T-acc = target expressions answered with pixels / all target expressions; Prec@t "
+    "over target expressions. A model that answers every expression with one mask scores N-acc 0 unless "
+    "its mask is empty."
+)
+_GRES_METRICS = ("gIoU", "cIoU", "N-acc", "T-acc", "Prec@0.7", "Prec@0.8", "Prec@0.9")
 REPORT_VERSION = 1
 
-_DATASET_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg"}
+_DATASET_NAMES = {
+    "refcoco": "RefCOCO",
+    "refcoco+": "RefCOCO+",
+    "refcocog": "RefCOCOg",
+    "grefcoco": "gRefCOCO",
+}
 _SPLIT_NAMES = {"val": "Val", "test": "Test", "testA": "TestA", "testB": "TestB", "train": "Train"}
 # The paper tags RefCOCOg splits with the partition: (U) = umd, (G) = google.
 _PARTITION_TAGS = {("refcocog", "umd"): "(U)", ("refcocog", "google"): "(G)"}
@@ -141,6 +156,36 @@ def detail_table(results: Results) -> str:
     return _table(header, rows, [":---", ":---"] + ["---:"] * (len(metrics) + 1))
 
 
+def split_kinds(results: Results) -> tuple[dict, dict]:
+    """(classic, generalized) parts of ``results``: a column whose metrics carry ``gIoU`` is a
+    generalized split's (GRESMetrics), every other a classic one's (RISMetrics). Rows left empty drop."""
+    classic: dict = {}
+    generalized: dict = {}
+    for row, per_col in _norm(results).items():
+        for key, m in per_col.items():
+            (generalized if "gIoU" in m else classic).setdefault(row, {})[key] = m
+    return classic, generalized
+
+
+def gres_table(results: Results) -> str:
+    """One line per (row, generalized column): gIoU, cIoU, N-acc, T-acc, Prec@0.7/0.8/0.9 (x100), the
+    number of expressions and of no-target ones."""
+    results = _norm(results)
+    cols = columns(results)
+    labels = dict(zip(cols, _labels(cols), strict=True))
+    header = ["Method", "Split", *_GRES_METRICS, "count", "no target"]
+    rows = []
+    for row, per_col in results.items():
+        for c in cols:
+            if c in per_col:
+                m = per_col[c]
+                counts = [
+                    MISSING if m.get(k) is None else str(int(m[k])) for k in ("count", "no_target_count")
+                ]
+                rows.append([row, labels[c], *[_pct(m.get(k)) for k in _GRES_METRICS], *counts])
+    return _table(header, rows, [":---", ":---"] + ["---:"] * (len(_GRES_METRICS) + 2))
+
+
 def markdown_table(results: Results, details: bool = True) -> str:
     """Main Table-1 style table, followed (if ``details``) by a blank line and :func:`detail_table`."""
     out = main_table(results)
@@ -201,20 +246,31 @@ def write_report(
         lines += [""]
     if meta:
         lines += [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
-    lines += [
-        "## Segmentation (layout of the PPCR paper, Table 1)",
-        "",
-        CONVENTIONS + f" Values x100; {MISSING} = not evaluated.",
-        "",
-        main_table(results),
-        "",
-        "## Precision and box accuracy",
-        "",
-        "Prec@t = % of expressions with mask IoU >= t; BoxAcc@0.5 = % with box IoU >= 0.5.",
-        "",
-        detail_table(results),
-        "",
-    ]
+    classic, generalized = split_kinds(results)
+    if classic:
+        lines += [
+            "## Segmentation (layout of the PPCR paper, Table 1)",
+            "",
+            CONVENTIONS + f" Values x100; {MISSING} = not evaluated.",
+            "",
+            main_table(classic),
+            "",
+            "## Precision and box accuracy",
+            "",
+            "Prec@t = % of expressions with mask IoU >= t; BoxAcc@0.5 = % with box IoU >= 0.5.",
+            "",
+            detail_table(classic),
+            "",
+        ]
+    if generalized:
+        lines += [
+            "## Generalized referring segmentation (gRefCOCO protocol)",
+            "",
+            GRES_CONVENTIONS + f" Values x100; {MISSING} = nothing to count.",
+            "",
+            gres_table(generalized),
+            "",
+        ]
     md_path = out / "report.md"
     md_path.write_text("\n".join(lines), encoding="utf-8")
     return json_path, md_path
@@ -251,6 +307,47 @@ def prediction_record(
     }
 
 
+def generalized_prediction_record(
+    split: str,
+    sent_id: int,
+    file_name: str,
+    expression: str,
+    instances: list[tuple[Any, Any, float]],
+    result: GRESScore,
+    hw: tuple[int, int],
+) -> dict:
+    """One line of a predictions file for an expression of a generalized split (gRefCOCO).
+
+    ``instances``: the answer's objects as (pixel XYXY box, bool HxW mask, score), none for "no target";
+    ``hw``: the image's (height, width).
+    Keys: split, sent_id, file_name, expression; no_target (the ground truth has none); iou (as gIoU
+    counts it), intersection, union (pixels, as cIoU adds them); mask: the union of the instances'
+    masks (COCO compressed RLE; empty for "no target"); instances: [{box, score, mask}, ...].
+    """
+    from .masks import encode_mask
+
+    if not instances and result.answered:
+        raise ValueError("an answer with pixels has at least one instance")
+    union = np.zeros(hw, dtype=bool)
+    for _, mask, _ in instances:
+        union |= np.asarray(mask, dtype=bool)
+    return {
+        "split": split,
+        "sent_id": int(sent_id),
+        "file_name": file_name,
+        "expression": expression,
+        "no_target": bool(result.no_target),
+        "iou": float(result.iou),
+        "intersection": int(result.intersection),
+        "union": int(result.union),
+        "mask": encode_mask(union),
+        "instances": [
+            {"box": [float(v) for v in box], "score": float(score), "mask": encode_mask(mask)}
+            for box, mask, score in instances
+        ],
+    }
+
+
 def write_predictions(path: str | Path, records: list[dict]) -> Path:
     """Write prediction records (`prediction_record`) as JSON Lines, in the given order (written to
     ``.tmp``, then renamed)."""
@@ -268,13 +365,21 @@ def metrics_from_predictions(path: str | Path) -> dict[str, dict]:
     """Re-compute each split's metrics from a predictions file: its lines replayed through RISMetrics give
     the report's numbers exactly (in any order: the sums are exact). Returns {split: compute()}; a line
     that is not a record raises ValueError naming the file and line."""
-    per: dict[str, RISMetrics] = {}
+    per: dict[str, RISMetrics | GRESMetrics] = {}
     with Path(path).open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             try:
                 r = json.loads(line)
-                score = ExpressionScore(r["intersection"], r["union"], r["iou"], r["box_iou"])
-                per.setdefault(r["split"], RISMetrics()).add(score)
+                kind = GRESMetrics if "no_target" in r else RISMetrics
+                metrics = per.setdefault(r["split"], kind())
+                if not isinstance(metrics, kind):
+                    raise ValueError(f"split {r['split']!r} mixes generalized and classic records")
+                if kind is GRESMetrics:
+                    answered = bool(r["instances"])
+                    score = GRESScore(r["intersection"], r["union"], r["no_target"], answered, r["iou"])
+                else:
+                    score = ExpressionScore(r["intersection"], r["union"], r["iou"], r["box_iou"])
+                metrics.add(score)
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}, line {n}: not a prediction record ({e!r})") from None
     return {split: m.compute() for split, m in per.items()}

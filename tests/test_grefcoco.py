@@ -282,3 +282,95 @@ def test_unknown_dataset_is_one_line_listing_the_known(tmp_path: Path, capsys) -
     assert main([*argv, "--split-by", "unc", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "grefcoco/unc" in err and "synthgref/unc" in err and "refcoco/unc" in err
+
+
+def test_evaluate_scores_a_generalized_split_with_gres_metrics(
+    gshards: Path, tiny_checkpoint, tmp_path, capsys
+):
+    """report.json carries gIoU, cIoU, N-acc, T-acc; each predictions line the union mask and its
+    instances; the lines replay to the report's numbers exactly."""
+    from ppcr.cli import main
+    from ppcr.report import metrics_from_predictions
+
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--shards",
+        str(gshards),
+        "--dataset",
+        "grefcoco",
+    ]
+    argv += ["--splits", "val", "--out", str(tmp_path / "eval")]
+    pred = tmp_path / "pred.jsonl"
+    assert main([*argv, "--predictions", str(pred)]) == 0
+    md = capsys.readouterr().out
+    assert "Generalized referring segmentation (gRefCOCO protocol)" in md and "oIoU" not in md
+    metrics = json.loads((tmp_path / "eval" / "report.json").read_text())["results"]["PPCR"][
+        "grefcoco/unc/val"
+    ]
+    assert {"gIoU", "cIoU", "N-acc", "T-acc"} <= set(metrics) and not {"oIoU", "mIoU"} & set(metrics)
+    samples = list(iter_expressions(shard_dir(gshards, "grefcoco", "unc", "val")))
+    assert metrics["count"] == len(samples) and metrics["no_target_count"] == sum(
+        s.no_target for s in samples
+    )
+    lines = [json.loads(x) for x in pred.read_text().splitlines()]
+    by_sent = {s.sent_id: s for s in samples}
+    for r in lines:
+        s = by_sent[r["sent_id"]]
+        union = decode_rle(r["mask"])
+        assert union.shape == (s.height, s.width) and r["no_target"] is s.no_target
+        # One instance (the single-target model's one mask) unless the mask is empty: the union is it.
+        assert len(r["instances"]) == int(union.any())
+        for inst in r["instances"]:
+            assert np.array_equal(decode_rle(inst["mask"]), union) and len(inst["box"]) == 4
+        gt = s.mask()
+        if s.no_target:
+            assert r["iou"] == float(not union.any()) and r["union"] == int(union.sum())
+        else:
+            assert (r["intersection"], r["union"]) == (int((union & gt).sum()), int((union | gt).sum()))
+    assert metrics_from_predictions(pred)["val"] == metrics
+    for flag in ("--ray", "--oracle-box"):
+        assert main([*argv, flag]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{flag} is for single-target splits; grefcoco val hold(s) expressions with no target" in err
+        assert "\n" not in err
+
+
+def test_synth_grefcoco_round_trips_through_the_reader(tmp_path: Path) -> None:
+    """`ppcr synth --grefcoco`: the classic data set's images and refs, plus per image a no-target ref and
+    (when a description fits several objects) a multi-target one; prepare reads it back exactly."""
+    cfg = dict(num_images=10, seed=5, min_objects=3, max_objects=4, relations=False)
+    classic = synthesize(tmp_path / "c", SynthConfig(**cfg))
+    summary = synthesize(tmp_path / "g", SynthConfig(**cfg, generalized=True, dataset="synthgref"))
+    assert (tmp_path / "g" / "synthgref" / "grefs(unc).json").is_file()
+    for name in ("COCO_train2014_000000000001.jpg", "COCO_train2014_000000000010.jpg"):
+        assert (Path(classic["images_dir"]) / name).read_bytes() == (
+            Path(summary["images_dir"]) / name
+        ).read_bytes()
+    old = ReferDataset(tmp_path / "c", "synthref", "unc")
+    new = ReferDataset(tmp_path / "g", "synthgref", "unc")
+    singles = [(r.ref_id, r.ann_id, [s.text for s in r.sentences]) for r in new.refs() if len(r.ann_ids) == 1]
+    by_text = {tuple(t): a for _, a, t in singles}
+    assert {tuple(s.text for s in r.sentences): r.ann_id for r in old.refs()} == by_text
+    none = [r for r in new.refs() if r.no_target]
+    multi = [r for r in new.refs() if len(r.ann_ids) > 1]
+    assert len(none) == summary["images"] and multi
+    assert sum(v["no_target_refs"] for v in summary["splits"].values()) == len(none)
+    words = {"circle", "square", "triangle", "one"}
+    for r in multi:
+        assert all(
+            s.text.split()[0] in ("both", "the", "all") and s.text.split()[-1][:-1] in words
+            for s in r.sentences
+        )
+        assert all(new.annotations[a]["image_id"] == r.image_id for a in r.ann_ids)
+
+    prepare_shards(tmp_path / "g", summary["images_dir"], "synthgref", "unc", tmp_path / "s", progress=False)
+    got = {}
+    for split in new.splits:
+        for s in iter_expressions(shard_dir(tmp_path / "s", "synthgref", "unc", split)):
+            got[s.sent_id] = (s.no_target, [t["ann_id"] for t in s.targets], s.text)
+    want = {
+        sent.sent_id: (r.no_target, list(r.ann_ids), sent.text) for r in new.refs() for sent in r.sentences
+    }
+    assert got == want

@@ -193,3 +193,75 @@ def test_every_metric_is_exact_in_any_order_and_grouping() -> None:
         inter, union = mask_iou_parts(p, g)
         naive[i >= len(items)] += 1.0 if union == 0 else inter / union
     assert naive[0] != naive[1]
+
+
+# ----------------------------------------------------------------------------- generalized (gRefCOCO)
+
+
+def _square(rows: slice, cols: slice) -> np.ndarray:
+    m = np.zeros((4, 4), dtype=bool)
+    m[rows, cols] = True
+    return m
+
+
+def _gres_cases() -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """(answer, ground truth, no target) on 4x4 images, hand-scored in test_gres_hand_computed."""
+    gt = _square(slice(0, 2), slice(0, 2))  # 4 pixels
+    empty = np.zeros((4, 4), dtype=bool)
+    return [
+        (_square(slice(0, 2), slice(1, 3)), gt, False),  # I 2, U 6: IoU 1/3, answered
+        (empty, gt, False),  # I 0, U 4: IoU 0, not answered
+        (empty, empty, True),  # right: IoU 1, U 0
+        (_square(slice(3, 4), slice(0, 3)), empty, True),  # wrong: IoU 0, its 3 pixels join the union
+        (gt.copy(), gt, False),  # I 4, U 4: IoU 1
+    ]
+
+
+def test_gres_hand_computed() -> None:
+    from ppcr.metrics import GRESMetrics
+
+    m = GRESMetrics()
+    ious = [m.update(p, g, nt) for p, g, nt in _gres_cases()]
+    assert ious == [1 / 3, 0.0, 1.0, 0.0, 1.0]
+    out = m.compute()
+    assert out["gIoU"] == pytest.approx((1 / 3 + 0 + 1 + 0 + 1) / 5)
+    assert out["cIoU"] == 6 / 17  # (2 + 0 + 0 + 0 + 4) / (6 + 4 + 0 + 3 + 4)
+    assert out["N-acc"] == 1 / 2  # ReLA's code: 1 / (1 + 1 + 1)
+    assert out["T-acc"] == 2 / 3  # targets answered with pixels: the first and the last
+    assert out["Prec@0.7"] == out["Prec@0.9"] == 1 / 3  # over the 3 target expressions
+    assert (out["count"], out["no_target_count"]) == (5, 2)
+
+
+def test_gres_rates_without_a_kind_are_none_and_merge_is_exact() -> None:
+    from ppcr.metrics import GRESMetrics
+
+    cases = _gres_cases()
+    only_targets = GRESMetrics()
+    for p, g, nt in cases:
+        if not nt:
+            only_targets.update(p, g, nt)
+    assert only_targets.compute()["N-acc"] is None and only_targets.compute()["T-acc"] == 2 / 3
+    only_none = GRESMetrics()
+    only_none.update(cases[2][0], cases[2][1], True)
+    assert only_none.compute()["cIoU"] == 1.0 and only_none.compute()["T-acc"] is None
+    whole, a, b = GRESMetrics(), GRESMetrics(), GRESMetrics()
+    for i, (p, g, nt) in enumerate(cases):
+        whole.update(p, g, nt)
+        (a if i % 2 else b).update(p, g, nt)
+    assert a.merge(b).compute() == whole.compute()
+    again = GRESMetrics.from_state_dict(json.loads(json.dumps(whole.state_dict())))
+    assert again.compute() == whole.compute()
+    with pytest.raises(ValueError, match="no expressions"):
+        GRESMetrics().compute()
+
+
+def test_gres_ground_truth_must_agree_with_no_target() -> None:
+    from ppcr.metrics import GRESMetrics, GRESScore
+
+    gt = _square(slice(0, 2), slice(0, 2))
+    with pytest.raises(ValueError, match="no-target expression has a ground-truth mask of 4 pixels"):
+        GRESMetrics().update(gt, gt, True)
+    with pytest.raises(ValueError, match="target expression has an empty ground-truth mask"):
+        GRESMetrics().update(gt, np.zeros((4, 4), bool), False)
+    with pytest.raises(ValueError, match="no-target expression has intersection 0"):
+        GRESMetrics().add(GRESScore(0, 5, True, False, 1.0))

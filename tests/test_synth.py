@@ -279,3 +279,28 @@ def test_object_sizes_follow_config(tmp_path: Path) -> None:
     for ann in inst["annotations"]:
         side = max(ann["bbox"][2], ann["bbox"][3]) / short[ann["image_id"]]
         assert 0.19 <= side <= 0.23 or 0.35 <= side <= 0.41, side
+
+
+def test_grefcoco_layout_expressions_mean_what_their_targets_say(tmp_path: Path) -> None:
+    """synthgref, read from the pixels: a no-target expression fits no object of its image, a multi-target
+    one ("both red circles", "the two squares", "all the big ones") exactly its targets, a single one its
+    one object."""
+    cfg = SynthConfig(
+        num_images=12, seed=3, min_objects=3, relations=False, generalized=True, dataset="synthgref"
+    )
+    summary = synthesize(tmp_path, cfg)
+    refer = ReferDataset(summary["refer_root"], "synthgref", "unc")
+    images_dir = Path(summary["images_dir"])
+    kinds: Counter = Counter()
+    for ref in refer.refs():
+        objs = _scene(refer, images_dir, ref.image_id)
+        for s in ref.sentences:
+            if m := re.fullmatch(rf"(?:both|the two|all the) {_ATTR}s", s.text):
+                assert len(ref.ann_ids) >= 2 and sorted(_select(objs, *m.groups())) == sorted(ref.ann_ids)
+                kinds["multi"] += 1
+            else:
+                assert _resolve(s.text, objs) == list(ref.ann_ids), (ref.image_id, s.text, objs)
+                kinds["none" if ref.no_target else "single"] += 1
+    assert kinds["multi"] and kinds["none"] >= summary["images"] and kinds["single"]
+    with pytest.raises(ValueError, match="the gRefCOCO layout is written as one of"):
+        SynthConfig(generalized=True).validate("synth")

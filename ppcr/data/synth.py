@@ -1,10 +1,16 @@
-"""Synthetic RefCOCO-like data set written in the official REFER layout.
+"""Synthetic RefCOCO-like data set written in the official REFER layout, or gRefCOCO's.
 
 ``synthesize(out, SynthConfig(...))`` writes::
 
     <out>/<dataset>/refs(unc).p              REFER refs pickle (official keys)
     <out>/<dataset>/instances.json           COCO instances (polygons, ~1 in 5 as compressed RLE)
     <out>/images/train2014/COCO_train2014_%012d.jpg
+
+With ``generalized=True`` (dataset ``synthgref``, ``ppcr synth --grefcoco``) the refs are gRefCOCO's
+``<out>/synthgref/grefs(unc).json`` (``ann_id`` / ``category_id`` lists, ``no_target``): the same images
+and single-target refs, plus per image one expression naming no object (an attribute combination absent
+from the image, "the green circle") and, when a description matches two objects or more, one naming
+them all ("both red circles", "all the squares").
 
 Scenes are plain noisy backgrounds with 2-4 non-overlapping filled shapes (circle / square / triangle)
 in a few colours and two clearly distinct sizes. Every sentence refers *uniquely* to its object in its
@@ -31,7 +37,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from ..config import key, require, require_at_least
-from .refer import DATASET_SPLITS, coco_image_filename
+from .refer import DATASET_SPLITS, GENERALIZED_DATASETS, NO_TARGET, coco_image_filename
 
 __all__ = ["COLORS", "SHAPES", "SynthConfig", "synthesize"]
 
@@ -82,9 +88,18 @@ class SynthConfig:
         ("testB", 0.1),
     )
     dataset: str = "synthref"
+    # gRefCOCO layout (`synthgref`): each image also gets an expression naming no object (an attribute
+    # combination absent from it) and, when two objects or more share a description, one naming them all.
+    generalized: bool = False
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError (a ValueError) naming the key of an inconsistent value."""
+        require(
+            self.generalized == (self.dataset in GENERALIZED_DATASETS),
+            f"{key(prefix, 'dataset')} {self.dataset!r} with {key(prefix, 'generalized')} {self.generalized}: "
+            f"the gRefCOCO layout is written as one of {GENERALIZED_DATASETS} (generalized true), the "
+            "classic one as synthref",
+        )
         require_at_least(self.num_images, 1, key(prefix, "num_images"))
         require(
             1 <= self.min_objects <= self.max_objects,
@@ -326,6 +341,69 @@ def _pick_sentences(rng: np.random.Generator, groups: list[list[str]]) -> list[s
     return out
 
 
+def _plural(d: _Desc) -> str:
+    words = _phrase(d).split()
+    return " ".join([*words[:-1], words[-1] + "s"])
+
+
+def _multi_target_groups(objs: list[_Obj]) -> dict[tuple[int, ...], list[str]]:
+    """Expressions naming two objects or more: (indices of exactly the objects an attribute description
+    matches) -> its expressions ("both red circles", "the two squares", "all the big ones")."""
+    out: dict[tuple[int, ...], list[str]] = {}
+    for t in objs:
+        for keep in _ATTR_SUBSETS:
+            d = _attrs_of(t, keep)
+            idx = tuple(i for i, o in enumerate(objs) if _matches(o, d))
+            if len(idx) < 2:
+                continue
+            texts = (
+                [f"both {_plural(d)}", f"the two {_plural(d)}"]
+                if len(idx) == 2
+                else [f"all the {_plural(d)}"]
+            )
+            out.setdefault(idx, [])
+            out[idx] += [x for x in texts if x not in out[idx]]
+    return out
+
+
+def _no_target_expressions(cfg: SynthConfig, objs: list[_Obj]) -> list[str]:
+    """Expressions naming nothing in the image: an object's description with one attribute changed, so
+    that no object matches ("the green circle" beside a red circle and a green square)."""
+    values = {"size": _SIZES, "color": cfg.colors, "shape": cfg.shapes}
+    out: list[str] = []
+    for o in objs:
+        for attr, choices in values.items():
+            for v in choices:
+                if v == getattr(o, attr):
+                    continue
+                full = {"size": o.size, "color": o.color, "shape": o.shape, attr: v}
+                for keep in (("color", "shape"), ("size", "color", "shape")):
+                    d = tuple(full[k] if k in keep else None for k in ("size", "color", "shape"))
+                    text = f"the {_phrase(d)}"
+                    if not any(_matches(x, d) for x in objs) and text not in out:
+                        out.append(text)
+    return out
+
+
+def _generalized_refs(cfg: SynthConfig, image_id: int, objs: list[_Obj]) -> list[tuple[list[int], list[str]]]:
+    """(indices of the target objects, sentences) of an image's extra gRefCOCO refs: one naming several
+    objects when some description matches two or more, and one naming none. Drawn from their own random
+    stream, so the image and its single-target refs are those of the classic data set."""
+    rng = np.random.default_rng([cfg.seed, 2, image_id])
+    refs: list[tuple[list[int], list[str]]] = []
+    groups = _multi_target_groups(objs)
+    if groups:
+        idx = list(groups)[int(rng.integers(len(groups)))]
+        texts = list(groups[idx])
+        k = min(len(texts), int(rng.integers(1, 3)))
+        refs.append((list(idx), [texts.pop(int(rng.integers(len(texts)))) for _ in range(k)]))
+    absent = _no_target_expressions(cfg, objs)
+    if absent:
+        k = min(len(absent), int(rng.integers(1, 3)))
+        refs.append(([], [absent.pop(int(rng.integers(len(absent)))) for _ in range(k)]))
+    return refs
+
+
 # ----------------------------------------------------------------------------- rendering
 
 
@@ -424,7 +502,10 @@ def synthesize(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
     annotations: list[dict] = []
     refs: list[dict] = []
     next_ann, next_ref, next_sent = 1, 0, 0
-    per_split = {s: {"images": 0, "refs": 0, "sentences": 0} for s, _ in cfg.split_fractions}
+    counts = ("images", "refs", "sentences") + (
+        ("multi_target_refs", "no_target_refs") if cfg.generalized else ()
+    )
+    per_split = {s: dict.fromkeys(counts, 0) for s, _ in cfg.split_fractions}
 
     for index in range(cfg.num_images):
         image_id = index + 1
@@ -435,6 +516,7 @@ def synthesize(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
         split = splits[index]
         per_split[split]["images"] += 1
 
+        first_ann = next_ann
         for o, g in zip(objs, groups, strict=True):
             ann_id = next_ann
             next_ann += 1
@@ -461,20 +543,46 @@ def synthesize(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
             for t in texts:
                 sentences.append({"sent_id": next_sent, "sent": t, "raw": t, "tokens": t.split()})
                 next_sent += 1
+            ref = {
+                "ref_id": next_ref,
+                "ann_id": ann_id,
+                "image_id": image_id,
+                "split": split,
+                "sentences": sentences,
+                "sent_ids": [s["sent_id"] for s in sentences],
+                "category_id": cat_id[o.shape],
+                # Official quirk: the ref's file_name carries an "_<ann_id>" suffix.
+                "file_name": file_name[: -len(".jpg")] + f"_{ann_id}.jpg",
+            }
+            if cfg.generalized:  # gRefCOCO's keys: id lists and the no_target flag
+                ref.update(ann_id=[ann_id], category_id=[cat_id[o.shape]], no_target=False)
+            refs.append(ref)
+            next_ref += 1
+            per_split[split]["refs"] += 1
+            per_split[split]["sentences"] += len(sentences)
+
+        for idx, texts in _generalized_refs(cfg, image_id, objs) if cfg.generalized else []:
+            sentences = []
+            for t in texts:
+                sentences.append({"sent_id": next_sent, "sent": t, "raw": t, "tokens": t.split()})
+                next_sent += 1
+            ann_ids = [first_ann + i for i in idx] or [NO_TARGET]
             refs.append(
                 {
                     "ref_id": next_ref,
-                    "ann_id": ann_id,
+                    "ann_id": ann_ids,
                     "image_id": image_id,
                     "split": split,
                     "sentences": sentences,
                     "sent_ids": [s["sent_id"] for s in sentences],
-                    "category_id": cat_id[o.shape],
-                    # Official quirk: the ref's file_name carries an "_<ann_id>" suffix.
-                    "file_name": file_name[: -len(".jpg")] + f"_{ann_id}.jpg",
+                    "category_id": [cat_id[objs[i].shape] for i in idx] or [NO_TARGET],
+                    "no_target": not idx,
+                    "file_name": file_name[: -len(".jpg")] + f"_{ann_ids[0]}.jpg",
                 }
             )
             next_ref += 1
+            kind = "multi_target_refs" if idx else "no_target_refs"
+            per_split[split][kind] += 1
             per_split[split]["refs"] += 1
             per_split[split]["sentences"] += len(sentences)
 
@@ -485,8 +593,11 @@ def synthesize(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
         "categories": categories,
     }
     (ann_dir / "instances.json").write_text(json.dumps(instances, separators=(",", ":")), encoding="utf-8")
-    with (ann_dir / "refs(unc).p").open("wb") as f:
-        pickle.dump(refs, f, protocol=2)  # protocol of the official (Python 2) pickles
+    if cfg.generalized:  # gRefCOCO ships its refs as JSON
+        (ann_dir / "grefs(unc).json").write_text(json.dumps(refs, separators=(",", ":")), encoding="utf-8")
+    else:
+        with (ann_dir / "refs(unc).p").open("wb") as f:
+            pickle.dump(refs, f, protocol=2)  # protocol of the official (Python 2) pickles
 
     return {
         "dataset": cfg.dataset,
