@@ -253,8 +253,8 @@ BAD_LINES = [
     ("{not json", "invalid JSON"),
     ('["image", "expression"]', "a line must be a JSON object; got list"),
     (
-        '{"image": "photos/coffee.jpg", "expression": "x", "mask": [[1, 1, 9, 1, 9, 9]], "masks": 1}',
-        "unknown key(s) ['masks']",
+        '{"image": "photos/coffee.jpg", "expression": "x", "mask": [[1, 1, 9, 1, 9, 9]], "maks": 1}',
+        "unknown key(s) ['maks']",
     ),
     ('{"expression": "x", "mask": [[1, 1, 9, 1, 9, 9]]}', "image must be a non-empty path or URI; got None"),
     ('{"image": "photos/none.jpg", "expression": "x", "mask": [[1, 1, 9, 1, 9, 9]]}', "image file missing"),
@@ -510,3 +510,83 @@ def test_exif_rotated_photo_rows_have_the_size_the_readers_decode(photos, tmp_pa
     (sample,) = iter_expressions(shard_dir(tmp_path / "out", "rot", "custom", "train"))
     assert (sample.height, sample.width) == (h, w) and np.array_equal(sample.mask(), mask)
     assert ImageCache().get(sample).shape[:2] == (h, w)  # the training/evaluation decode agrees
+
+
+def test_jsonl_and_coco_take_several_targets_and_no_target(photos, tmp_path):
+    """`masks` (several objects) and `no_target: true` (none) in a JSONL manifest, an `ann_id` list and
+    `no_target` with `image_id` in COCO expressions: the shards hold each target and their union."""
+    cup, saucer = _blob(100, 150, 3), _blob(100, 150, 4) & ~_blob(100, 150, 3)
+    lines = [
+        {
+            "image": "photos/coffee.jpg",
+            "expression": "the cup and the saucer",
+            "masks": [encode_mask(cup), encode_mask(saucer)],
+        },
+        {"image": "photos/coffee.jpg", "expression": "the spoon", "no_target": True},
+        {"image": "photos/coffee.jpg", "expression": "the cup", "mask": encode_mask(cup), "no_target": False},
+    ]
+    manifest = photos["root"] / "multi.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    prepare_custom(read_jsonl(manifest, "multi"), tmp_path / "j", progress=False)
+    got = list(iter_expressions(shard_dir(tmp_path / "j", "multi", "custom", "train")))
+    both, none, one = got
+    assert [t["ann_id"] for t in both.targets] == [1000, 1001] and both.ann_id == 1000
+    assert np.array_equal(decode_rle(both.targets[1]["mask"]), saucer)
+    assert np.array_equal(both.mask(), cup | saucer)
+    assert both.bbox_xyxy.tolist() == _mask_box(cup | saucer)
+    assert none.no_target and none.targets == [] and not none.mask().any() and none.ann_id == -1
+    assert not one.no_target and len(one.targets) == 1 and one.ann_id == 3
+
+    instances = {
+        "images": [{"id": 7, "file_name": "coffee.jpg", "height": 100, "width": 150}],
+        "annotations": [
+            {"id": 70, "image_id": 7, "category_id": 3, "segmentation": encode_mask(cup)},
+            {"id": 71, "image_id": 7, "category_id": 4, "segmentation": encode_mask(saucer)},
+        ],
+    }
+    inst_path = tmp_path / "instances.json"
+    inst_path.write_text(json.dumps(instances))
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"ann_id": [70, 71], "expression": "cup and saucer"},
+                {"image_id": 7, "no_target": True, "expression": "the spoon"},
+            ]
+        )
+    )
+    prepare_custom(
+        read_coco(inst_path, refs, photos["root"] / "photos", "tool"), tmp_path / "c", progress=False
+    )
+    pair, spoon = iter_expressions(shard_dir(tmp_path / "c", "tool", "custom", "train"))
+    assert [(t["ann_id"], t["category_id"]) for t in pair.targets] == [(70, 3), (71, 4)]
+    assert np.array_equal(pair.mask(), cup | saucer)
+    assert spoon.no_target and spoon.image_id == 7 and not spoon.mask().any()
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (
+            {"mask": [[1, 1, 9, 1, 9, 9]], "masks": [[[1, 1, 9, 1, 9, 9]]]},
+            "give either mask (one object) or masks",
+        ),
+        ({"masks": []}, "masks must be a non-empty list of masks"),
+        ({"masks": [5]}, "masks[0] must be a PNG path"),
+        ({"masks": [[[1, 1, 9, 1, 9, 9]]], "bbox": [1, 1, 2, 2]}, "bbox goes with mask"),
+        ({"no_target": True, "mask": [[1, 1, 9, 1, 9, 9]]}, "names no object: drop mask"),
+        ({"no_target": "yes"}, "no_target must be true or false"),
+        ({}, "missing mask (a PNG path"),
+        ({"masks": [[[1, 1, 9, 1, 9, 9]], []]}, "masks[1]: "),
+    ],
+)
+def test_bad_target_lines_are_named(photos, tmp_path, line, reason):
+    path = photos["root"] / f"bad-{abs(hash(json.dumps(line)))}.jsonl"
+    path.write_text(json.dumps({"image": "photos/coffee.jpg", "expression": "x", **line}) + "\n")
+    source = read_jsonl(path, "bad")
+    if source.errors:
+        errors = source.errors
+    else:
+        errors = prepare_custom(source, tmp_path / "out", skip_bad=True, progress=False).errors
+    assert len(errors) == 1 and reason in errors[0]["reason"], errors

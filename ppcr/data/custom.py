@@ -65,8 +65,19 @@ SPLIT_BY = "custom"
 FORMATS = ("jsonl", "coco")
 MAX_EXPRESSIONS_PER_LINE = 1000  # sent_id = ref_id * 1000 + k
 MAX_ID = 10**15  # ref_id * 1000 + k must stay below 2**63
-JSONL_KEYS = ("image", "expression", "expressions", "mask", "split", "bbox", "category", "id")
-COCO_REF_KEYS = ("ann_id", "expression", "expressions", "split", "id")
+JSONL_KEYS = (
+    "image",
+    "expression",
+    "expressions",
+    "mask",
+    "masks",
+    "no_target",
+    "split",
+    "bbox",
+    "category",
+    "id",
+)
+COCO_REF_KEYS = ("ann_id", "image_id", "no_target", "expression", "expressions", "split", "id")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # a folder name: no separators, no leading . or _
 
 
@@ -81,21 +92,25 @@ class ManifestLineError(ReferDataError):
 
 @dataclass(frozen=True)
 class Record:
-    """One referred object read from one line (JSON-serialisable, so Ray tasks can carry it)."""
+    """One line: the expressions and what they refer to (JSON-serialisable, so Ray tasks can carry it).
+
+    ``targets``: the referred objects, each ``{"mask": PNG location (str) | COCO RLE (dict) | polygons
+    (list), "bbox_xyxy": from the line's / annotation's XYWH bbox, None = the mask's extent, "ann_id",
+    "category_id", "note": COCO's "instances.json ann_id N: " prefixed to its mask errors}``; none when
+    ``no_target``.
+    """
 
     line: int
     split: str
     image: str  # where the image is read: a local path or a URI
     file_name: str  # the shard's file_name: the path as written (unique per image)
     texts: list[str]
-    mask: Any  # a PNG location (str), COCO RLE (dict) or polygons (list)
-    bbox_xyxy: list[float] | None  # from the line's / annotation's XYWH bbox; None = the mask's extent
-    category_id: int
+    targets: list[dict]
+    category_id: int  # the ref's: its first target's, -1 without a target
     ref_id: int
-    ann_id: int
     image_id: int
+    no_target: bool = False
     image_hw: list[int] | None = None  # COCO: instances.json's [height, width], checked on decode
-    ann_note: str = ""  # COCO: "instances.json ann_id N: " prefixed to mask errors
 
 
 @dataclass
@@ -271,22 +286,11 @@ def read_jsonl(manifest: str | Path, dataset: str) -> CustomSource:
             image = obj.get("image")
             if not isinstance(image, str) or not image.strip():
                 raise ValueError(f"image must be a non-empty path or URI; got {image!r}")
-            if "mask" not in obj:
-                raise ValueError("missing mask (a PNG path, a COCO RLE {size, counts}, or polygons)")
-            mask = obj["mask"]
-            if isinstance(mask, str):
-                if not mask.strip():
-                    raise ValueError("mask path is empty")
-                mask = _join(base, mask)
-            elif not isinstance(mask, (dict, list)):
-                raise ValueError(
-                    f"mask must be a PNG path, a COCO RLE {{size, counts}} or polygons [[x1, y1, ...], ...]; "
-                    f"got {type(mask).__name__}"
-                )
+            masks, no_target = _jsonl_masks(obj, base)
             texts = _texts(obj)
             split = _check_name(obj.get("split", "train"), "split")
             bbox = _bbox(obj)
-            category = _int(obj.get("category", 0), "category", 0, 2**31)
+            category = -1 if no_target else _int(obj.get("category", 0), "category", 0, 2**31)
             ref_id = _ref_id(obj, line, used)
         except ValueError as e:
             errors.append({"line": line, "file": path, "reason": str(e)})
@@ -295,6 +299,14 @@ def read_jsonl(manifest: str | Path, dataset: str) -> CustomSource:
         file_name = image if is_uri(image) or Path(image).is_absolute() else posixpath.normpath(image)
         key = location if is_uri(location) else str(Path(location).resolve())
         image_id = image_ids.setdefault(key, len(image_ids) + 1)
+        # ann_id: the ref_id for a line's one mask, ref_id * 1000 + k for the k-th of its `masks`.
+        ids = (
+            [ref_id] if "mask" in obj else [ref_id * MAX_EXPRESSIONS_PER_LINE + k for k in range(len(masks))]
+        )
+        targets = [
+            {"mask": m, "bbox_xyxy": bbox, "ann_id": i, "category_id": category, "note": ""}
+            for m, i in zip(masks, ids, strict=True)
+        ]
         records.append(
             Record(
                 line=line,
@@ -302,15 +314,58 @@ def read_jsonl(manifest: str | Path, dataset: str) -> CustomSource:
                 image=location,
                 file_name=file_name,
                 texts=texts,
-                mask=mask,
-                bbox_xyxy=bbox,
+                targets=targets,
                 category_id=category,
                 ref_id=ref_id,
-                ann_id=ref_id,
                 image_id=image_id,
+                no_target=no_target,
             )
         )
     return CustomSource("jsonl", path, dataset, records, errors)
+
+
+def _one_mask(mask: Any, base: str, what: str) -> Any:
+    if isinstance(mask, str):
+        if not mask.strip():
+            raise ValueError(f"{what} path is empty")
+        return _join(base, mask)
+    if not isinstance(mask, (dict, list)):
+        raise ValueError(
+            f"{what} must be a PNG path, a COCO RLE {{size, counts}} or polygons [[x1, y1, ...], ...]; "
+            f"got {type(mask).__name__}"
+        )
+    return mask
+
+
+def _jsonl_masks(obj: dict, base: str) -> tuple[list[Any], bool]:
+    """(the line's masks, no target): exactly one of ``mask`` (one object), ``masks`` (a non-empty list:
+    several objects) and ``no_target: true`` (none)."""
+    no_target = obj.get("no_target", False)
+    if not isinstance(no_target, bool):
+        raise ValueError(f"no_target must be true or false; got {no_target!r}")
+    given = [k for k in ("mask", "masks") if k in obj]
+    if no_target:
+        if given or "bbox" in obj or "category" in obj:
+            extra = [*given, *(k for k in ("bbox", "category") if k in obj)]
+            raise ValueError(f"a line with no_target true names no object: drop {', '.join(extra)}")
+        return [], True
+    if not given:
+        raise ValueError(
+            "missing mask (a PNG path, a COCO RLE {size, counts}, or polygons), masks (a list of them), "
+            "or no_target: true"
+        )
+    if len(given) == 2:
+        raise ValueError("give either mask (one object) or masks (a list: several objects), not both")
+    if "mask" in obj:
+        return [_one_mask(obj["mask"], base, "mask")], False
+    masks = obj["masks"]
+    if not isinstance(masks, list) or not masks:
+        raise ValueError(f"masks must be a non-empty list of masks; got {masks!r}"[:200])
+    if len(masks) > MAX_EXPRESSIONS_PER_LINE:
+        raise ValueError(f"{len(masks)} masks; at most {MAX_EXPRESSIONS_PER_LINE} per line")
+    if "bbox" in obj:
+        raise ValueError("bbox goes with mask; with masks each object's box is its mask's extent")
+    return [_one_mask(m, base, f"masks[{k}]") for k, m in enumerate(masks)], False
 
 
 def _coco_index(path: str, inst: Any) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -367,30 +422,74 @@ def read_coco(
     for line, obj, err in _json_lines(refs_path, refs_bytes):
         try:
             _line_object(obj, err, COCO_REF_KEYS)
-            if "ann_id" not in obj:
-                raise ValueError("missing ann_id")
-            ann_id = _int(obj["ann_id"], "ann_id", 0, 2**63)
-            ann = anns.get(ann_id)
-            if ann is None:
-                raise ValueError(f"ann_id {ann_id} is not in {inst_path}")
-            note = f"{Path(inst_path).name} ann_id {ann_id}: "
-            im = images.get(ann.get("image_id"))
+            no_target = obj.get("no_target", False)
+            if not isinstance(no_target, bool):
+                raise ValueError(f"no_target must be true or false; got {no_target!r}")
+            if no_target:
+                if "ann_id" in obj:
+                    raise ValueError("a line with no_target true names no annotation: drop ann_id")
+                if "image_id" not in obj:
+                    raise ValueError("a line with no_target true needs image_id (the image it is about)")
+                ann_ids: list[int] = []
+            else:
+                if "ann_id" not in obj:
+                    raise ValueError(
+                        "missing ann_id (an annotation id, or a list of them), or no_target: true"
+                    )
+                raw = obj["ann_id"]
+                if isinstance(raw, list):
+                    if not raw:
+                        raise ValueError(
+                            "ann_id must be an annotation id or a non-empty list of them; got []"
+                        )
+                    ann_ids = [_int(a, "ann_id", 0, 2**63) for a in raw]
+                    if len(set(ann_ids)) != len(ann_ids):
+                        raise ValueError(f"ann_id {ann_ids} repeats an annotation")
+                else:
+                    ann_ids = [_int(raw, "ann_id", 0, 2**63)]
+            targets, image_id = [], None
+            for ann_id in ann_ids:
+                ann = anns.get(ann_id)
+                if ann is None:
+                    raise ValueError(f"ann_id {ann_id} is not in {inst_path}")
+                note = f"{Path(inst_path).name} ann_id {ann_id}: "
+                if image_id is not None and ann.get("image_id") != image_id:
+                    raise ValueError(
+                        f"{note}its image {ann.get('image_id')!r} is not image {image_id} of ann_id {ann_ids[0]}"
+                    )
+                image_id = ann.get("image_id")
+                if "segmentation" not in ann:
+                    raise ValueError(f"{note}no segmentation")
+                try:
+                    bbox = bbox_xywh_to_xyxy(ann["bbox"]) if "bbox" in ann else None
+                except MaskError as e:
+                    raise ValueError(f"{note}{e}") from None
+                category = _int(ann.get("category_id", 0), f"{note}category_id", 0, 2**31)
+                targets.append(
+                    {
+                        "mask": ann["segmentation"],
+                        "bbox_xyxy": bbox,
+                        "ann_id": ann_id,
+                        "category_id": category,
+                        "note": note,
+                    }
+                )
+            if "image_id" in obj:
+                given = _int(obj["image_id"], "image_id", 0, 2**63)
+                if image_id is not None and given != image_id:
+                    raise ValueError(f"image_id {given} is not the image {image_id} of ann_id {ann_ids[0]}")
+                image_id = given
+            note = targets[0]["note"] if targets else ""
+            im = images.get(image_id)
             if im is None:
-                raise ValueError(f"{note}its image_id {ann.get('image_id')!r} is not in images")
+                raise ValueError(f"{note}image_id {image_id!r} is not in images of {inst_path}")
             file_name, hw = im.get("file_name"), [im.get("height"), im.get("width")]
             if not isinstance(file_name, str) or not file_name:
                 raise ValueError(f"{note}image {im['id']} has no file_name")
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw):
                 raise ValueError(f"{note}image {im['id']} has no positive integer height/width: {hw}")
-            if "segmentation" not in ann:
-                raise ValueError(f"{note}no segmentation")
             texts = _texts(obj)
             split = _check_name(obj.get("split", "train"), "split")
-            try:
-                bbox = bbox_xywh_to_xyxy(ann["bbox"]) if "bbox" in ann else None
-            except MaskError as e:
-                raise ValueError(f"{note}{e}") from None
-            category = _int(ann.get("category_id", 0), f"{note}category_id", 0, 2**31)
             ref_id = _ref_id(obj, line, used)
         except ValueError as e:
             errors.append({"line": line, "file": refs_path, "reason": str(e)})
@@ -402,14 +501,12 @@ def read_coco(
                 image=_join(str(images_dir), file_name),
                 file_name=file_name,
                 texts=texts,
-                mask=ann["segmentation"],
-                bbox_xyxy=bbox,
-                category_id=category,
+                targets=targets,
+                category_id=targets[0]["category_id"] if targets else -1,
                 ref_id=ref_id,
-                ann_id=ann_id,
                 image_id=im["id"],
+                no_target=no_target,
                 image_hw=hw,
-                ann_note=note,
             )
         )
     return CustomSource("coco", refs_path, dataset, records, errors)
@@ -418,33 +515,45 @@ def read_coco(
 # ----------------------------------------------------------------------------- rows
 
 
-def _ref_entry(rec: Record, h: int, w: int) -> dict:
+def _target_entry(target: dict, h: int, w: int, where: str) -> dict:
+    """A target of a shard ref from a record's target: its mask read and checked (``where`` names it
+    in errors: the COCO annotation, or ``masks[k]: `` of a JSONL line)."""
+    mask, where = target["mask"], target["note"] + where
     try:
-        if isinstance(rec.mask, str):
+        if isinstance(mask, str):
             try:
-                data = read_bytes(rec.mask)
+                data = read_bytes(mask)
             except FileNotFoundError:
-                raise MaskError(f"mask file missing: {rec.mask}") from None
+                raise MaskError(f"mask file missing: {mask}") from None
             except OSError as e:
-                raise MaskError(f"mask file cannot be read: {rec.mask} ({e})") from None
-            rle = png_mask_rle(data, h, w, rec.mask)
+                raise MaskError(f"mask file cannot be read: {mask} ({e})") from None
+            rle = png_mask_rle(data, h, w, mask)
         else:
-            rle = segmentation_rle(rec.mask, h, w)
+            rle = segmentation_rle(mask, h, w)
     except MaskError as e:
-        raise ValueError(f"{rec.ann_note}{e}") from None
+        raise ValueError(f"{where}{e}") from None
     extent = rle_bbox_xyxy(rle)
     if extent[2] <= extent[0]:
-        raise ValueError(f"{rec.ann_note}mask is empty (no object pixels in the {w}x{h} image)")
-    target = {
-        "ann_id": rec.ann_id,
-        "category_id": rec.category_id,
-        "bbox": rec.bbox_xyxy if rec.bbox_xyxy is not None else extent,
+        raise ValueError(f"{where}mask is empty (no object pixels in the {w}x{h} image)")
+    bbox = target["bbox_xyxy"]
+    return {
+        "ann_id": target["ann_id"],
+        "category_id": target["category_id"],
+        "bbox": bbox if bbox is not None else extent,
         "mask": rle,
     }
+
+
+def _ref_entry(rec: Record, h: int, w: int) -> dict:
+    several = len(rec.targets) > 1
+    targets = [
+        _target_entry(t, h, w, f"masks[{k}]: " if several and not t["note"] else "")
+        for k, t in enumerate(rec.targets)
+    ]
     sentences = [
         {"sent_id": rec.ref_id * MAX_EXPRESSIONS_PER_LINE + k, "text": t} for k, t in enumerate(rec.texts)
     ]
-    return ref_row(rec.ref_id, rec.category_id, False, [target], sentences, h, w)
+    return ref_row(rec.ref_id, rec.category_id, rec.no_target, targets, sentences, h, w)
 
 
 def build_custom_row(records: list[Record], source_path: str) -> tuple[dict | None, list[dict]]:
