@@ -280,11 +280,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         s: split_is_generalized(shard_dir(a.shards, a.dataset, a.split_by, s), a.dataset) for s in a.splits
     }
     names = [s for s, g in generalized.items() if g]
-    if names and (a.ray or a.oracle_box):
-        flag = "--ray" if a.ray else "--oracle-box"
+    if names and a.oracle_box:
         raise InputError(
-            f"{flag} is for single-target splits; {a.dataset} {', '.join(names)} hold(s) expressions with no "
-            "target or several (scored as gIoU, cIoU, N-acc, T-acc): evaluate without " + flag
+            f"--oracle-box gives SAM the ground-truth box, which an expression without a target does not "
+            f"have; {a.dataset} {', '.join(names)} hold(s) such expressions: evaluate without --oracle-box"
         )
     overrides = {"spatial_prompt": a.spatial_prompt} if a.spatial_prompt else {}
     if not a.ray and (a.config or a.set):
@@ -295,7 +294,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             raise InputError(
                 "--device is for in-process evaluation; with --ray, --batch-config places the stages"
             )
-        return _evaluate_ray(a, {**overrides, **_dtype_override(a)} or None, row, meta, records)
+        return _evaluate_ray(a, {**overrides, **_dtype_override(a)} or None, row, meta, records, names)
     model = load_checkpoint(a.checkpoint, overrides={**overrides, **_dtype_override(a)}, device=a.device)
     results: dict = {}
     for split in a.splits:
@@ -317,7 +316,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _evaluate_ray(
-    a: argparse.Namespace, overrides: dict | None, row: str, meta: dict, records: list[dict] | None
+    a: argparse.Namespace,
+    overrides: dict | None,
+    row: str,
+    meta: dict,
+    records: list[dict] | None,
+    generalized: list[str],
 ) -> int:
     """`ppcr evaluate --ray`: every split in one Ray Data pipeline (ppcr.batch)."""
     from .batch import evaluate_shards, load_batch_config
@@ -337,6 +341,7 @@ def _evaluate_ray(
         protocol=a.protocol,
         seed=a.protocol_seed or 0,
         on_prediction=None if records is None else records.append,
+        generalized=generalized,
     )
     _write_predictions(a, records)
     out = Path(a.out)

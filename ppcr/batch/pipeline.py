@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from ..config import InputError
 from ..ray_cluster import init_ray, require_resources
 from ..storage import parquet_files
 from .config import BatchConfig, StageConfig
@@ -229,9 +230,12 @@ def evaluate_shards(
     protocol: str = "all",
     seed: int = 0,
     on_prediction: Callable[[dict], None] | None = None,
+    generalized: Sequence[str] = (),
 ) -> dict[str, dict]:
     """RISMetrics.compute() per split folder name, over every expression (or those `protocol` picks,
-    `ppcr.metrics.protocol_indices`, drawn with `seed`), in one Ray Data pipeline.
+    `ppcr.metrics.protocol_indices`, drawn with `seed`), in one Ray Data pipeline; GRESMetrics.compute()
+    for the split folders named in `generalized` (gRefCOCO-style splits: `oracle_box` is refused there,
+    and the one-mask answer counts as one instance, as in `evaluate_split`).
 
     Equal to `ppcr.evaluate.evaluate_split` on the same checkpoint and split. An expression that
     fails (e.g. an undecodable image) is left out, counted under `errors` and warned about.
@@ -239,7 +243,7 @@ def evaluate_shards(
     order given) and sent_id; the metrics are then computed from those records, so replaying them
     gives the metrics exactly.
     """
-    from ..metrics import ExpressionScore, RISMetrics, protocol_indices
+    from ..metrics import ExpressionScore, GRESMetrics, GRESScore, RISMetrics, protocol_indices
     from .stages import predictions_stage, protocol_stage
 
     cfg = cfg or BatchConfig()
@@ -247,6 +251,14 @@ def evaluate_shards(
     names = [d.name for d in dirs]
     if len(set(names)) != len(names):
         raise ValueError(f"split folders must have distinct names, got {names}")
+    generalized = [g for g in generalized if g in names]
+    if generalized and oracle_box:
+        raise InputError(
+            f"oracle_box gives SAM the ground-truth box, which an expression without a target does not "
+            f"have; evaluate the generalized split(s) {', '.join(generalized)} without it"
+        )
+    kind = {n: GRESMetrics if n in generalized else RISMetrics for n in names}
+    stage_args = {"generalized": generalized}
     protocol_indices(protocol, "", 0, seed)  # an unknown protocol fails before Ray starts
     _prepare_ray(cfg, "distributed evaluation", progress)
     counter = EncoderCounter.remote()
@@ -264,14 +276,18 @@ def evaluate_shards(
             )
         rows = build_pipeline(images, checkpoint, cfg, counter, overrides, oracle_box, evaluation=True)
         if on_prediction is None:
-            states = rows.map_batches(metrics_stage, batch_format="pyarrow", batch_size=256)
+            states = rows.map_batches(
+                metrics_stage, batch_format="pyarrow", batch_size=256, fn_kwargs=stage_args
+            )
             for r in states.iter_rows():  # a few small rows per batch; the driver only merges sums
                 if r["state"] is not None:
-                    m = RISMetrics.from_state_dict(json.loads(r["state"]))
+                    m = kind[r["split"]].from_state_dict(json.loads(r["state"]))
                     merged[r["split"]] = merged[r["split"]].merge(m) if r["split"] in merged else m
                 errors.setdefault(r["split"], []).extend(r["errors"])
         else:
-            preds = rows.map_batches(predictions_stage, batch_format="pyarrow", batch_size=256)
+            preds = rows.map_batches(
+                predictions_stage, batch_format="pyarrow", batch_size=256, fn_kwargs=stage_args
+            )
             for r in preds.iter_rows():  # one small row per expression: scores and an RLE mask
                 if r["record"] is not None:
                     records.append(json.loads(r["record"]))
@@ -281,8 +297,12 @@ def evaluate_shards(
         ray.kill(counter)
     records.sort(key=lambda rec: (names.index(rec["split"]), rec["sent_id"]))
     for rec in records:
-        score = ExpressionScore(rec["intersection"], rec["union"], rec["iou"], rec["box_iou"])
-        merged.setdefault(rec["split"], RISMetrics()).add(score)
+        if rec["split"] in generalized:
+            answered = bool(rec["instances"])
+            score = GRESScore(rec["intersection"], rec["union"], rec["no_target"], answered, rec["iou"])
+        else:
+            score = ExpressionScore(rec["intersection"], rec["union"], rec["iou"], rec["box_iou"])
+        merged.setdefault(rec["split"], kind[rec["split"]]()).add(score)
         on_prediction(rec)
     out = {}
     for name in names:

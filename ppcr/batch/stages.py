@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -283,20 +284,24 @@ def overlay_stage(table: pa.Table, out_dir: str) -> pa.Table:
     return table
 
 
-def metrics_stage(table: pa.Table) -> pa.Table:
-    """CPU task: RISMetrics of a batch of evaluation rows, one state per split (merged in the driver)."""
+def metrics_stage(table: pa.Table, generalized: Sequence[str] = ()) -> pa.Table:
+    """CPU task: RISMetrics of a batch of evaluation rows, one state per split (merged in the driver);
+    GRESMetrics for the `generalized` splits, where an empty ground-truth mask means no target (a
+    target's mask is never empty in their shards, docs/shard_format.md)."""
     from ..masks import decode_rle
-    from ..metrics import RISMetrics
+    from ..metrics import GRESMetrics, RISMetrics
 
-    per: dict[str, RISMetrics] = {}
+    per: dict[str, RISMetrics | GRESMetrics] = {}
     errors: dict[str, list[str]] = {}
     for r in table.to_pylist():
         if r["error"] is not None:
             errors.setdefault(r["split"], []).append(f"{r['id']}: {r['error']}")
             continue
-        per.setdefault(r["split"], RISMetrics()).update(
-            decode_rle(r["mask"]), decode_rle(r["gt_mask"]), r["box"], r["gt_box"]
-        )
+        mask, gt = decode_rle(r["mask"]), decode_rle(r["gt_mask"])
+        if r["split"] in generalized:
+            per.setdefault(r["split"], GRESMetrics()).update(mask, gt, not gt.any())
+        else:
+            per.setdefault(r["split"], RISMetrics()).update(mask, gt, r["box"], r["gt_box"])
     splits = sorted(set(per) | set(errors))
     return pa.table(
         {
@@ -322,12 +327,13 @@ def protocol_stage(table: pa.Table, protocol: str, seed: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=table.schema)
 
 
-def predictions_stage(table: pa.Table) -> pa.Table:
-    """CPU task: one prediction record (``ppcr.report.prediction_record``, as JSON) per evaluated
-    expression, or its error; the driver sorts them and replays them into the metrics."""
+def predictions_stage(table: pa.Table, generalized: Sequence[str] = ()) -> pa.Table:
+    """CPU task: one prediction record (``ppcr.report.prediction_record``, as JSON; for the `generalized`
+    splits ``generalized_prediction_record``) per evaluated expression, or its error; the driver sorts
+    them and replays them into the metrics."""
     from ..masks import decode_rle
-    from ..metrics import score_expression
-    from ..report import prediction_record
+    from ..metrics import score_expression, score_generalized
+    from ..report import generalized_prediction_record, prediction_record
 
     records, errors, splits = [], [], []
     for r in table.to_pylist():
@@ -335,6 +341,17 @@ def predictions_stage(table: pa.Table) -> pa.Table:
         if r["error"] is not None:
             records.append(None)
             errors.append(f"{r['id']}: {r['error']}")
+            continue
+        if r["split"] in generalized:
+            mask, gt = decode_rle(r["mask"]), decode_rle(r["gt_mask"])
+            gres = score_generalized(mask, gt, not gt.any())
+            # The single-target model's answer is one instance (none when its mask is empty).
+            instances = [(r["box"], mask, r["score"])] if gres.answered else []
+            rec = generalized_prediction_record(
+                r["split"], int(r["id"]), r["image"], r["expression"], instances, gres, mask.shape
+            )
+            records.append(json.dumps(rec))
+            errors.append(None)
             continue
         score = score_expression(decode_rle(r["mask"]), decode_rle(r["gt_mask"]), r["box"], r["gt_box"])
         rec = prediction_record(

@@ -191,6 +191,14 @@ def _ref_entry(refer: ReferDataset, ref: ReferRef, h: int, w: int) -> dict:
                 ref_id=ref.ref_id,
                 ann_id=ann_id,
             )
+        if (
+            refer.generalized
+            and mask_utils.area({"size": [h, w], "counts": rle["counts"].encode("ascii")}) == 0
+        ):
+            # An empty target would read as "no target" wherever only the union mask travels.
+            raise ReferDataError(
+                refer.instances_path, "annotation mask is empty", ref_id=ref.ref_id, ann_id=ann_id
+            )
         bbox = refer.ann_bbox_xyxy(ann_id)
         targets.append({"ann_id": ann_id, "category_id": category, "bbox": bbox, "mask": rle})
     if not ref.no_target and not targets:
