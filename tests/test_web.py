@@ -181,7 +181,9 @@ def test_drop_several_phrases_toggle_and_download_match_the_api(page, url, tmp_p
     assert page.locator("#cards .card").count() == 3
 
 
-def test_paste_and_keyboard(page):
+def test_file_picker_paste_and_keyboard(page):
+    page.set_input_files("#file", files=[{"name": "picked.png", "mimeType": "image/png", "buffer": _png()}])
+    page.wait_for_function("document.getElementById('image-name').textContent.startsWith('picked.png')")
     _drop(page, _png(), name="pasted image", event="paste")
     page.fill("#phrases", "the red block")
     page.focus("#phrases")
@@ -235,6 +237,7 @@ def test_banners_say_which_model_answers(url, tiny_checkpoint):
         page.goto(url)
         page.wait_for_selector('#banner[data-kind="toy"]')
         assert str(tiny_checkpoint.resolve()) in page.inner_text("#banner")
+        assert "no training record or evaluation numbers" in page.inner_text("#banner")  # no meta.json
         _drop(page, _png(), name="photo.png")  # an upload: not one of the synthetic scenes
         assert page.locator("#toy-banner").is_visible()
         assert "toy model" in page.inner_text("#toy-banner")
@@ -299,3 +302,18 @@ def test_phone_layout_fits_the_screen(url):
         page.wait_for_selector("#gallery button")
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= PHONE["width"], f"the page is {width} px wide on a {PHONE['width']} px phone"
+
+
+def test_screenshots_script_shoots_each_main_state(url, tmp_path):
+    """docs/images/page_*.png are the script's output (python -m ppcr.web.screenshots), not drawn by
+    hand: it writes the same set of states, each a real page of the served app."""
+    from pathlib import Path
+
+    from ppcr.web.screenshots import shoot
+
+    written = shoot(url, tmp_path)
+    committed = sorted(p.name for p in (Path(__file__).parent.parent / "docs/images").glob("page_*.png"))
+    assert sorted(p.name for p in written) == committed
+    for p in written:
+        with Image.open(p) as im:
+            assert im.size[0] in (390, 1280) and im.size[1] >= 600, (p.name, im.size)

@@ -109,6 +109,9 @@ function describeModel(m) {
       `${esc(split)}: ` + Object.entries(nums).map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(", "));
     if (evals.length) parts.push(evals.join("; "));
   }
+  // Said, not left out: a checkpoint without meta.json may be anything from untrained to final.
+  if (!t && !m.evaluation) parts.push("no training record or evaluation numbers in the checkpoint (meta.json)");
+  else if (!m.evaluation) parts.push("no evaluation numbers recorded");
   return parts.join(" · ");
 }
 

@@ -74,6 +74,13 @@ def shoot(url: str, out: Path) -> list[Path]:
     written = []
 
     def save(page, name: str) -> None:
+        # The gallery's thumbnails load lazily, and the photographs are rendered on first request:
+        # a full-page shot taken before they arrive shows empty tiles.
+        page.evaluate("document.querySelectorAll('#gallery img').forEach((i) => { i.loading = 'eager'; })")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#gallery img')].every((i) => i.complete && i.naturalWidth > 0)",
+            timeout=120_000,
+        )
         path = out / f"page_{name}.png"
         page.screenshot(path=str(path), full_page=True)
         small(path)
