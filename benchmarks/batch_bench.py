@@ -2,6 +2,7 @@
 on the tiny preset (random weights: speed does not depend on them) and a RefCOCO-like manifest.
 
     python benchmarks/batch_bench.py [--images 100] [--ratio 7] [--scale 5] [--cpus 4] [--mllm-actors 2]
+    python benchmarks/batch_bench.py --smoke   # < 1 min: 2 images x 2 expressions, the N run only
 
 Measures, in one run:
 - throughput of the batch job at N and scale×N rows, and its marginal throughput between them
@@ -176,7 +177,7 @@ def stage_cpu_seconds(checkpoint: Path, manifest: Path, cfg: BatchConfig, ratio:
         cost = {"decode": 0.0, "mllm": 0.0, "sam": 0.0}
         for block in blocks:
             c = time.process_time()
-            dec = decode_stage(block, model.clip_size, model.sam_size)
+            dec = decode_stage(block, model.clip_size, model.sam_size, checkpoint=str(checkpoint))
             cost["decode"] += time.process_time() - c
             c = time.process_time()
             rea = mllm(dec)
@@ -187,7 +188,7 @@ def stage_cpu_seconds(checkpoint: Path, manifest: Path, cfg: BatchConfig, ratio:
     enc = 0.0
     with torch.no_grad():
         for block in blocks:
-            dec = decode_stage(block, model.clip_size, model.sam_size)
+            dec = decode_stage(block, model.clip_size, model.sam_size, checkpoint=str(checkpoint))
             s = model.sam_size
             px = torch.stack([decode_f32(b, (3, s, s)) for b in dec["sam"].to_pylist()])
             c = time.process_time()
@@ -215,7 +216,15 @@ def main() -> None:
         "other and cost ~8x the CPU per row)",
     )
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that it runs (< 1 min on 2 cores): 2 images x 2 expressions, one actor each, the plain "
+        "loop and the batch job at N only; no marginal or reuse numbers",
+    )
     a = ap.parse_args()
+    if a.smoke:
+        a.images, a.ratio, a.scale, a.cpus, a.mllm_actors, a.sam_actors = 2, 2, 2, 3, 1, 1
     cores = os.cpu_count() or 1
     work = Path(a.work or tempfile.mkdtemp(prefix="batch_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -243,7 +252,8 @@ def main() -> None:
     rows = {"N": n_rows, "5N": n5_rows, "N_copies": n_rows}
     runs, plain = {}, {}
     # Alternate plain loop and batch job so both see the same background load.
-    for name, manifest in [("N", "n.parquet"), ("5N", "n5.parquet"), ("N_copies", "copies.parquet")]:
+    todo = [("N", "n.parquet"), ("5N", "n5.parquet"), ("N_copies", "copies.parquet")]
+    for name, manifest in todo[:1] if a.smoke else todo:
         ray.shutdown()  # a fresh cluster per run: no idle workers of the previous run in the peak
         if name != "N_copies":
             with ProcessTreeMonitor() as mon:
@@ -269,6 +279,13 @@ def main() -> None:
             "cpu_by_process": mon.cpu_by_process(),
         }
         print("batch", name, s, f"peak {mon.peak / 2**20:.0f} MiB, {mon.cpu_seconds:.0f} CPU-s", flush=True)
+    if a.smoke:
+        res.update(runs=runs, plain=plain, ideal_cpu_s_per_row=per_row, smoke=True)
+        print(json.dumps(res, default=float))
+        ray.shutdown()
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     d_rows = n5_rows - n_rows
     dt = runs["5N"]["seconds"] - runs["N"]["seconds"]
     # On a loaded machine the start-up time of a run can vary more than the 4N extra rows take.

@@ -13,6 +13,7 @@ random weights built on the GPU, in bf16 under the dtype policy (docs/precision.
 
     python benchmarks/gpu_check.py                  # real size on cuda (no downloads, no network)
     python benchmarks/gpu_check.py --tiny           # the same code, tiny preset on CPU (< 2 min; tested)
+    python benchmarks/gpu_check.py --smoke          # --tiny, 2 steps, batches 1 and 2 (< 1 min on 2 cores)
     python benchmarks/gpu_check.py --json out.json  # also write the numbers
 
 It needs torch, transformers, peft, segment-anything, pycocotools and scikit-image (the photographs);
@@ -306,7 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-deepspeed", action="store_true", help="torch AdamW even if deepspeed imports")
     p.add_argument("--ray-train", action="store_true", help="also run a 3-step Ray Train job (needs ray)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that it runs, on CPU without a GPU (< 1 min on 2 cores): --tiny, 2 steps, batches 1 and 2",
+    )
     a = p.parse_args(argv)
+    if a.smoke:
+        a.tiny, a.steps, a.batches, a.repeats = True, 2, [1, 2], 1
     device = configure_device(a.device or ("cpu" if a.tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible (use --tiny for the CPU run)")

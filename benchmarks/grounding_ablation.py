@@ -2,6 +2,7 @@
 
     python benchmarks/grounding_ablation.py --out /tmp/abl/F --steps 2000 \
         --set '{"model": {"vision": {"num_layers": 4}}}' [--default-sizes] [--threads 1]
+    python benchmarks/grounding_ablation.py --smoke   # < 1 min: 16 images, 3 steps, a temporary --out
 
 Synthesises the demo's 900-image data (or the generator's default object sizes), trains the tiny
 preset with the given overrides, and prints val mIoU / oIoU / BoxAcc@0.5 beside the all-objects
@@ -15,6 +16,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +61,23 @@ def centre_hits_by_kind(model, split: Path, batch: int = 16) -> dict[str, float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=None, help="required unless --smoke")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--set", default="{}", help="config overrides as JSON, e.g. '{\"model\": {...}}'")
     ap.add_argument("--default-sizes", action="store_true", help="the generator's default object sizes")
     ap.add_argument("--images", type=int, default=900)
     ap.add_argument("--threads", type=int, default=1, help="1 lets two runs share 2 cores side by side")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that it runs (< 1 min on 2 cores): 16 images, 3 steps, a temporary --out",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.steps = 16, 3
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="ppcr_ablation_smoke_"))
+    if args.out is None:
+        ap.error("--out is required (unless --smoke)")
     torch.set_num_threads(args.threads)
 
     data = dataclasses.replace(DemoSettings().data, num_images=args.images)

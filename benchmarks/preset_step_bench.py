@@ -2,6 +2,7 @@
 
     python benchmarks/preset_step_bench.py [--steps 120] [--repeats 2] [--threads 2] \
         [--variant NAME=JSON ...]
+    python benchmarks/preset_step_bench.py --smoke   # < 1 min: 16 images, 1 step per variant, once
 
 Synthesises the demo's data once (or reuses --data DIR), then runs `ppcr.train.train` for `--steps`
 steps of the demo's batch (32, grouped by image) for each variant in turn, `--repeats` times,
@@ -13,6 +14,7 @@ includes train()'s one-off SAM-embedding cache (~5 s), the same for every varian
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -33,7 +35,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", action="append", default=None, help="NAME=JSON config overrides")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that it runs (< 1 min on 2 cores): 16 images, 1 step per variant on 1 thread, one repeat",
+    )
     a = ap.parse_args()
+    if a.smoke:
+        a.steps, a.repeats, a.threads = 1, 1, 1
     torch.set_num_threads(a.threads)
     variants = (
         dict(v.split("=", 1) for v in a.variant)
@@ -45,7 +54,8 @@ def main() -> None:
     )
     root = Path(a.data or tempfile.mkdtemp(prefix="ppcr_preset_bench_"))
     if not (root / "shards").exists():
-        synth = synthesize(root / "refer", DemoSettings().data)
+        data = dataclasses.replace(DemoSettings().data, num_images=16) if a.smoke else DemoSettings().data
+        synth = synthesize(root / "refer", data)
         prepare_shards(
             root / "refer", synth["images_dir"], "synthref", "unc", root / "shards", progress=False
         )

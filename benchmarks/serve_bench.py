@@ -1,6 +1,7 @@
 """Ray Serve app vs the in-process pipeline, side by side in one run (tiny preset, CPU).
 
     python benchmarks/serve_bench.py                 # --requests 60 --seconds 15 --checkpoint (seeded tiny)
+    python benchmarks/serve_bench.py --smoke         # < 1 min: 2 requests per variant, 1 s per level
 
 Measures, alternating the variants request by request so that load from elsewhere hits both alike:
 1. latency at concurrency 1: HTTP end to end (POST /v1/segment) vs `Segmenter.segment` in this
@@ -81,7 +82,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=60, help="per variant, for latency comparisons")
     ap.add_argument("--seconds", type=float, default=15.0, help="per concurrency level, for throughput")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that it runs (< 1 min on 2 cores): 2 requests per variant, 1 s per concurrency level",
+    )
     a = ap.parse_args()
+    if a.smoke:
+        a.requests, a.seconds = 2, 1.0
 
     import ray
     from ray import serve
@@ -110,7 +118,7 @@ def main() -> None:
     seg = Segmenter.from_checkpoint(ckpt)
     counter = iter(range(10**9))
     new = lambda: image_bytes(next(counter))  # noqa: E731
-    for _ in range(5):  # warm up both paths (first calls allocate)
+    for _ in range(1 if a.smoke else 5):  # warm up both paths (first calls allocate)
         data = new()
         post(url, data)
         seg.segment(data, EXPR)

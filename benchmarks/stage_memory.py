@@ -3,6 +3,7 @@ replicas and batch actors did before per-stage loading) vs only the part it runs
 
     python benchmarks/stage_memory.py [--checkpoint DIR]   # default: a random tiny checkpoint
     python benchmarks/stage_memory.py --sam-size vit_b     # tiny LLaVA + a real-size SAM ViT-B
+    python benchmarks/stage_memory.py --smoke              # < 1 min: the random tiny checkpoint only
 
 Each variant loads the checkpoint in a fresh process (torch and transformers imported in all of them,
 so the differences are the model's) and reports ru_maxrss. Results: docs/benchmarks.md.
@@ -40,7 +41,14 @@ def main() -> None:
     p.add_argument(
         "--sam-size", default="tiny", choices=["tiny", "vit_b"], help="SAM of the generated checkpoint"
     )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that it runs (< 1 min on 2 cores): the random tiny checkpoint (the default run)",
+    )
     a = p.parse_args()
+    if a.smoke and (a.checkpoint is not None or a.sam_size != "tiny"):
+        p.error("--smoke measures the random tiny checkpoint: leave out --checkpoint and --sam-size")
     with tempfile.TemporaryDirectory() as d:
         ckpt = a.checkpoint
         if ckpt is None:

@@ -2,6 +2,7 @@
 samples/s with 1 vs 2 workers — all runs side by side in one process, on one local Ray cluster.
 
     python benchmarks/train_data_bench.py [--images 120] [--steps 60]
+    python benchmarks/train_data_bench.py --smoke   # < 1 min: 16 images, one streamed 1-worker run of 2 steps
 
 Data stall = time a worker waits for its next micro-batch / step time (Ray Train reports it as
 `data_wait_fraction`); the first report (pipeline start-up, DeepSpeed warm-up) is left out.
@@ -38,7 +39,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=120)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that it runs (< 1 min on 2 cores): 16 images, one streamed 1-worker run of 2 steps "
+        "of batch 4; no comparison",
+    )
     a = ap.parse_args()
+    if a.smoke:
+        a.images, a.steps, a.batch = 16, 2, 4
     work = Path(tempfile.mkdtemp(prefix="ppcr-train-bench-"))
     synth = synthesize(work / "refer", SynthConfig(num_images=a.images, seed=0, relations=False))
     prepare_shards(
@@ -51,7 +60,7 @@ def main() -> None:
             "tiny",
             overrides={
                 "data": {"shards_root": str(work / "shards")},
-                "train": {"steps": a.steps, "batch_size": a.batch, "log_every": 10},
+                "train": {"steps": a.steps, "batch_size": a.batch, "log_every": 1 if a.smoke else 10},
                 "distributed": {
                     "num_workers": workers,
                     "micro_batch_size": a.batch // workers,
@@ -62,6 +71,13 @@ def main() -> None:
             },
         )
 
+    if a.smoke:
+        run_training(cfg("streamed-1w", 1))
+        print(
+            "streamed-1w",
+            json.dumps({k: round(v, 4) for k, v in steady(work / "runs" / "streamed-1w").items()}),
+        )
+        return
     base = cfg("x", 2)
     t0 = time.perf_counter()
     in_memory = training_dataset(base, base.model.vision.image_size, base.model.sam.image_size).materialize()

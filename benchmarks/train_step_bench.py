@@ -2,6 +2,7 @@
 segment-anything's MaskDecoder repeats one image per call) vs ppcr's batched per-prompt decode.
 
     python benchmarks/train_step_bench.py [--batch 32] [--repeats 5]
+    python benchmarks/train_step_bench.py --smoke   # < 1 min: batch 4, one timed repeat
 
 Prints samples/s of both and their ratio, measured alternately in one run (this machine is noisy).
 """
@@ -39,10 +40,15 @@ def per_image_decode(self, image_embeddings, image_index, semantic_prompt, box_s
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--smoke", action="store_true", help="check that it runs (< 1 min on 2 cores): batch 4, one repeat"
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.batch, args.repeats = 4, 1
     torch.manual_seed(0)
     cfg = load_config("tiny")
     model = PPCRModel(cfg.model)

@@ -1,6 +1,7 @@
 """Where the time of one tiny-preset training step goes, component by component (forward and backward).
 
     python benchmarks/train_step_profile.py [--images 900] [--steps 12] [--warmup 3] [--set JSON]
+    python benchmarks/train_step_profile.py --smoke   # < 1 min: 16 images in a temporary folder, 1 + 1 steps
 
 Synthesises the demo's data (or reuses --data DIR), takes real training batches (the demo's
 `group_by_image` batches of 32 expressions) and runs the tiny preset's step split at the stage
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -204,7 +206,16 @@ def main() -> None:
     ap.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time, use with --threads 1"
     )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that it runs (< 1 min on 2 cores): 16 images in a temporary --data, "
+        "1 warm-up and 1 timed step, 1 thread",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.steps, args.warmup, args.threads = 16, 1, 1, 1
+        args.data = Path(tempfile.mkdtemp(prefix="ppcr_profile_smoke_"))
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
