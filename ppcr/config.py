@@ -327,7 +327,6 @@ class DistributedConfig:
     storage_path: str = "runs/ray"  # local folder or a URI pyarrow understands (s3://, gs://, ...)
     name: str = "ppcr-train"
     evaluate_split: str | None = None  # rank 0 evaluates the trained model in memory on this split
-    fail_at_step: int | None = None  # testing: one worker crashes once at this step
 
     def validate(self, prefix: str) -> None:
         for name in ("num_workers", "micro_batch_size", "checkpoint_every", "keep_checkpoints"):

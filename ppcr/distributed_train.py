@@ -180,11 +180,17 @@ class DistributedResult:
 
 
 def run_training(
-    cfg: RunConfig, out: str | Path | None = None, resume: bool = False, dataset=None
+    cfg: RunConfig,
+    out: str | Path | None = None,
+    resume: bool = False,
+    dataset=None,
+    *,
+    _fail_at_step: int | None = None,
 ) -> DistributedResult:
     """Train `cfg` with Ray Train + DeepSpeed; export the final inference checkpoint to `out`
     (default `<run dir>/export`, local runs) and return the last metrics. `dataset`: a Ray Dataset of
-    training rows (ppcr.data.streaming.ROW_COLUMNS) instead of streaming `cfg`'s shards."""
+    training rows (ppcr.data.streaming.ROW_COLUMNS) instead of streaming `cfg`'s shards.
+    `_fail_at_step`: a test hook, not user config: one worker crashes once at this step (`_maybe_fail`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -201,7 +207,12 @@ def run_training(
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_config": worker_config(cfg), "deepspeed": ds_cfg, "run_dir": run_dir(cfg)},
+        train_loop_config={
+            "run_config": worker_config(cfg),
+            "deepspeed": ds_cfg,
+            "run_dir": run_dir(cfg),
+            "fail_at_step": _fail_at_step,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=d.num_workers,
             use_gpu=d.use_gpu,
@@ -365,12 +376,12 @@ def _save(engine, cfg: RunConfig, rank: int, epoch: int, seen: Counter, metrics:
         )
 
 
-def _maybe_fail(cfg: RunConfig, rank: int, step: int, run: str) -> None:
-    """Testing hook: rank 1 (or 0 alone) dies once at `distributed.fail_at_step`, after Ray Train has
+def _maybe_fail(cfg: RunConfig, rank: int, step: int, run: str, fail_at_step: int | None) -> None:
+    """Testing hook: rank 1 (or 0 alone) dies once at `fail_at_step` (`run_training(_fail_at_step=)`), after Ray Train has
     registered the last checkpoint (its controller picks reports up asynchronously; a crash right
     after a report would, correctly but not reproducibly, restart from the checkpoint before)."""
     d = cfg.distributed
-    if d.fail_at_step is None or step != d.fail_at_step or rank != min(1, d.num_workers - 1):
+    if fail_at_step is None or step != fail_at_step or rank != min(1, d.num_workers - 1):
         return
     marker = Path(run) / f".failed_once_at_{step}"
     if is_uri(run) or marker.exists():
@@ -383,7 +394,7 @@ def _maybe_fail(cfg: RunConfig, rank: int, step: int, run: str) -> None:
             break
         time.sleep(0.2)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("injected failure (distributed.fail_at_step)\n")
+    marker.write_text("injected failure (run_training's _fail_at_step)\n")
     print(f"[ppcr train] rank {rank}: injected failure at step {step}", flush=True)
     os._exit(1)  # a hard crash, as a killed worker: no cleanup, no exception handling
 
@@ -450,7 +461,7 @@ def train_loop_per_worker(config: dict) -> None:
             if engine.global_steps == step:
                 continue  # inside a gradient-accumulation window
             step = engine.global_steps
-            _maybe_fail(cfg, rank, step, config["run_dir"])
+            _maybe_fail(cfg, rank, step, config["run_dir"], config.get("fail_at_step"))
             last = step >= t.steps
             if step % t.log_every and step % d.checkpoint_every and not last:
                 continue

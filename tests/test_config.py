@@ -32,7 +32,6 @@ from ppcr.data.synth import SynthConfig
 from ppcr.serve.settings import ServeSettings, resolve_settings
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
 def _write(tmp_path: Path, data, name: str = "cfg.yaml") -> Path:
@@ -311,3 +310,13 @@ def test_key_and_require_helpers():
         require_at_least(0, 1, "a.b")
     with pytest.raises(ConfigError, match=r"^a\.b must be > 0; got 0$"):
         require_above(0, 0, "a.b")
+
+
+def test_test_hooks_are_not_user_config():
+    """The worker-crash hook of the distributed tests is run_training's `_fail_at_step` keyword."""
+    with pytest.raises(ConfigError, match="unknown key distributed.fail_at_step"):
+        load_config("tiny", {"distributed": {"fail_at_step": 3}})
+    from ppcr.distributed_train import run_training
+
+    hook = inspect.signature(run_training).parameters["_fail_at_step"]
+    assert hook.kind is inspect.Parameter.KEYWORD_ONLY and hook.default is None

@@ -52,8 +52,8 @@ def _cfg(shards, storage, name="run", **dist):
 @pytest.fixture(scope="module")
 def trained(synth_data, tmp_path_factory, ray_local):
     storage = tmp_path_factory.mktemp("ray_runs")
-    cfg = _cfg(synth_data[2], storage, evaluate_split="val", fail_at_step=FAIL_AT)
-    result = run_training(cfg)
+    cfg = _cfg(synth_data[2], storage, evaluate_split="val")
+    result = run_training(cfg, _fail_at_step=FAIL_AT)
     log = [json.loads(x) for x in (storage / "run" / "train_log.jsonl").read_text().splitlines()]
     return cfg, result, log, storage
 
