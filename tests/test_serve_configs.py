@@ -231,3 +231,86 @@ def test_describe_model_reads_the_training_record(tiny_checkpoint, tmp_path):
     assert model["random_weights"] is False and model["toy"] is True and model["preset"] == "tiny"
     (ckpt / "meta.json").write_text(json.dumps({"steps": 3, "planned_steps": 9, "stopped_by_time": True}))
     assert "cut short" in describe_model(resolve_settings({"checkpoint": str(ckpt)}))["warning"]
+
+
+# ----------------------------------------------------------------------------- one source of options
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _deployments(app) -> dict:
+    """The Deployment objects of a built app by name (the ingress binds MLLM and SAM as its first args)."""
+    ingress = app._bound_deployment
+    return {
+        "Ingress": ingress,
+        **{a._bound_deployment.name: a._bound_deployment for a in ingress.init_args[:2]},
+    }
+
+
+def test_deployment_options_have_one_source(monkeypatch):
+    """The options are written once, in ppcr/serve/tiny_cpu.yaml (package data); serve_configs/tiny_cpu.yaml
+    is that file, and the code neither repeats them nor sets others."""
+    from ppcr.serve.app import DEFAULT_SERVE_CONFIG, default_options, read_serve_config
+
+    shipped = REPO / "serve_configs/tiny_cpu.yaml"
+    assert (
+        shipped.resolve() == DEFAULT_SERVE_CONFIG.resolve() == (REPO / "ppcr/serve/tiny_cpu.yaml").resolve()
+    )
+    assert default_options() == read_serve_config(shipped)["options"]
+    monkeypatch.delenv("PPCR_CHECKPOINT", raising=False)
+    for name, d in _deployments(make_app({})).items():
+        want = default_options()[name]
+        assert d.ray_actor_options == want["ray_actor_options"], name
+        assert d.max_ongoing_requests == want["max_ongoing_requests"], name
+        assert d.max_queued_requests == want["max_queued_requests"], name
+        scale = d._deployment_config.autoscaling_config
+        for k, v in want["autoscaling_config"].items():
+            assert getattr(scale, k) == v, (name, k)
+    # make_app's options replace single keys, the rest stays the file's.
+    one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+    mllm = _deployments(make_app({}, {"MLLM": one}))["MLLM"]
+    assert mllm._deployment_config.autoscaling_config.max_replicas == 1
+    assert mllm.max_queued_requests == default_options()["MLLM"]["max_queued_requests"]
+
+
+def test_tiny_cpu_args_are_the_settings_defaults():
+    """The tiny config spells out ServeSettings' defaults (what `ppcr serve` without --config serves)."""
+    raw = yaml.safe_load((REPO / "ppcr/serve/tiny_cpu.yaml").read_text())
+    args = raw["applications"][0]["args"]
+    defaults = ServeSettings()
+    assert {k: getattr(defaults, k) for k in args} == args
+
+
+def test_the_wheel_ships_the_default_serve_config(tmp_path):
+    """An installed ppcr reads its deployment options from the wheel: the file is in it (a real file)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: setuptools builds in the source tree (build/, *.egg-info)
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "ppcr", src / "ppcr", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("ppcr-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert "ppcr/serve/tiny_cpu.yaml" in names and "ppcr/configs/tiny.yaml" in names
+        assert z.read("ppcr/serve/tiny_cpu.yaml") == (REPO / "ppcr/serve/tiny_cpu.yaml").read_bytes()

@@ -304,14 +304,7 @@ class Pipeline:
         }
 
 
-@serve.deployment(
-    name="Ingress",
-    ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=32,
-    max_queued_requests=32,
-    backpressure_config={"retry_after_s": 1},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
-)
+@serve.deployment(name="Ingress")  # options: default_options(), overridden by a Serve config
 @serve.ingress(fastapi_app)
 class Ingress:
     def __init__(self, mllm: DeploymentHandle, sam: DeploymentHandle, settings: dict):
@@ -443,9 +436,22 @@ def build_app(args: dict) -> serve.Application:
         raise click.ClickException(str(exc)) from None
 
 
+# The one place the deployments' options are written: the shipped Serve config of the tiny CPU app
+# (serve_configs/tiny_cpu.yaml links to it; package data, so an installed ppcr has it too).
+DEFAULT_SERVE_CONFIG = Path(__file__).with_name("tiny_cpu.yaml")
+
+
+@functools.cache
+def default_options() -> dict[str, dict]:
+    """Deployment options by name ("Ingress", "MLLM", "SAM") from DEFAULT_SERVE_CONFIG: what every app
+    starts from, before `make_app`'s `options` or a Serve config's `deployments:` override them."""
+    return read_serve_config(DEFAULT_SERVE_CONFIG)["options"]
+
+
 def make_app(args: dict | None = None, options: dict[str, dict] | None = None) -> serve.Application:
     """The application for Python callers (tests, the demo, the benchmark). options: deployment options
-    by name ("Ingress", "MLLM", "SAM"), which a Serve config sets in its `deployments:` list instead."""
+    by name ("Ingress", "MLLM", "SAM"), each key replacing that key of `default_options()` (a Serve
+    config sets them in its `deployments:` list instead)."""
     s = resolve_settings(args)
     if s.checkpoint is None:
         logger.warning(RANDOM_INIT_WARNING)
@@ -455,7 +461,11 @@ def make_app(args: dict | None = None, options: dict[str, dict] | None = None) -
     unknown = set(opts) - {"Ingress", "MLLM", "SAM"}
     if unknown:
         raise ValueError(f"unknown deployment(s) {sorted(unknown)}; the app has Ingress, MLLM, SAM")
-    ingress, mllm, sam = (d.options(**opts.get(d.name, {})) for d in (Ingress, MLLMDeployment, SAMDeployment))
+    defaults = default_options()
+    ingress, mllm, sam = (
+        d.options(**{**defaults[d.name], **opts.get(d.name, {})})
+        for d in (Ingress, MLLMDeployment, SAMDeployment)
+    )
     return ingress.bind(mllm.bind(settings), sam.bind(settings), settings)
 
 

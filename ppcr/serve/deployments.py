@@ -1,6 +1,7 @@
 """The model deployments: MLLM (stages 1 + 2) and SAM (stage 3), each batching concurrent requests.
 
-Default options are the tiny CPU ones; serve_configs/*.yaml override them by name. They hold no model
+Their options (replicas, resources, queues) are not written here: `app.make_app` applies the shipped
+ppcr/serve/tiny_cpu.yaml's, and a Serve config's `deployments:` override them by name. They hold no model
 logic: they call `SegmentationStage.encode` and the inference runtime's `reason_rows` / `segment_rows`
 (ppcr/inference.py: `PPCRModel.reason` / `segment`, the code the batch actors, training and evaluation
 run); what they keep is batching, the embedding cache, statistics and numpy <-> tensor moves.
@@ -75,7 +76,7 @@ def _tensor(a: np.ndarray, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model deployments. Default options are the tiny CPU ones; serve_configs/*.yaml override them by name.
+# Model deployments. Options: ppcr/serve/tiny_cpu.yaml (app.default_options), overridden by a Serve config.
 
 # @serve.batch needs values at class definition; each replica then applies its own ServeSettings
 # (set_max_batch_size / set_batch_wait_timeout_s in __init__). One source: the settings' defaults.
@@ -83,16 +84,8 @@ BATCH_DEFAULTS = dict(
     max_batch_size=ServeSettings.max_batch_size, batch_wait_timeout_s=ServeSettings.batch_wait_timeout_s
 )
 
-MODEL_DEPLOYMENT_DEFAULTS = dict(
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=16,
-    max_queued_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
-    health_check_period_s=2,
-)
 
-
-@serve.deployment(name="MLLM", **MODEL_DEPLOYMENT_DEFAULTS)
+@serve.deployment(name="MLLM")
 class MLLMDeployment:
     """Stages 1 + 2: LLaVA with LoRA A (semantic prompt) and LoRA B (box), vision features once per image."""
 
@@ -168,7 +161,7 @@ class MLLMDeployment:
         return results
 
 
-@serve.deployment(name="SAM", **MODEL_DEPLOYMENT_DEFAULTS)
+@serve.deployment(name="SAM")
 class SAMDeployment:
     """Stage 3: SAM image encoder (with an LRU cache of embeddings), prompt encoder and mask decoder."""
 
