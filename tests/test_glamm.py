@@ -210,10 +210,19 @@ def test_converted_checkpoint_holds_glamm_tensors(fakes, converted):
 def test_segmenter_loads_the_converted_checkpoint(converted):
     from ppcr.predictor import Segmenter
 
-    seg = Segmenter.from_checkpoint(converted[0])
     rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
-    out = seg.segment(rgb, "w5 w7")
-    assert out is not None
+    answers = []
+    for seed in (0, 1):  # every weight comes from the checkpoint: a different init seed changes nothing
+        torch.manual_seed(seed)
+        answers.append(Segmenter.from_checkpoint(converted[0]).segment(rgb, "w5 w7"))
+    out = answers[0]
+    assert out.mask.dtype == bool and out.mask.shape == (40, 60)  # the original frame
+    x1, y1, x2, y2 = out.box
+    assert 0 <= x1 <= x2 <= 60 and 0 <= y1 <= y2 <= 40
+    assert np.isfinite(out.score)
+    np.testing.assert_array_equal(answers[1].mask, out.mask)
+    np.testing.assert_array_equal(answers[1].box, out.box)
+    assert answers[1].score == out.score
 
 
 def test_lora_error_beyond_rank_r_is_the_svd_tail():
