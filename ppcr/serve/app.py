@@ -525,6 +525,12 @@ def quiet_shutdown(stop_ray: bool = False) -> None:
         logging.disable(logging.NOTSET)
 
 
+def _not_reconnecting(record: logging.LogRecord) -> bool:
+    # serve.run, right after start's own serve.start, "connects to the existing Serve app" and logs
+    # that "new http_options will not be applied": they were, by that serve.start.
+    return not record.getMessage().startswith("Connecting to existing Serve app")
+
+
 def start(
     args: dict | None = None,
     host: str = "127.0.0.1",
@@ -548,6 +554,8 @@ def start(
     init_ray(address=ray_address, num_cpus=num_cpus)
     require_resources({"CPU": 2.0}, "the ppcr serving app (one MLLM and one SAM replica)")
     serve.start(http_options={**(http_options or {}), "host": host, "port": port})
+    serve_log = logging.getLogger("ray.serve")
+    serve_log.addFilter(_not_reconnecting)
     try:
         serve.run(app, name=name, route_prefix="/")
     except RuntimeError as exc:
@@ -556,6 +564,8 @@ def start(
         cause = start_failure(name, str(exc))
         quiet_shutdown()
         raise ServeStartError(f"the app did not start: {cause}") from None
+    finally:
+        serve_log.removeFilter(_not_reconnecting)
     if blocking:
         while True:
             time.sleep(3600)
