@@ -278,6 +278,42 @@ def test_segment_server_unreachable_is_one_plain_line(tmp_path, server, needle, 
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("status", [501, 200])
+def test_segment_server_that_is_not_ppcr_is_one_line(tmp_path, status, capsys):
+    """Before, another HTTP server's HTML error page was printed whole (13 lines), and an HTML 200
+    ended in a JSONDecodeError traceback."""
+    import http.server
+    import threading
+
+    from PIL import Image
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            page = b"<!DOCTYPE html>\n<html>\n<body>\n<p>hello</p>\n</body>\n</html>\n"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    try:
+        assert main(["segment", str(tmp_path / "a.png"), "the cup", "--server", url]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"as text/html instead of the ppcr app's JSON: is {url} a ppcr server?" in err, err
+    assert "<html>" not in err and "Traceback" not in err
+
+
 def test_undecodable_image_error_has_no_internal_repr(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(b"hello, not an image")
     assert main(["segment", str(tmp_path / "a.png"), "the cup", "--random-weights"]) == 2

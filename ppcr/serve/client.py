@@ -65,10 +65,24 @@ def segment_remote(
         r = requests.post(f"{server.rstrip('/')}/v1/segment", json=body, timeout=timeout_s)
     except requests.RequestException as exc:
         raise _unreachable(server, exc, timeout_s) from None
+    try:
+        answer = r.json()
+    except ValueError:
+        answer = None
     if r.status_code != 200:
-        try:
-            message = r.json().get("error", r.text)
-        except ValueError:
-            message = r.text
-        raise ServerError(r.status_code, message)
-    return r.json()
+        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            raise ServerError(r.status_code, answer["error"])
+        text = r.text.strip()
+        if r.headers.get("content-type", "").startswith("text/plain") and text and "\n" not in text:
+            raise ServerError(r.status_code, text[:300])  # Serve's own answers, e.g. its overload 503
+        raise ServerError(r.status_code, f"{r.reason or 'an error'}, {_not_ppcr(server, r)}")
+    keys = ("results",) if "expressions" in body else ("mask", "box", "score")
+    if not (isinstance(answer, dict) and all(k in answer for k in keys)):
+        raise ServerError(r.status_code, f"not a segmentation, {_not_ppcr(server, r)}")
+    return answer
+
+
+def _not_ppcr(server: str, r: requests.Response) -> str:
+    """The end of a one-line error for an answer that is not the ppcr app's (an HTML page, ...)."""
+    ctype = r.headers.get("content-type", "").split(";")[0] or "no content type"
+    return f"as {ctype} instead of the ppcr app's JSON: is {server} a ppcr server?"
