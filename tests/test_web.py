@@ -198,6 +198,24 @@ def test_file_picker_paste_and_keyboard(page):
     assert page.input_value("#phrases").strip(), "the example fills in its phrases"
 
 
+def test_busy_state_while_the_server_works(page):
+    """While a request is out: a spinner, the button disabled, the stage aria-busy; then all undone."""
+    _drop(page, _png())
+    # Hold the page's requests 1.5 s in the browser, so the busy state is there to be seen.
+    page.evaluate(
+        "() => { const f = window.fetch; window.fetch = (u, o) => "
+        "new Promise((r) => setTimeout(r, 1500)).then(() => f(u, o)); }"
+    )
+    page.fill("#phrases", "the red block")
+    page.click("#go")
+    assert page.evaluate("document.body.dataset.state") == "busy"
+    assert page.is_disabled("#go") and page.locator("#spinner").is_visible()
+    assert page.get_attribute("#stage", "aria-busy") == "true"
+    page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
+    assert page.is_enabled("#go") and page.locator("#spinner").is_hidden()
+    assert page.get_attribute("#stage", "aria-busy") is None
+
+
 @pytest.mark.parametrize(
     "kind, route, expected",
     [
