@@ -194,6 +194,30 @@ def test_weights_that_do_not_fit_the_model_name_the_tensor_when_serve_start_fail
     assert f"mis-shaped tensors: {name}" in message and "WeightsError" not in message, message
 
 
+def test_ppcr_serve_on_a_port_in_use_is_one_line_before_ray_starts(tiny_checkpoint, capsys, monkeypatch):
+    """Before, Serve's proxy failed to bind after Ray started, and ppcr serve ended in a 50-line
+    traceback ending "Failed to bind to address"."""
+    import socket
+
+    import ppcr.ray_cluster
+    from ppcr.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started before the port was checked")
+
+    monkeypatch.setattr(ppcr.ray_cluster, "init_ray", no_ray)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"ppcr serve: error: cannot listen on 127.0.0.1:{port} (Address already in use): "
+        "is another server using the port? Choose another with --port"
+    ]
+
+
 def test_serve_run_import_path_with_a_broken_checkpoint_is_one_line(tiny_checkpoint, tmp_path):
     """Ray's `serve run ppcr.serve:build_app checkpoint=DIR` calls the builder in its own process:
     a checkpoint that cannot load ends it at once with click's one-line `Error:`, not a traceback

@@ -18,6 +18,7 @@ Launch: `ppcr serve --checkpoint DIR` or `ppcr serve --config serve_configs/tiny
 
 import asyncio
 import contextlib
+import errno
 import functools
 import io
 import logging
@@ -525,6 +526,22 @@ def quiet_shutdown(stop_ray: bool = False) -> None:
         logging.disable(logging.NOTSET)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ServeStartError naming host:port when this machine cannot listen there (another server holds
+    the port, or the address is not this machine's): before Ray starts, in one line."""
+    with contextlib.closing(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Serve's server: TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            hint = (
+                "is another server using the port? Choose another with --port"
+                if exc.errno == errno.EADDRINUSE
+                else "is the host an address of this machine?"
+            )
+            raise ServeStartError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): {hint}") from None
+
+
 def _not_reconnecting(record: logging.LogRecord) -> bool:
     # serve.run, right after start's own serve.start, "connects to the existing Serve app" and logs
     # that "new http_options will not be applied": they were, by that serve.start.
@@ -551,9 +568,17 @@ def start(
     from ..ray_cluster import init_ray, require_resources
 
     app = make_app(args, options)  # validates the settings and the checkpoint before Ray starts
+    if ray_address is None:  # a local cluster: Serve's proxy will listen here
+        check_port_free(host, port)
     init_ray(address=ray_address, num_cpus=num_cpus)
     require_resources({"CPU": 2.0}, "the ppcr serving app (one MLLM and one SAM replica)")
-    serve.start(http_options={**(http_options or {}), "host": host, "port": port})
+    try:
+        serve.start(http_options={**(http_options or {}), "host": host, "port": port})
+    except RayTaskError as exc:  # the proxy could not listen: a 50-line remote traceback otherwise
+        if "Failed to bind" not in str(exc):
+            raise
+        quiet_shutdown()
+        raise ServeStartError(f"cannot listen on {host}:{port}: {one_line(exc.cause or exc)}") from None
     serve_log = logging.getLogger("ray.serve")
     serve_log.addFilter(_not_reconnecting)
     try:
