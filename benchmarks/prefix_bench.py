@@ -3,6 +3,11 @@
 
     python benchmarks/prefix_bench.py            # the configuration below, ~5 min on 2 cores
     python benchmarks/prefix_bench.py --smoke    # 64 image tokens, 128 wide, 1 and 2 expressions: < 1 min
+    flock /tmp/ppcr-heavy.lock python benchmarks/prefix_bench.py --real-size   # ~15 GB, ~15 min
+
+--real-size: the `llava-1.5-7b` preset (bf16, random weights, only the "mllm" part, as an MLLM replica
+builds it) and `PPCRModel.reason` on 1 and 7 expressions of one image (RefCOCO's evaluation splits carry
+~7 per image), shared and unshared, one run each.
 
 Configuration (random init; what the language model costs dominates, as at real size): the production
 prompt layout (`image_position: before`, LLaVA-1.5's system prompt), 576 image tokens (CLIP at 336 px,
@@ -129,15 +134,57 @@ def cache_hit(model: PPCRModel, image: np.ndarray, repeats: int) -> tuple[float,
     return statistics.median(miss[1:]), statistics.median(hit[1:])
 
 
+def reason_seconds(model: PPCRModel, image: np.ndarray, k: int, share: bool) -> float:
+    """Wall seconds of one `PPCRModel.reason` (stages 1 + 2) on k expressions of one image."""
+    model.cfg.share_prefix = share
+    batch = collate([Item("img", image, t) for t in EXPRESSIONS[:k]], model.clip_size, model.sam_size)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.reason(batch.clip_pixels, batch.image_index, batch.expressions, batch.original_hw)
+    return time.perf_counter() - t0
+
+
+def real_size() -> None:
+    """`--real-size`: LLaVA-1.5-7B's geometry in bf16, the language stages only."""
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = PPCRModel(load_config("llava-1.5-7b").model, parts=("mllm",)).eval()
+    print(
+        f"built the 7B mllm part in {time.perf_counter() - t0:.0f} s; shared prefix {len(model.mllm.prefix_ids)} "
+        f"tokens; torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    reason_seconds(model, image, 1, False)  # warm-up
+    got = {}
+    for k, share in ((1, False), (7, True), (7, False)):
+        got[k, share] = reason_seconds(model, image, k, share)
+        print(
+            f"{k} expression(s), {'shared' if share else 'unshared'}: {got[k, share]:.1f} s "
+            f"({got[k, share] / k:.1f} s per expression)",
+            flush=True,
+        )
+    per = {share: got[7, share] / 7 for share in (False, True)}
+    print(
+        f"7 expressions per image: {per[True]:.1f} s per expression shared vs {per[False]:.1f} unshared "
+        f"({per[True] / per[False]:.2f}x); vs 1 expression alone {got[1, False]:.1f} s "
+        f"(7 shared = {got[7, True] / got[1, False]:.2f}x one)"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a small model, 1 and 2 expressions (< 1 min)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 3; smoke 1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--real-size", action="store_true", help="LLaVA-1.5-7B in bf16, 1 and 7 expressions")
     a = p.parse_args()
-    repeats = a.repeats or (1 if a.smoke else 3)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.real_size:
+        real_size()
+        return
+    repeats = a.repeats or (1 if a.smoke else 3)
     torch.manual_seed(0)
     cfg = config(a.smoke)
     model = PPCRModel(cfg).eval()
