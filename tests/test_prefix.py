@@ -133,6 +133,15 @@ def test_shared_prefix_gives_the_unshared_answers(model, monkeypatch, max_sequen
     assert any(k == "suffix" for k in kinds) or step == 1
 
 
+def test_suffixes_without_padding(model):
+    """Suffixes of one length (no padding: transformers could take the causal-mask shortcut, which is
+    wrong when the queries start after a cache) give the unshared answers too."""
+    pairs = [(0, "the red circle"), (0, "the red circle"), (1, "the red circle"), (1, "the red circle")]
+    batch = _batch(model, pairs)
+    assert bool(model.mllm.prompts.encode(["the red circle"] * 4, "x").attention_mask.all())
+    _assert_same(_run(model, batch, share=False), _run(model, batch, share=True))
+
+
 def test_shared_prefix_through_predict_torch(model):
     """The inference runtime (Segmenter, ppcr evaluate) shares by default and answers the same."""
     batch = _batch(model)
