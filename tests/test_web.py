@@ -198,6 +198,23 @@ def test_file_picker_paste_and_keyboard(page):
     assert page.input_value("#phrases").strip(), "the example fills in its phrases"
 
 
+def test_a_dropped_file_that_is_not_an_image_is_an_input_error(page):
+    page.evaluate(
+        """() => {
+            const dt = new DataTransfer();
+            dt.items.add(new File(["just text"], "notes.txt", {type: "text/plain"}));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }"""
+    )
+    page.wait_for_function("document.body.dataset.state === 'error'")
+    error = page.locator("#error")
+    assert error.get_attribute("data-kind") == "input" and error.get_attribute("role") == "alert"
+    assert "notes.txt is not an image this browser can show (text/plain)" in error.inner_text()
+    _drop(page, _png())  # an image after it clears the error
+    assert page.locator("#error").is_hidden()
+
+
 def test_busy_state_while_the_server_works(page):
     """While a request is out: a spinner, the button disabled, the stage aria-busy; then all undone."""
     _drop(page, _png())
