@@ -13,7 +13,7 @@ real size without any download:
                               tensors a trained checkpoint holds (`checkpoint.saved_names`: LoRA, token rows,
                               heads, SAM mask decoder) with random values, tokenizer/
 
-    flock /tmp/ppcr-heavy.lock python benchmarks/realsize_standins.py            # ~17 GB of disk, ~6 GB RAM
+    nice python benchmarks/realsize_standins.py      # ~17 GB of disk, < 3 GB of RAM, minutes of one core
     flock /tmp/ppcr-heavy.lock python benchmarks/realsize_standins.py --load     # then load them (~15 GB)
     python benchmarks/realsize_standins.py --smoke --load   # the same at the tiny preset's sizes (seconds)
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -79,9 +80,28 @@ def _random(name: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torc
     return (torch.randn(shape, generator=g, dtype=torch.float32) * 0.02).to(dtype)
 
 
+def save_streamed(path: Path, tensors: list[tuple[str, torch.Size]], metadata: dict[str, str]) -> int:
+    """A bf16 safetensors file written tensor by tensor (`_random` values), so at most one tensor is in
+    memory (7B of values never are): 8-byte little-endian header length, the JSON header, the data.
+    Returns the data's bytes."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, shape in tensors:
+        size = shape.numel() * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in tensors:
+            f.write(_random(name, shape, torch.bfloat16, hash_seed(name)).view(torch.uint8).numpy().tobytes())
+    return offset
+
+
 def write_llava_folder(folder: Path, smoke: bool) -> dict:
-    """The llava-hf folder at the preset's sizes, shard by shard (at most one shard in memory)."""
-    from safetensors.torch import save_file
+    """The llava-hf folder at the preset's sizes, one tensor in memory at a time."""
     from transformers import LlavaForConditionalGeneration
 
     from ppcr.mllm import _build_offline_bpe, llava_config
@@ -108,11 +128,8 @@ def write_llava_folder(folder: Path, smoke: bool) -> dict:
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        part = {n: _random(n, s, torch.bfloat16, seed=hash_seed(n)) for n, s in shard}
-        save_file(part, str(folder / file), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in part.values())
-        weight_map.update(dict.fromkeys(part, file))
-        del part
+        total += save_streamed(folder / file, shard, {"format": "pt"})
+        weight_map.update(dict.fromkeys((n for n, _ in shard), file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return {"tensors": len(tensors), "shards": len(shards), "bytes": total}
