@@ -91,7 +91,7 @@ def run_config(tiny: bool, micro_batch: int, extra: dict | None = None) -> RunCo
 
 def build(cfg: RunConfig, device: torch.device) -> PPCRModel:
     torch.manual_seed(0)
-    with torch.device(device):  # initialise on the GPU: a 7B fp32 init on the host would need 28 GB
+    with torch.device(device):  # initialise on the GPU (LLaVA in bf16 from the start: mllm.build_llava)
         model = PPCRModel(cfg.model)
     return model.to(device)
 

@@ -450,7 +450,7 @@ def main() -> None:
             "clip": one["clip"][0],
             "llm_lora_a": one["llm_lora_a"][0],
             "llm_lora_b": one["llm_lora_b"][0],
-            "sam_encode_1": sam["encode_1"]["seconds"],
+            "sam_encode_1": one["sam_encode"][0],  # in the request: the same process and moment
         }
         result["stages"] = {
             k: {
