@@ -185,9 +185,10 @@ class PPCRModel(nn.Module):
         With prefix sharing (`shares_prefix`), each chunk runs the shared prompt prefix once per distinct
         image and LoRA branch and its expressions' suffixes against it: the answers equal the
         unshared path's to float tolerance. A chunk in which no image appears twice runs whole prompts
-        (sharing would save nothing there), unless a prefix cache is given. prefix_cache (with image_keys (N,), one key per image row):
-        prefixes kept across calls (`PrefixCache`), looked up before and stored after they are run;
-        an image whose prefixes are all cached needs no vision tower either.
+        (sharing would save nothing there), unless a prefix cache is given.
+        prefix_cache (with image_keys (N,), one key per image row): prefixes kept across calls
+        (`PrefixCache`), looked up before and stored after they are run; an image whose prefixes are
+        all cached needs no vision tower either.
         """
         self._require("mllm", "reason (stages 1 + 2)")
         b = len(expressions)
@@ -211,8 +212,7 @@ class PPCRModel(nn.Module):
                 if prefix_cache is None and len(images) == len(local):
                     # No image twice in the chunk and nothing kept across calls: sharing would save
                     # nothing and cost a second forward per pass, so the whole prompts run.
-                    feats = features(range(len(clip_pixels)))
-                    parts.append(self._reason_rows(feats, hw, image_index[sl], expressions[sl], rng))
+                    parts.append(self._reason_rows(features.all(), hw, image_index[sl], expressions[sl], rng))
                     continue
 
                 def prefix_for(adapter: str, images=images, local=local) -> Prefix:
@@ -413,6 +413,7 @@ class _FeatureMemo:
     def __init__(self, mllm: MLLM, clip_pixels: torch.Tensor):
         self.mllm, self.clip_pixels = mllm, clip_pixels
         self.done: dict[int, torch.Tensor] = {}
+        self._all: torch.Tensor | None = None
 
     def __call__(self, images: Sequence[int]) -> torch.Tensor:
         """(len(images), T, hidden) projected features of image rows `images` (computed in one batch)."""
@@ -423,6 +424,12 @@ class _FeatureMemo:
         if not images:
             return self.clip_pixels.new_zeros(0)
         return torch.stack([self.done[i] for i in images])
+
+    def all(self) -> torch.Tensor:
+        """(N, T, hidden) features of every image row (stacked once)."""
+        if self._all is None:
+            self._all = self(range(len(self.clip_pixels)))
+        return self._all
 
 
 def _inverse_order(order: torch.Tensor) -> torch.Tensor:
