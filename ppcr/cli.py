@@ -466,8 +466,9 @@ def cmd_segment(a: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(Exception):
-    """SIGTERM (`kill`, a service manager) on `ppcr serve`: stopped as Ctrl-C stops it."""
+class _Terminated(BaseException):
+    """SIGTERM (`kill`, a service manager) on `ppcr serve`: stopped as Ctrl-C stops it. A
+    BaseException, as KeyboardInterrupt: library code that catches Exception does not swallow it."""
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -492,8 +493,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # Without this, SIGTERM ends the process in Ray's fatal-signal handler, which prints a C++ stack.
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        url = start(**run, ray_address=a.address, num_cpus=a.num_cpus)
-        signal.signal(signal.SIGTERM, _raise_terminated)  # again: Ray may have installed its own
+        url = start(**run, ray_address=a.address, num_cpus=a.num_cpus)  # keeps it over Ray's own
         print(f"ppcr serve: ready at {url}/ (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)

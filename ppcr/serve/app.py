@@ -23,7 +23,9 @@ import functools
 import io
 import logging
 import re
+import signal
 import socket
+import threading
 import time
 from dataclasses import asdict
 from importlib import resources
@@ -570,7 +572,12 @@ def start(
     app = make_app(args, options)  # validates the settings and the checkpoint before Ray starts
     if ray_address is None:  # a local cluster: Serve's proxy will listen here
         check_port_free(host, port)
+    on_term = signal.getsignal(signal.SIGTERM)
     init_ray(address=ray_address, num_cpus=num_cpus)
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        # Ray's start-up installs its own fatal-signal handler (a C++ stack trace) over SIGTERM: the
+        # caller's Python handler (ppcr serve's clean stop) is put back.
+        signal.signal(signal.SIGTERM, on_term)
     require_resources({"CPU": 2.0}, "the ppcr serving app (one MLLM and one SAM replica)")
     try:
         serve.start(http_options={**(http_options or {}), "host": host, "port": port})
