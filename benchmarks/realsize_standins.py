@@ -15,7 +15,7 @@ real size without any download:
 
     nice python benchmarks/realsize_standins.py      # ~17 GB of disk, < 3 GB of RAM, minutes of one core
     flock /tmp/ppcr-heavy.lock python benchmarks/realsize_standins.py --load     # then load them (~15 GB)
-    python benchmarks/realsize_standins.py --smoke --load   # the same at the tiny preset's sizes (seconds)
+    python benchmarks/realsize_standins.py --smoke   # the same at the tiny preset's sizes, loaded (seconds)
 
 --load measures the loading paths, each in a fresh process: `load_checkpoint(parts=("sam",))` (a SAM
 replica or batch actor), `load_checkpoint(parts=("mllm",))` (an MLLM replica), and
@@ -260,11 +260,28 @@ def measure_loading(checkpoint: Path, segment: bool) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=None, help="folder to write into (default: %(default)s)")
-    p.add_argument("--smoke", action="store_true", help="the tiny preset's sizes (seconds, a few MB)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the tiny preset's sizes, then --load --segment (seconds; a temporary folder unless --cache)",
+    )
     p.add_argument("--load", action="store_true", help="then measure the loading paths (see above)")
     p.add_argument("--segment", action="store_true", help="with --load: also answer one photograph")
     p.add_argument("--json", type=Path, default=None, help="with --load: write the measurements here")
     a = p.parse_args()
+    if a.smoke:
+        a.load = a.segment = True
+        if a.cache is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="ppcr-standins-") as tmp:
+                a.cache = Path(tmp)
+                run(a)
+            return
+    run(a)
+
+
+def run(a: argparse.Namespace) -> None:
     paths = ensure_standins(a.cache, a.smoke)
     report = json.loads((paths["checkpoint"].parent / DONE).read_text())
     for key, path in paths.items():
