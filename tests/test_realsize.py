@@ -229,8 +229,8 @@ def test_standins_have_the_hub_layout_and_load_through_the_checkpoint_path(tmp_p
 @pytest.mark.slow
 def test_real_width_model_segments_a_photograph():
     """LLaVA-7B widths (2 language layers), CLIP-L/336 whole, SAM ViT-H whole, bf16, random weights: one
-    photograph through `Segmenter`. ~4 GB of RAM; ~7 TFLOP, most of it SAM-H's encoder (docs/benchmarks.md
-    has the time on an AVX-512 BF16 CPU; an AVX2-only CPU is several times slower)."""
+    photograph through `Segmenter`. 5.6 GB of RAM; ~7 TFLOP, most of it SAM-H's encoder: 47 s on 2 AVX-512
+    BF16 cores (docs/benchmarks.md); an AVX2-only CPU is several times slower."""
     import warnings
 
     from skimage import data
