@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +86,15 @@ def ray_local():
     yield total
     if not was:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def capacity():
+    """deploy/capacity.py as a module (it is a script beside the package, not part of it)."""
+    spec = importlib.util.spec_from_file_location(
+        "capacity", Path(__file__).resolve().parents[1] / "deploy/capacity.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["capacity"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,19 +9,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs/capacity.md"
-
-
-def load_capacity():
-    spec = importlib.util.spec_from_file_location("capacity", REPO / "deploy/capacity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["capacity"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def capacity():
-    return load_capacity()
 
 
 @pytest.fixture(scope="module")

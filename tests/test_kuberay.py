@@ -149,11 +149,9 @@ def rayjob() -> dict:
 
 
 @pytest.fixture(scope="module")
-def capacity():
-    from tests.test_capacity import load_capacity
-
-    module = load_capacity()
-    return module, module.parameter_counts()
+def capacity(capacity):
+    """conftest's deploy/capacity.py module, with its parameter counts."""
+    return capacity, capacity.parameter_counts()
 
 
 def test_rayjob_runs_the_training_entry_point_with_the_paper_config(rayjob):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +119,6 @@ def test_sam_encode_runs_one_image_per_call_with_the_stacked_answer(monkeypatch)
 
 
 # ----------------------------------------------------------------------------- capacity formulas
-
-
-@pytest.fixture(scope="module")
-def capacity():
-    spec = importlib.util.spec_from_file_location("capacity", REPO / "deploy/capacity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["capacity"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
