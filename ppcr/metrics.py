@@ -90,6 +90,17 @@ def _add_exact(partials: list[float], x: float) -> None:
     partials[i:] = [x]
 
 
+def _read_partials(values: Sequence[Any]) -> list[float]:
+    """A saved IoU sum (its exact partials) back as partials; ValueError naming it when not finite."""
+    partials = [float(x) for x in values]
+    if not all(math.isfinite(x) for x in partials):
+        raise ValueError(f"sum_iou is not finite: {partials}")
+    out: list[float] = []
+    for x in partials:
+        _add_exact(out, x)
+    return out
+
+
 class ExpressionScore(NamedTuple):
     """One expression's result: mask intersection and union (pixels), IoU, and box IoU (None: no boxes)."""
 
@@ -252,14 +263,9 @@ class RISMetrics:
         hits = [int(h) for h in d["hits"]]
         if len(hits) != len(m.thresholds):
             raise ValueError(f"state has {len(hits)} hit counts for {len(m.thresholds)} thresholds")
-        partials = [float(x) for x in d.get("iou_partials", [d["sum_iou"]])]
-        if not all(math.isfinite(x) for x in partials):
-            raise ValueError(f"sum_iou is not finite: {partials}")
         m.sum_inter = int(d["sum_inter"])
         m.sum_union = int(d["sum_union"])
-        m._iou_partials = []
-        for x in partials:
-            _add_exact(m._iou_partials, x)
+        m._iou_partials = _read_partials(d.get("iou_partials", [d["sum_iou"]]))
         m.count = int(d["count"])
         m.hits = hits
         m.box_hits = int(d["box_hits"])
@@ -480,8 +486,7 @@ class GRESMetrics:
         if len(hits) != len(m.thresholds):
             raise ValueError(f"state has {len(hits)} hit counts for {len(m.thresholds)} thresholds")
         m.sum_inter, m.sum_union = int(d["sum_inter"]), int(d["sum_union"])
-        for x in d["iou_partials"]:
-            _add_exact(m._iou_partials, float(x))
+        m._iou_partials = _read_partials(d["iou_partials"])
         m.count = int(d["count"])
         m.no_target_count = int(d["no_target_count"])
         m.no_target_right = int(d["no_target_right"])

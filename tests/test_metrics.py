@@ -265,3 +265,19 @@ def test_gres_ground_truth_must_agree_with_no_target() -> None:
         GRESMetrics().update(gt, np.zeros((4, 4), bool), False)
     with pytest.raises(ValueError, match="no-target expression has intersection 0"):
         GRESMetrics().add(GRESScore(0, 5, True, False, 1.0))
+
+
+@pytest.mark.parametrize("cls", ["RISMetrics", "GRESMetrics"])
+def test_from_state_dict_refuses_a_non_finite_iou_sum(cls):
+    """A saved state whose IoU sum is NaN/inf (a corrupt shard's worth of partial results) is refused by name,
+    for both metric families, instead of surfacing later as a NaN mIoU/gIoU."""
+    import ppcr.metrics as metrics
+
+    m = getattr(metrics, cls)()
+    m.update(
+        np.ones((4, 4), bool), np.ones((4, 4), bool), **({"no_target": False} if cls == "GRESMetrics" else {})
+    )
+    state = json.loads(json.dumps(m.state_dict()))
+    state["iou_partials"] = [float("nan")]
+    with pytest.raises(ValueError, match="sum_iou is not finite"):
+        getattr(metrics, cls).from_state_dict(state)
