@@ -338,3 +338,25 @@ def test_the_wheel_ships_the_default_serve_config(tmp_path):
         names = set(z.namelist())
         assert "ppcr/serve/tiny_cpu.yaml" in names and "ppcr/configs/tiny.yaml" in names
         assert z.read("ppcr/serve/tiny_cpu.yaml") == (REPO / "ppcr/serve/tiny_cpu.yaml").read_bytes()
+
+
+def test_serve_run_key_value_args_are_read_as_the_settings_types():
+    """`serve run ppcr.serve:build_app max_pixels=0` passes the string "0": it is read as the integer
+    setting it names, so the error is about the value (>= 1), not about "0" being a string; a value that
+    is no number is still refused by name."""
+    from click.testing import CliRunner
+    from ray.serve.scripts import cli
+
+    from ppcr.serve.settings import command_line_args
+
+    assert command_line_args({"max_pixels": "0", "batch_wait_timeout_s": "0.5", "checkpoint": "123"}) == {
+        "max_pixels": 0,
+        "batch_wait_timeout_s": 0.5,
+        "checkpoint": "123",  # a string setting stays a string, even when it looks like a number
+    }
+    result = CliRunner().invoke(cli, ["run", "ppcr.serve:build_app", "max_pixels=0"])
+    assert result.exit_code == 1, result.output
+    assert "Error: args.max_pixels must be >= 1; got 0" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["run", "ppcr.serve:build_app", "max_pixels=big"])
+    assert result.exit_code == 1 and "args.max_pixels" in result.output, result.output

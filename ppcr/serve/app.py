@@ -71,6 +71,7 @@ from .settings import (
     RANDOM_INIT_WARNING,
     ServeSettings,
     check_checkpoint,
+    command_line_args,
     describe_model,
     prompt_tokenizer,
     resolve_settings,
@@ -424,17 +425,19 @@ def build_app(args: dict) -> serve.Application:
 
     Under Ray's `serve run ppcr.serve:build_app checkpoint=DIR` (a click command calling the builder
     in its own process) a checkpoint or args that cannot load end the command in one line,
-    `Error: <cause>`, instead of a traceback. From a config file, Serve builds in a remote task and
+    `Error: <cause>`, instead of a traceback; its `key=value` strings are read as the settings' types
+    (`command_line_args`). From a config file, Serve builds in a remote task and
     shows the error there (docs/serving.md)."""
     import click
 
     from ..config import ConfigError
     from ..weights import WeightsError
 
+    from_command_line = click.get_current_context(silent=True) is not None
     try:
-        return make_app(args)
+        return make_app(command_line_args(args) if from_command_line else args)
     except (FileNotFoundError, ConfigError, WeightsError, ValueError) as exc:
-        if click.get_current_context(silent=True) is None:
+        if not from_command_line:
             raise
         raise click.ClickException(str(exc)) from None
 

@@ -7,9 +7,10 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
+import yaml
 
 from ..config import from_dict, key, require_above, require_at_least
 from ..geometry import MAX_ASPECT_RATIO, ImageLimits
@@ -76,6 +77,26 @@ class ServeSettings:
     def image_limits(self) -> ImageLimits:
         """The image shape limits every request is checked against (ValueError on impossible values)."""
         return ImageLimits(max_pixels=self.max_pixels, max_aspect_ratio=self.max_aspect_ratio)
+
+
+def command_line_args(args: dict) -> dict:
+    """Builder args as Ray's `serve run ppcr.serve:build_app key=value ...` passes them (every value a
+    string) with the values of non-string settings read as YAML scalars, as a Serve config's `args:` would
+    give them: `max_pixels=0` -> 0, `batch_wait_timeout_s=0.5` -> 0.5. A value that is still of the wrong
+    type (`max_pixels=big`) is left for `resolve_settings` to refuse by name."""
+    hints = get_type_hints(ServeSettings)
+    out = dict(args)
+    for name, value in args.items():
+        if isinstance(value, str) and name in hints and str not in _types(hints[name]):
+            try:
+                out[name] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass  # not a scalar: left as the string, which resolve_settings names as the wrong type
+    return out
+
+
+def _types(hint: Any) -> tuple[type, ...]:
+    return getattr(hint, "__args__", (hint,))
 
 
 def resolve_settings(args: dict | None) -> ServeSettings:
