@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import get_args
@@ -517,6 +518,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    # `ppcr NAME --help` opens with the same one line `ppcr --help` lists NAME with; a longer
+    # description follows it, wrapped (the raw formatter keeps the examples' lines, so it wraps nothing).
+    more = kwargs.get("description")
+    kwargs["description"] = "\n\n".join(textwrap.fill(text, 79) for text in (kwargs["help"], more) if text)
     return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
 

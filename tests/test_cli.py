@@ -458,3 +458,16 @@ def test_help_examples_run_as_written(tmp_path, monkeypatch, capsys):
     assert Path("overlay.png").is_file() and Path("batch_out/results").is_dir()
     commands = {line.split()[1] for line in ran}
     assert commands >= {"synth", "prepare", "train", "evaluate", "batch", "segment"}, ran
+
+
+def test_every_command_help_opens_with_its_one_line_summary():
+    """`ppcr NAME --help` starts with what NAME does (the line `ppcr --help` lists), not only usage."""
+    from ppcr.cli import build_parser
+
+    top = build_parser()
+    summaries = {a.dest: a.help for a in top._subparsers._group_actions[0]._choices_actions}
+    for name, parser in _subparsers().items():
+        text = parser.format_help()
+        body = " ".join(text.split("\n\n", 1)[1].split())
+        assert body.startswith(summaries[name]), f"ppcr {name} --help does not open with its summary"
+        assert max(len(line) for line in parser.description.splitlines()) <= 100, name
