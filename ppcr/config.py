@@ -200,8 +200,33 @@ class ModelConfig:
     semantic_state: Literal["at", "predicting"] = "at"
     prompt_format: Literal["ppcr", "glamm"] = "ppcr"
     clip_preprocess: Literal["pad", "crop"] = "pad"
+    # How many objects an expression may name. "single" is the paper's model (one box, one mask per
+    # expression). "multi" answers none, one or several (gRefCOCO): the attention box head reads
+    # `max_targets` box slots, each with an objectness score, plus a presence score for the expression;
+    # the kept slots (`presence_threshold`, `objectness_threshold`, duplicates above `slot_nms_iou`
+    # box IoU dropped) are each segmented by SAM with the semantic prompt (docs/learning.md, "No target
+    # and several targets").
+    targets: Literal["single", "multi"] = "single"
+    max_targets: int = 4
+    presence_threshold: float = 0.5
+    objectness_threshold: float = 0.5
+    slot_nms_iou: float = 0.7
 
     def validate(self, prefix: str) -> None:
+        require(
+            self.targets == "single" or (self.box_head == "attention" and self.spatial_prompt != "none"),
+            f"{key(prefix, 'targets')} multi needs box_head: attention and a spatial stage (its box slots "
+            f"are queries of the attention head); got box_head {self.box_head!r}, spatial_prompt "
+            f"{self.spatial_prompt!r}",
+        )
+        require_at_least(self.max_targets, 1, key(prefix, "max_targets"))
+        for name in ("presence_threshold", "objectness_threshold"):
+            value = getattr(self, name)
+            require(0 < value < 1, f"{key(prefix, name)} must be in (0, 1); got {value}")
+        require(
+            0 < self.slot_nms_iou <= 1,
+            f"{key(prefix, 'slot_nms_iou')} must be in (0, 1]; got {self.slot_nms_iou}",
+        )
         require(
             not self.semantic_grounding or (self.box_head == "attention" and self.spatial_prompt != "none"),
             f"{key(prefix, 'semantic_grounding')} needs box_head: attention and a spatial stage",
@@ -242,6 +267,11 @@ class LossConfig:
     giou: float = 0.0  # optional extra box term (not in the paper; 0 keeps the paper's loss)
     box_heatmap: float = 0.0  # attention head only: BCE of its heatmap against the ground-truth box
     semantic_grounding: float = 0.0  # model.semantic_grounding only: heatmap BCE + L1 of the [SEG] query
+    # model.targets multi only: BCE of the expression's presence score (has it a target?) and of each
+    # box slot's objectness (is it matched to a target?); the matched slots' boxes take l1 and giou,
+    # and their SAM masks bce, dice and iou.
+    presence: float = 1.0
+    objectness: float = 1.0
 
     def validate(self, prefix: str) -> None:
         for f in dataclasses.fields(self):

@@ -141,6 +141,12 @@ def check_before_launch(cfg: RunConfig, resume: bool) -> dict:
     from .ray_cluster import init_ray, require_resources
 
     d = cfg.distributed
+    if cfg.model.targets == "multi":
+        # The streaming loader carries each expression's union target only, not each target on its own.
+        raise ConfigError(
+            "model.targets multi trains in one process for now: run `ppcr train --local` (the Ray Train "
+            "job's streaming loader does not carry each target's box and mask)"
+        )
     ds = deepspeed_config(cfg)
     check_mix_single_target(cfg)  # every split exists, and holds one target per expression
     if d.evaluate_split:

@@ -66,6 +66,9 @@ class Item:
     gt_mask: np.ndarray | None = None
     gt_box: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    # Each target on its own (model.targets multi trains on them): (boxes (n, 4) pixel XYXY, masks
+    # bool (n, H, W)); n = 0 for an expression naming nothing. gt_mask / gt_box are their union.
+    gt_instances: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -79,6 +82,8 @@ class Batch:
     gt_masks: list[torch.Tensor] | None = None  # B × (H, W) bool, original size
     gt_boxes: torch.Tensor | None = None  # (B, 4) normalized XYXY
     meta: list[dict] = field(default_factory=list)
+    # Per expression, each target: (boxes (n, 4) normalized XYXY, masks (n, H, W) bool); n may be 0.
+    gt_instances: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.expressions)
@@ -95,6 +100,9 @@ class Batch:
             gt_masks=None if self.gt_masks is None else [m.to(device) for m in self.gt_masks],
             gt_boxes=mv(self.gt_boxes),
             meta=self.meta,
+            gt_instances=None
+            if self.gt_instances is None
+            else [(b.to(device), m.to(device)) for b, m in self.gt_instances],
         )
 
 
@@ -121,6 +129,18 @@ def collate(items: Sequence[Item], clip_size: int, sam_size: int, clip_mode: str
                 raise ValueError(f"ground-truth mask {it.gt_mask.shape} does not match image {(h, w)}")
             gt_masks.append(torch.from_numpy(np.ascontiguousarray(it.gt_mask, dtype=bool)))
         gt_boxes = ground_truth_boxes([it.gt_box for it in items], [it.image.shape[:2] for it in items])
+    gt_instances = None
+    if has_gt and all(it.gt_instances is not None for it in items):
+        gt_instances = []
+        for it in items:
+            boxes, masks = it.gt_instances
+            size = it.image.shape[:2]
+            if len(boxes) != len(masks) or masks.shape[1:] != size:
+                raise ValueError(
+                    f"ground-truth instances {boxes.shape} / {masks.shape} do not match image {size}"
+                )
+            norm = ground_truth_boxes(list(boxes), [size] * len(boxes)) if len(boxes) else torch.zeros(0, 4)
+            gt_instances.append((norm, torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))))
     return Batch(
         clip_pixels=torch.stack(clip),
         sam_pixels=torch.stack(sam),
@@ -131,4 +151,5 @@ def collate(items: Sequence[Item], clip_size: int, sam_size: int, clip_mode: str
         gt_masks=gt_masks,
         gt_boxes=gt_boxes,
         meta=[it.meta for it in items],
+        gt_instances=gt_instances,
     )

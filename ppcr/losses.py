@@ -1,4 +1,8 @@
-"""PPCR's joint objective (paper Eq. 7): bce·BCE + dice·Dice + l1·L1(box) + ce·CE, each term reported."""
+"""PPCR's joint objective (paper Eq. 7): bce·BCE + dice·Dice + l1·L1(box) + ce·CE, each term reported.
+
+The multi-target model (`model.targets: multi`) adds presence·BCE(presence) and objectness·BCE(slots)
+and takes the box and mask terms over the slots matched to targets (`multi_target_loss`).
+"""
 
 from __future__ import annotations
 
@@ -50,7 +54,10 @@ def ppcr_loss(
     """Total loss and a dict of every term (floats) for logging.
 
     Mask terms are computed at the original resolution (mean over pixels, then over expressions).
+    An output of the multi-target model (`out.slots`) is scored by `multi_target_loss`.
     """
+    if out.slots is not None:
+        return multi_target_loss(out, batch, weights, centers)
     terms: dict[str, torch.Tensor] = {}
     extra: dict[str, float] = {}
     # Per mask (mean over its pixels), then the mean over masks; computed one image at a time, since
@@ -95,6 +102,95 @@ def ppcr_loss(
             out.semantic_heatmap.float(), target
         ) + F.l1_loss(out.semantic_box.float(), batch.gt_boxes)
         extra["sem_heat_on_target"] = _mass_on_target(out.semantic_heatmap, target)
+    total = sum(getattr(weights, k) * v for k, v in terms.items())
+    logs = {k: float(v.detach()) for k, v in terms.items()}
+    logs["loss"] = float(total.detach())
+    logs.update(extra)
+    return total, logs
+
+
+def multi_target_loss(
+    out, batch, weights: LossConfig, centers: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict]:
+    """The multi-target model's loss (out from `PPCRModel.forward` with matched slots) and its terms.
+
+    presence: BCE of each expression's presence logit against "has a target"; objectness: BCE of the
+    slots of expressions with targets, 1 for the slots matched to one (`out.row_slot`), 0 for the
+    others; l1, giou, box_heatmap: each matched slot against its target's box; bce, dice, iou: each
+    matched slot's SAM mask against its target's mask; ce as in `ppcr_loss`; semantic_grounding: the
+    [SEG] query's heatmap against every target's box and its box against their enclosing box, on the
+    expressions with targets. Expressions without a target train presence (and ce) only. Mean over
+    rows of each term; a term without rows in the batch is left out.
+    """
+    if batch.gt_instances is None or out.row_target is None or (out.row_target < 0).any():
+        raise ValueError("multi_target_loss needs slots matched to the batch's targets (gt_instances)")
+    slots = out.slots
+    device = slots.presence.device
+    n_targets = torch.tensor([len(b) for b, _ in batch.gt_instances], device=device)
+    has = n_targets > 0
+    terms: dict[str, torch.Tensor] = {"ce": out.ce}
+    extra: dict[str, float] = {}
+    terms["presence"] = F.binary_cross_entropy_with_logits(slots.presence.float(), has.float())
+    expr, slot, target = out.row_expression, out.row_slot, out.row_target
+    if has.any():
+        obj_target = torch.zeros_like(slots.objectness, dtype=torch.float32)
+        obj_target[expr, slot] = 1.0
+        terms["objectness"] = F.binary_cross_entropy_with_logits(
+            slots.objectness.float()[has], obj_target[has]
+        )
+    if len(expr):
+        pairs = list(zip(expr.tolist(), target.tolist()))
+        gt_box = torch.stack([batch.gt_instances[i][0][j] for i, j in pairs]).to(device)
+        box = slots.boxes[expr, slot].float()
+        terms["l1"] = F.l1_loss(box, gt_box)
+        if weights.giou > 0:
+            terms["giou"] = generalized_box_iou_loss(box, gt_box, reduction="mean")
+        if centers is not None:
+            hw = batch.original_hw.to(device)[batch.image_index.to(device)[expr]]
+            target_heat = heatmap_targets(gt_box, hw, centers.to(device))
+            heat = slots.heatmaps[expr, slot]
+            if weights.box_heatmap > 0:
+                terms["box_heatmap"] = F.binary_cross_entropy_with_logits(heat.float(), target_heat)
+            extra["heat_on_target"] = _mass_on_target(heat, target_heat)
+        bce, dice, actual = [], [], []
+        for rows, logits in out.mask_groups:
+            logits = logits.float()
+            gt = torch.stack([batch.gt_instances[pairs[r][0]][1][pairs[r][1]] for r in rows.tolist()])
+            gt = gt.to(logits.device)
+            bce.append(
+                F.binary_cross_entropy_with_logits(logits, gt.float(), reduction="none").flatten(1).mean(1)
+            )
+            dice.append(_dice_rows(logits, gt))
+            with torch.no_grad():
+                actual.append(_mask_iou_rows(logits, gt))
+        terms["bce"] = torch.cat(bce).mean()
+        terms["dice"] = torch.cat(dice).mean()
+        if weights.iou > 0:
+            order = torch.cat([rows for rows, _ in out.mask_groups]).to(out.iou_pred.device)
+            terms["iou"] = F.mse_loss(out.iou_pred[order].float(), torch.cat(actual))
+    if (
+        out.semantic_heatmap is not None
+        and centers is not None
+        and has.any()
+        and weights.semantic_grounding > 0
+    ):
+        rows = has.nonzero().flatten()
+        hw = batch.original_hw.to(device)[batch.image_index.to(device)[rows]]
+        heat_target = torch.stack(
+            [
+                heatmap_targets(
+                    batch.gt_instances[i][0].to(device),
+                    hw[n : n + 1].expand(len(batch.gt_instances[i][0]), 2),
+                    centers.to(device),
+                ).amax(0)
+                for n, i in enumerate(rows.tolist())
+            ]
+        )
+        sem_heat = out.semantic_heatmap[rows].float()
+        terms["semantic_grounding"] = F.binary_cross_entropy_with_logits(sem_heat, heat_target) + F.l1_loss(
+            out.semantic_box[rows].float(), batch.gt_boxes.to(device)[rows]
+        )
+        extra["sem_heat_on_target"] = _mass_on_target(sem_heat, heat_target)
     total = sum(getattr(weights, k) * v for k, v in terms.items())
     logs = {k: float(v.detach()) for k, v in terms.items()}
     logs["loss"] = float(total.detach())

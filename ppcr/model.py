@@ -24,7 +24,8 @@ from .mllm import MLLM, Prefix, PrefixCache
 from .precision import apply_dtype_policy
 from .segmentation_stage import SegmentationStage
 from .semantic_stage import SemanticStage
-from .spatial_stage import AttentionBoxHead, SpatialStage
+from .slots import kept_slots, match_slots
+from .spatial_stage import AttentionBoxHead, SlotOutput, SpatialStage
 
 
 @dataclass
@@ -42,10 +43,23 @@ class PPCROutput:
     # The same mask logits grouped by image: (rows (k,), logits (k, H, W)) per distinct image, the form
     # the loss computes on (one op per image instead of one per expression). mask_logits are views of it.
     mask_groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # model.targets multi: SAM runs once per (expression, slot) row instead of once per expression, so
+    # sam_box, low_res_masks, mask_logits, iou_pred and mask_groups are per row (R rows). In training
+    # the rows are the slots matched to targets (`slots.match_slots`), in inference the kept slots
+    # (`slots.kept_slots`); `box` / `heatmap` are each expression's most object-like slot's.
+    slots: SlotOutput | None = None  # boxes (B, K, 4), objectness (B, K) / presence (B,) logits
+    row_expression: torch.Tensor | None = None  # (R,) long: the expression of each SAM row
+    row_slot: torch.Tensor | None = None  # (R,) long: its slot
+    row_target: torch.Tensor | None = None  # (R,) long: the target it is matched to (training), else -1
 
 
 class Reasoning(NamedTuple):
-    """What the MLLM stages hand to SAM (plus the training-only terms)."""
+    """What the MLLM stages hand to SAM (plus the training-only terms).
+
+    With `model.targets: multi`, `slot_boxes`, `objectness_logits` and `presence_logits` hold the K box
+    slots (`objectness` and `presence` give them as probabilities; `slots.kept_slots` picks the slots
+    to segment) and `box` is each expression's most object-like slot's box.
+    """
 
     semantic_prompt: torch.Tensor  # (B, prompt_dim)
     box: torch.Tensor | None  # (B, 4) normalized XYXY, None when spatial_prompt == "none"
@@ -53,6 +67,31 @@ class Reasoning(NamedTuple):
     heatmap: torch.Tensor | None
     semantic_box: torch.Tensor | None
     semantic_heatmap: torch.Tensor | None
+    slot_boxes: torch.Tensor | None = None  # (B, K, 4) normalized XYXY of the original image
+    objectness_logits: torch.Tensor | None = None  # (B, K)
+    presence_logits: torch.Tensor | None = None  # (B,)
+    slot_heatmaps: torch.Tensor | None = None  # (B, K, T)
+
+    @property
+    def boxes(self) -> torch.Tensor | None:
+        """(B, K, 4) the slots' normalized XYXY boxes (model.targets multi), else None."""
+        return self.slot_boxes
+
+    @property
+    def objectness(self) -> torch.Tensor | None:
+        """(B, K) each slot's probability of being one of the targets (model.targets multi), else None."""
+        return None if self.objectness_logits is None else self.objectness_logits.sigmoid()
+
+    @property
+    def presence(self) -> torch.Tensor | None:
+        """(B,) the probability that the expression names something in the image (multi), else None."""
+        return None if self.presence_logits is None else self.presence_logits.sigmoid()
+
+    @property
+    def slots(self) -> SlotOutput | None:
+        if self.slot_boxes is None:
+            return None
+        return SlotOutput(self.slot_boxes, self.objectness_logits, self.presence_logits, self.slot_heatmaps)
 
 
 logger = logging.getLogger("ppcr.model")
@@ -103,7 +142,11 @@ class PPCRModel(nn.Module):
                     self.semantic = SemanticStage(self.mllm, cfg.prompt_dim)
                     if cfg.spatial_prompt != "none":
                         self.spatial = SpatialStage(
-                            self.mllm, cfg.spatial_prompt, cfg.box_head, cfg.attention_head_layers
+                            self.mllm,
+                            cfg.spatial_prompt,
+                            cfg.box_head,
+                            cfg.attention_head_layers,
+                            slots=cfg.max_targets if cfg.targets == "multi" else 0,
                         )
                 else:
                     self.segmentation = SegmentationStage(cfg.sam, cfg.prompt_dim)
@@ -242,14 +285,7 @@ class PPCRModel(nn.Module):
 
         sizes = [len(p.semantic_prompt) for p in parts]
         ce = sum(p.ce * n for p, n in zip(parts, sizes)) / b
-        return Reasoning(
-            cat("semantic_prompt"),
-            cat("box"),
-            ce,
-            cat("heatmap"),
-            cat("semantic_box"),
-            cat("semantic_heatmap"),
-        )
+        return Reasoning(*[ce if f == "ce" else cat(f) for f in Reasoning._fields])
 
     @property
     def _adapters(self) -> tuple[str, ...]:
@@ -275,7 +311,7 @@ class PPCRModel(nn.Module):
             self.mllm, feats, expressions, rng, prefix=prefix_for("semantic") if shared else None
         )
         ce = sem.ce
-        box = heat = None
+        box = heat = slots = None
         if self.spatial is not None:
             spa = self.spatial(
                 self.mllm,
@@ -286,12 +322,25 @@ class PPCRModel(nn.Module):
                 rng,
                 prefix=prefix_for("spatial") if shared else None,
             )
-            box, heat = spa.box, spa.heatmap
+            box, heat, slots = spa.box, spa.heatmap, spa.slots
             ce = (sem.ce + spa.ce) / 2
         sem_box = sem_heat = None
         if self.cfg.semantic_grounding and self.spatial is not None:
             sem_box, sem_heat = self.spatial.head(sem.hidden, sem.image_states, hw)
-        return Reasoning(sem.prompt, box, ce, heat, sem_box, sem_heat)
+        if slots is None:
+            return Reasoning(sem.prompt, box, ce, heat, sem_box, sem_heat)
+        return Reasoning(
+            sem.prompt,
+            box,
+            ce,
+            heat,
+            sem_box,
+            sem_heat,
+            slots.boxes,
+            slots.objectness,
+            slots.presence,
+            slots.heatmaps,
+        )
 
     def segment(
         self,
@@ -354,6 +403,7 @@ class PPCRModel(nn.Module):
         oracle_box: bool = False,
         image_embeddings: torch.Tensor | None = None,
         max_sequences: int | None = None,
+        match_targets: bool | None = None,
     ) -> PPCROutput:
         """Run the three stages on a batch (teacher-forced answers: one pass per stage).
 
@@ -363,10 +413,18 @@ class PPCRModel(nn.Module):
         the ground-truth box, unjittered (paper Table 3 oracle).
         image_embeddings: precomputed SAM embeddings (N, C, h, w) to reuse across calls.
         max_sequences: expressions per language-model forward (see `reason`).
+        match_targets (model.targets multi; None: the module's training mode): SAM segments the slots
+        matched to the batch's targets (`batch.gt_instances`, training) instead of the kept slots
+        (inference); the ground-truth box options then give SAM the matched target's box.
         """
         r = self.reason(
             batch.clip_pixels, batch.image_index, batch.expressions, batch.original_hw, rng, max_sequences
         )
+        if r.slot_boxes is not None:
+            match = self.training if match_targets is None else match_targets
+            return self._forward_slots(
+                batch, r, match, gt_box_prob, gt_box_jitter, oracle_box, image_embeddings
+            )
         box = r.box
         sam_box = box
         if oracle_box or (gt_box_prob > 0 and box is not None):
@@ -404,6 +462,91 @@ class PPCRModel(nn.Module):
             semantic_box=r.semantic_box,
             semantic_heatmap=r.semantic_heatmap,
             mask_groups=groups,
+        )
+
+    def _forward_slots(
+        self,
+        batch: Batch,
+        r: Reasoning,
+        match: bool,
+        gt_box_prob: float,
+        gt_box_jitter: float,
+        oracle_box: bool,
+        image_embeddings: torch.Tensor | None,
+    ) -> PPCROutput:
+        """`forward` of the multi-target model: SAM segments one row per matched (training) or kept
+        (inference) slot, each with its expression's semantic prompt and the slot's box."""
+        device = r.semantic_prompt.device
+        target_rows = None
+        if match:
+            if batch.gt_instances is None:
+                raise ValueError("matching slots to targets needs the targets in the batch (gt_instances)")
+            expr, slot, target = [], [], []
+            for i, (gt, _) in enumerate(batch.gt_instances):
+                if len(gt) == 0:
+                    continue  # no target: presence is trained, nothing is segmented
+                k, j = match_slots(r.slot_boxes[i].detach(), r.objectness_logits[i].detach(), gt)
+                expr += [i] * len(k)
+                slot += k.tolist()
+                target += j.tolist()
+            target_rows = torch.tensor(target, dtype=torch.long, device=device)
+        else:
+            if oracle_box or gt_box_prob > 0:
+                raise ValueError("the ground-truth box options of the multi-target model need match_targets")
+            cfg = self.cfg
+            kept = kept_slots(
+                r.presence.detach(),
+                r.objectness.detach(),
+                r.slot_boxes.detach(),
+                cfg.presence_threshold,
+                cfg.objectness_threshold,
+                cfg.slot_nms_iou,
+            )
+            expr = [i for i, ks in enumerate(kept) for _ in ks]
+            slot = [k for ks in kept for k in ks]
+        row_expr = torch.tensor(expr, dtype=torch.long, device=device)
+        row_slot = torch.tensor(slot, dtype=torch.long, device=device)
+        sam_box = r.slot_boxes[row_expr, row_slot]
+        if match and (oracle_box or gt_box_prob > 0) and len(row_expr):
+            gt = torch.stack([batch.gt_instances[i][0][j] for i, j in zip(expr, target)]).to(sam_box)
+            if oracle_box:
+                sam_box = gt
+            else:
+                if gt_box_jitter > 0:
+                    wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
+                    gt = order_box((gt + torch.randn_like(gt) * gt_box_jitter * wh).clamp(0, 1))
+                use_gt = torch.rand(len(gt), device=gt.device) < gt_box_prob
+                sam_box = torch.where(use_gt.unsqueeze(1), gt, sam_box)
+        image_index = batch.image_index.to(device)[row_expr]
+        if len(row_expr):
+            if image_embeddings is None:
+                image_embeddings = self.segmentation.encode(batch.sam_pixels)
+            low, iou, groups = self._segment_groups(
+                image_embeddings,
+                image_index,
+                r.semantic_prompt[row_expr],
+                sam_box,
+                batch.original_hw,
+                batch.sam_input_hw,
+            )
+        else:  # nothing to segment: every expression names nothing
+            low, iou, groups = r.semantic_prompt.new_zeros(0, 1, 1), r.semantic_prompt.new_zeros(0), []
+        return PPCROutput(
+            semantic_prompt=r.semantic_prompt,
+            box=r.box,
+            sam_box=sam_box,
+            low_res_masks=low,
+            mask_logits=_ungroup(groups, len(row_expr)),
+            iou_pred=iou,
+            ce=r.ce,
+            heatmap=r.heatmap,
+            semantic_box=r.semantic_box,
+            semantic_heatmap=r.semantic_heatmap,
+            mask_groups=groups,
+            slots=r.slots,
+            row_expression=row_expr,
+            row_slot=row_slot,
+            row_target=target_rows if match else torch.full_like(row_expr, -1),
         )
 
 

@@ -107,10 +107,14 @@ def batch_image_keys(items: Sequence[Item]) -> list:
     return [items[i].key for i in first]
 
 
-def load_training_samples(split_dir: Path, max_per_image: int | None = None) -> list[ExpressionSample]:
-    """Every expression of a training split; InputError (one line) when the split holds expressions
-    without a target or with several (training learns exactly one target per expression)."""
-    check_single_target(parquet_files(split_dir, "part-"), str(split_dir))
+def load_training_samples(
+    split_dir: Path, max_per_image: int | None = None, targets: str = "single"
+) -> list[ExpressionSample]:
+    """Every expression of a training split. targets: the model's `model.targets`; for "single",
+    InputError (one line) when the split holds expressions without a target or with several (the
+    paper's model learns exactly one target per expression; "multi" learns them all)."""
+    if targets == "single":
+        check_single_target(parquet_files(split_dir, "part-"), str(split_dir))
     samples = list(iter_expressions(split_dir))
     if max_per_image is not None:
         per: dict[int, int] = defaultdict(int)
@@ -236,12 +240,13 @@ def train(
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
     split = shard_dir(cfg.data.shards_root, cfg.data.dataset, cfg.data.split_by, cfg.data.train_split)
-    samples = load_training_samples(split, cfg.data.max_expressions_per_image)
+    samples = load_training_samples(split, cfg.data.max_expressions_per_image, cfg.model.targets)
     if model is None:
         model = PPCRModel(cfg.model)
         if cfg.model.init_weights:
             load_init_weights(model, cfg.model.init_weights)  # strict; before the optimizer sees it
     optimizer, scheduler = build_optimizer(model, tcfg)
+    multi = cfg.model.targets == "multi"  # each target's box and mask, for the slot matching
     rng = random.Random(tcfg.seed)
     cache = ImageCache()
     sam_cache = SamEmbeddingCache(model)
@@ -261,7 +266,7 @@ def train(
             if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
                 stopped_by_time = True
                 break
-            items = [to_item(s, cache) for s in chunk]
+            items = [to_item(s, cache, instances=multi) for s in chunk]
             batch = collate(items, model.clip_size, model.sam_size, model.clip_mode)
             embeddings = sam_cache.get(batch, batch_image_keys(items))
             logs = train_step(model, batch, cfg, optimizer, rng, step, image_embeddings=embeddings)

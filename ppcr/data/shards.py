@@ -521,8 +521,8 @@ def check_single_target(files: list[str], where: str) -> None:
         raise InputError(
             f"{where}: {counts['no_target']} expression(s) without a target and {counts['multi_target']} "
             f"with several targets (of {counts['expressions']}; first in {counts['first_file']}): training "
-            "learns exactly one target per expression; train on single-target data (e.g. a classic "
-            "REFER split) or evaluate these with `ppcr evaluate`"
+            "learns exactly one target per expression with model.targets single; set model.targets: multi "
+            "to train on them, train on single-target data, or evaluate these with `ppcr evaluate`"
         )
 
 
@@ -582,8 +582,15 @@ class ImageCache:
         return img
 
 
-def to_item(sample: ExpressionSample, cache: ImageCache) -> Item:
-    """A shard expression as a model input with ground truth (mask bool H×W, box pixel XYXY)."""
+def to_item(sample: ExpressionSample, cache: ImageCache, instances: bool = False) -> Item:
+    """A shard expression as a model input with ground truth (mask bool H×W, box pixel XYXY; with
+    `instances`, each target's box and mask too, as the multi-target model trains on them)."""
+    inst = None
+    if instances:
+        h, w = sample.height, sample.width
+        boxes = np.asarray([t["bbox"] for t in sample.targets], dtype=np.float64).reshape(-1, 4)
+        masks = [decode_rle(t["mask"]) for t in sample.targets]
+        inst = (boxes, np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool))
     return Item(
         key=sample.image_id,
         image=cache.get(sample),
@@ -591,6 +598,7 @@ def to_item(sample: ExpressionSample, cache: ImageCache) -> Item:
         gt_mask=sample.mask(),
         gt_box=sample.bbox_xyxy,
         meta={"image_id": sample.image_id, "ref_id": sample.ref_id, "sent_id": sample.sent_id},
+        gt_instances=inst,
     )
 
 

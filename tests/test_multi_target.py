@@ -1,0 +1,325 @@
+"""`model.targets`: the paper's single-target model unchanged, and the multi-target model (none, one or
+several objects per expression): slot matching, kept slots, forward/backward, training on generalized
+splits."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ppcr.config import ConfigError, InputError, load_config
+from ppcr.data.shards import ImageCache, iter_expressions, prepare_shards, shard_dir, to_item
+from ppcr.data.synth import SynthConfig, synthesize
+from ppcr.inputs import Item, collate
+from ppcr.losses import ppcr_loss
+from ppcr.model import PPCRModel
+from ppcr.slots import kept_slots, match_slots
+
+
+def pinned_batch(model: PPCRModel, instances: bool = False):
+    """Two random images, two expressions each (one target each); with `instances`, also a no-target
+    and a two-target expression per image."""
+    rng = np.random.default_rng(0)
+    items = []
+    for k, (h, w) in enumerate([(96, 128), (120, 100)]):
+        img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        boxes, masks = [], []
+        for e, text in enumerate(["the red circle", "the big blue square"]):
+            m = np.zeros((h, w), bool)
+            y0, x0 = 10 + 20 * e, 15 + 25 * e
+            m[y0 : y0 + 40, x0 : x0 + 30] = True
+            box = np.array([x0, y0, x0 + 30, y0 + 40], float)
+            boxes.append(box)
+            masks.append(m)
+            inst = (box[None], m[None]) if instances else None
+            items.append(Item(k, img, text, m, box, gt_instances=inst))
+        if instances:
+            none = (np.zeros((0, 4)), np.zeros((0, h, w), bool))
+            items.append(
+                Item(k, img, "the green triangle", np.zeros((h, w), bool), np.zeros(4), gt_instances=none)
+            )
+            union = masks[0] | masks[1]
+            both = np.array([15.0, 10.0, 70.0, 70.0])
+            items.append(
+                Item(k, img, "both shapes", union, both, gt_instances=(np.stack(boxes), np.stack(masks)))
+            )
+    return collate(items, model.clip_size, model.sam_size, model.clip_mode)
+
+
+# What main computed before `model.targets` existed (tiny preset, seed 0, `pinned_batch`, training mode,
+# torch.manual_seed(1), template rng Random(0), gt_box_prob 0.5, jitter 0.1): the single-target model
+# must give the same boxes, SAM inputs, scores, masks and loss terms.
+MAIN_SINGLE = {
+    "box": [
+        [0.316352516412735, 0.11781235784292221, 0.7461017370223999, 0.8337130546569824],
+        [0.3152667284011841, 0.1177389994263649, 0.7450771331787109, 0.8320161700248718],
+        [0.27607041597366333, 0.21104957163333893, 0.7805764079093933, 0.7035256624221802],
+        [0.26897159218788147, 0.23833578824996948, 0.762269914150238, 0.7269400954246521],
+    ],
+    "sam_box": [
+        [0.316352516412735, 0.11781235784292221, 0.7461017370223999, 0.8337130546569824],
+        [0.3101523220539093, 0.2871171236038208, 0.5239115953445435, 0.6621209979057312],
+        [0.27607041597366333, 0.21104957163333893, 0.7805764079093933, 0.7035256624221802],
+        [0.26897159218788147, 0.23833578824996948, 0.762269914150238, 0.7269400954246521],
+    ],
+    "iou_pred": [-0.0440201498568058, -0.016189314424991608, -0.012343864887952805, -0.0260043703019619],
+    "mask_sum": [26.629247916294844, 152.01348840213905, 87.67403553491249, 79.88713223113314],
+    "logs": {
+        "bce": 0.6959908604621887,
+        "iou": 0.01497730053961277,
+        "dice": 0.8348402380943298,
+        "ce": 6.6715593338012695,
+        "l1": 0.16491252183914185,
+        "giou": 0.8679850101470947,
+        "box_heatmap": 0.49915656447410583,
+        "semantic_grounding": 0.639415442943573,
+        "loss": 7.4965410232543945,
+        "heat_on_target": 0.0694507285952568,
+        "sem_heat_on_target": 0.07468734681606293,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def multi_cfg():
+    return load_config("tiny", {"model": {"targets": "multi", "max_targets": 3}})
+
+
+def test_single_target_model_is_mains(one_thread):
+    """`model.targets: single` (the default) is the paper's model as main had it: same parameters (the
+    pinned initial-state hash lives in test_realsize), same forward and same loss on a fixed batch."""
+    cfg = load_config("tiny")
+    assert cfg.model.targets == "single"
+    torch.manual_seed(0)
+    model = PPCRModel(cfg.model).train()
+    assert not any(
+        ".slot_queries" in n or ".presence." in n or ".objectness." in n for n in model.state_dict()
+    )
+    batch = pinned_batch(model)
+    torch.manual_seed(1)
+    out = model(batch, rng=random.Random(0), gt_box_prob=0.5, gt_box_jitter=0.1)
+    _, logs = ppcr_loss(out, batch, cfg.loss, model.patch_centers())
+    tol = dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.box.detach().numpy(), MAIN_SINGLE["box"], **tol)
+    np.testing.assert_allclose(out.sam_box.detach().numpy(), MAIN_SINGLE["sam_box"], **tol)
+    np.testing.assert_allclose(out.iou_pred.detach().numpy(), MAIN_SINGLE["iou_pred"], **tol)
+    np.testing.assert_allclose(
+        [float(m.detach().double().sum()) for m in out.mask_logits], MAIN_SINGLE["mask_sum"], rtol=1e-4
+    )
+    assert logs.keys() == MAIN_SINGLE["logs"].keys()
+    for k, v in MAIN_SINGLE["logs"].items():
+        assert logs[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert out.slots is None and out.row_expression is None
+
+
+def test_multi_adds_only_slot_parameters_to_the_same_draw():
+    """The multi-target model is the single one plus the slot modules of the attention head, and every
+    shared tensor has the same initial value (the slot modules are drawn after the others)."""
+    torch.manual_seed(0)
+    single = PPCRModel(load_config("tiny").model).state_dict()
+    torch.manual_seed(0)
+    multi = PPCRModel(load_config("tiny", {"model": {"targets": "multi"}}).model).state_dict()
+    extra = sorted(set(multi) - set(single))
+    assert not set(single) - set(multi)
+    assert extra == [
+        "spatial.head.objectness.bias",
+        "spatial.head.objectness.weight",
+        "spatial.head.presence.bias",
+        "spatial.head.presence.weight",
+        "spatial.head.slot_queries",
+    ]
+    assert multi["spatial.head.slot_queries"].shape == (5, 128)  # presence query + max_targets 4
+    assert all(torch.equal(single[k], multi[k]) for k in single)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"targets": "several"}, "model.targets must be one of single, multi; got 'several'"),
+        (
+            {"targets": "multi", "box_head": "mlp", "semantic_grounding": False},
+            "model.targets multi needs box_head: attention",
+        ),
+        (
+            {"targets": "multi", "spatial_prompt": "none", "semantic_grounding": False},
+            "model.targets multi needs",
+        ),
+        ({"max_targets": 0}, "model.max_targets must be >= 1; got 0"),
+        ({"presence_threshold": 1.0}, r"model.presence_threshold must be in \(0, 1\); got 1.0"),
+        ({"objectness_threshold": 0}, r"model.objectness_threshold must be in \(0, 1\); got 0"),
+        ({"slot_nms_iou": 0}, r"model.slot_nms_iou must be in \(0, 1\]; got 0"),
+    ],
+)
+def test_multi_target_config_is_checked(model, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", {"model": model})
+
+
+def test_match_slots_is_the_cheapest_one_to_one_assignment():
+    boxes = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.5, 0.5, 0.9, 0.9], [0.1, 0.6, 0.3, 0.9]])
+    logits = torch.zeros(3)
+    targets = torch.tensor([[0.52, 0.5, 0.88, 0.9], [0.0, 0.02, 0.2, 0.2]])
+    slots, tgt = match_slots(boxes, logits, targets)
+    assert slots.tolist() == [0, 1] and tgt.tolist() == [1, 0]
+    # Greedy per target would give both targets slot 1 here; the assignment gives each its own.
+    near = torch.tensor([[0.5, 0.5, 0.9, 0.9], [0.5, 0.5, 0.9, 0.9]])
+    slots, tgt = match_slots(boxes, logits, near)
+    assert sorted(slots.tolist()) != [1, 1] and len(set(slots.tolist())) == 2 and 1 in slots.tolist()
+    # More targets than slots: every slot matched once.
+    many = torch.rand(5, 2).sort(dim=1).values.repeat(1, 2)[:, [0, 2, 1, 3]]
+    slots, tgt = match_slots(boxes, logits, many)
+    assert sorted(slots.tolist()) == [0, 1, 2] and len(set(tgt.tolist())) == 3
+    with pytest.raises(ValueError, match="objectness_logits must be"):
+        match_slots(boxes, torch.zeros(2), targets)
+
+
+def test_kept_slots_follow_presence_objectness_and_overlap():
+    boxes = torch.tensor(
+        [
+            [[0.0, 0.0, 0.4, 0.4], [0.0, 0.0, 0.41, 0.4], [0.6, 0.6, 1.0, 1.0]],  # slot 1 ~ slot 0
+            [[0.0, 0.0, 0.4, 0.4], [0.5, 0.5, 0.7, 0.7], [0.6, 0.6, 1.0, 1.0]],
+            [[0.0, 0.0, 0.4, 0.4], [0.5, 0.5, 0.7, 0.7], [0.6, 0.6, 1.0, 1.0]],
+        ]
+    )
+    presence = torch.tensor([0.9, 0.2, 0.7])
+    objectness = torch.tensor([[0.8, 0.9, 0.6], [0.9, 0.9, 0.9], [0.1, 0.3, 0.2]])
+    kept = kept_slots(presence, objectness, boxes, 0.5, 0.5, 0.7)
+    # 1: the duplicate of slot 1 (slot 0) dropped, by falling objectness; 2: no target; 3: the best slot.
+    assert kept == [[1, 2], [], [1]]
+    assert kept_slots(presence, objectness, boxes, 0.5, 0.5, 1.0)[0] == [1, 0, 2]
+    assert kept_slots(presence.numpy(), objectness.numpy(), boxes.numpy(), 0.5, 0.5, 0.7) == kept
+    with pytest.raises(ValueError, match="presence \\(B,\\), objectness \\(B, K\\)"):
+        kept_slots(presence, objectness[:, :2], boxes, 0.5, 0.5, 0.7)
+
+
+def test_multi_forward_backward_on_the_tiny_preset(multi_cfg, one_thread):
+    torch.manual_seed(0)
+    model = PPCRModel(multi_cfg.model).train()
+    batch = pinned_batch(model, instances=True)
+    out = model(batch, rng=random.Random(0), gt_box_prob=0.5, gt_box_jitter=0.1)
+    b = len(batch)
+    assert out.slots.boxes.shape == (b, 3, 4) and out.slots.objectness.shape == (b, 3)
+    assert out.slots.presence.shape == (b,) and out.box.shape == (b, 4)
+    # Rows: one per target (1 + 1 + 0 + 2 per image), each matched once.
+    assert out.row_expression.tolist() == [0, 1, 3, 3, 4, 5, 7, 7]
+    assert sorted(out.row_target[out.row_expression == 3].tolist()) == [0, 1]
+    assert len(out.mask_logits) == 8 and out.sam_box.shape == (8, 4)
+    loss, logs = ppcr_loss(out, batch, multi_cfg.loss, model.patch_centers())
+    assert {"presence", "objectness", "l1", "giou", "bce", "dice", "iou", "box_heatmap"} <= logs.keys()
+    assert np.isfinite(list(logs.values())).all()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name in (
+        "spatial.head.slot_queries",
+        "spatial.head.presence.weight",
+        "spatial.head.objectness.weight",
+    ):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("segmentation."))
+
+
+def test_no_target_expressions_train_presence_only(multi_cfg, one_thread):
+    torch.manual_seed(0)
+    model = PPCRModel(multi_cfg.model).train()
+    full = pinned_batch(model, instances=True)
+    items = [
+        Item(
+            0,
+            np.zeros((64, 64, 3), np.uint8),
+            "the red circle",
+            np.zeros((64, 64), bool),
+            np.zeros(4),
+            gt_instances=(np.zeros((0, 4)), np.zeros((0, 64, 64), bool)),
+        )
+    ]
+    batch = collate(items, model.clip_size, model.sam_size, model.clip_mode)
+    out = model(batch, rng=random.Random(0))
+    assert len(out.mask_logits) == 0
+    loss, logs = ppcr_loss(out, batch, multi_cfg.loss, model.patch_centers())
+    assert set(logs) == {"ce", "presence", "loss"}
+    assert logs["loss"] == pytest.approx(multi_cfg.loss.ce * logs["ce"] + logs["presence"], rel=1e-6)
+    assert full.gt_instances[2][0].shape == (0, 4)
+    with pytest.raises(ValueError, match="needs the targets in the batch"):
+        model(pinned_batch(model), rng=random.Random(0))
+
+
+def test_inference_segments_the_kept_slots(multi_cfg, one_thread):
+    """In eval mode SAM segments exactly the slots `kept_slots` picks from the reasoning."""
+    torch.manual_seed(0)
+    model = PPCRModel(multi_cfg.model).eval()
+    with torch.no_grad():
+        head = model.spatial.head
+        head.presence.bias.fill_(5.0)  # every expression names something
+        head.objectness.bias.fill_(-5.0)  # no slot reaches the threshold: the best one is kept
+        batch = pinned_batch(model)
+        out = model(batch)
+        kept = kept_slots(
+            out.slots.presence.sigmoid(), out.slots.objectness.sigmoid(), out.slots.boxes, 0.5, 0.5, 0.7
+        )
+    assert out.row_expression.tolist() == [0, 1, 2, 3]
+    assert out.row_slot.tolist() == [k[0] for k in kept]
+    assert (out.row_target == -1).all() and len(out.mask_logits) == 4
+    with torch.no_grad():
+        head.presence.bias.fill_(-5.0)
+        none = model(batch)
+    assert len(none.mask_logits) == 0 and none.row_expression.tolist() == []
+
+
+@pytest.fixture(scope="module")
+def gref_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthgref")
+    cfg = SynthConfig(
+        num_images=12,
+        seed=3,
+        min_objects=3,
+        max_objects=3,
+        relations=False,
+        generalized=True,
+        dataset="synthgref",
+    )
+    summary = synthesize(root / "refer", cfg)
+    prepare_shards(root / "refer", summary["images_dir"], "synthgref", "unc", root / "shards", progress=False)
+    return root / "shards"
+
+
+def test_training_takes_generalized_splits_only_with_multi(gref_shards: Path, tmp_path: Path, one_thread):
+    from ppcr.train import load_training_samples, train
+
+    split = shard_dir(gref_shards, "synthgref", "unc", "train")
+    with pytest.raises(InputError, match="set model.targets: multi to train on them") as info:
+        load_training_samples(split)
+    assert "\n" not in str(info.value)
+    samples = load_training_samples(split, targets="multi")
+    assert any(s.no_target for s in samples) and any(len(s.targets) > 1 for s in samples)
+    item = to_item(next(s for s in samples if len(s.targets) > 1), ImageCache(), instances=True)
+    boxes, masks = item.gt_instances
+    assert len(boxes) == len(masks) > 1 and (np.logical_or.reduce(masks) == item.gt_mask).all()
+    cfg = load_config(
+        "tiny",
+        {
+            "model": {"targets": "multi", "max_targets": 3},
+            "data": {"shards_root": str(gref_shards), "dataset": "synthgref"},
+            "train": {"steps": 2, "batch_size": 8, "log_every": 1},
+            "distributed": {"micro_batch_size": 4},
+        },
+    )
+    result = train(cfg, out_dir=tmp_path / "run", progress=False)
+    assert result.steps == 2 and {"presence", "objectness", "dice"} <= result.history[-1].keys()
+    single = load_config("tiny", {"data": {"shards_root": str(gref_shards), "dataset": "synthgref"}})
+    with pytest.raises(InputError, match="model.targets: multi"):
+        train(single, out_dir=tmp_path / "single", progress=False)
+    assert list(iter_expressions(split))
+
+
+def test_the_ray_train_job_refuses_multi_in_one_line():
+    from ppcr.distributed_train import check_before_launch
+
+    cfg = load_config("tiny", {"model": {"targets": "multi"}})
+    with pytest.raises(
+        ConfigError, match=r"model.targets multi trains in one process for now: run `ppcr train --local`"
+    ):
+        check_before_launch(cfg, resume=False)
