@@ -226,7 +226,7 @@ def check_inference(model: PPCRModel, device: torch.device, batches: list[int], 
         img = distinct(images[r % len(images)], r + 1)
         sync(device)
         t0 = time.perf_counter()
-        mask, box, score = seg.segment(img, EXPRESSIONS[r % len(EXPRESSIONS)])
+        mask, box, score, _ = seg.segment(img, EXPRESSIONS[r % len(EXPRESSIONS)])
         sync(device)
         latency.append(time.perf_counter() - t0)
         assert mask.shape == img.shape[:2] and np.isfinite(box).all() and np.isfinite(score)

@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Segmenter": "ppcr.predictor",
-    "Segmentation": "ppcr.predictor",
+    "Segmentation": "ppcr.inference",
+    "Instance": "ppcr.inference",
     "PPCRModel": "ppcr.model",
     "load_config": "ppcr.config",
     "RISMetrics": "ppcr.metrics",

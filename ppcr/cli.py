@@ -443,6 +443,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
         except ServerUnreachable as exc:
             raise InputError(str(exc)) from None
         mask, box, score = decode_rle(answer["mask"]), answer["box"], answer["score"]
+        instances = [(decode_rle(i["mask"]), i["box"], i["score"]) for i in answer["instances"]]
     else:
         from .predictor import Segmenter
 
@@ -451,18 +452,35 @@ def cmd_segment(a: argparse.Namespace) -> int:
         else:
             print("ppcr segment: RANDOM WEIGHTS (--random-weights): the mask is meaningless", file=sys.stderr)
             seg = Segmenter.from_preset("tiny", device=a.device)
-        mask, box, score = seg.segment(image, a.expression)
+        mask, box, score, instances = seg.segment(image, a.expression)
+
+    def described(box, score, mask) -> dict:
+        return {
+            "box": None if box is None else [round(float(v), 2) for v in box],
+            "score": None if score is None else round(score, 4),
+            "mask_pixels": int(mask.sum()),
+        }
+
     print(
         json.dumps(
-            {
-                "box": [round(float(v), 2) for v in box],
-                "score": round(score, 4),
-                "mask_pixels": int(mask.sum()),
+            described(box, score, mask)
+            | {
+                "no_target": not instances,
+                "instances": [described(b, s, m) for m, b, s in instances],
             }
         )
     )
     if a.out:
-        save_overlay(a.out, image=image, mask=mask, box=box, expression=a.expression, score=score)
+        save_overlay(
+            a.out,
+            image=image,
+            mask=mask,
+            box=box,
+            expression=a.expression,
+            score=score,
+            instance_boxes=[b for _, b, _ in instances] if len(instances) > 1 else (),
+            no_target=not instances,
+        )
         print(f"overlay: {a.out}")
     return 0
 

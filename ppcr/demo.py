@@ -187,15 +187,15 @@ def run_demo(
         if i >= s.overlays:
             break
         image = decode_image(sample.image_bytes)
-        mask, box, score = seg.segment(image, sample.text)
+        answer = seg.segment(image, sample.text)
         save_overlay(
             overlays / f"{i:02d}_{sample.image_id}.png",
             image=image,
-            mask=mask,
-            box=box,
+            mask=answer.mask,
+            box=answer.box,
             expression=sample.text,
             gt_box=sample.bbox_xyxy,
-            score=score,
+            score=answer.score,
         )
     print(md.read_text())
     if s.served:

@@ -87,9 +87,9 @@ def evaluate_split(
 
     A generalized split (`generalized`; None: `split_is_generalized` decides from the shards) is scored
     with GRESMetrics (gIoU, cIoU, N-acc, T-acc, Prec@t over target expressions): the answer is the union
-    of the answer's instances, and an empty answer means "no target". Today's model answers every
-    expression with one mask, which counts as one instance (an empty mask as none); `oracle_box` is
-    refused there (a no-target expression has no box to give SAM).
+    of the answer's instances (`Segmentation.mask`), and an answer without pixels means "no target"
+    (the single-target model answers one instance, whose mask may be empty); `oracle_box` is refused
+    there (a no-target expression has no box to give SAM).
 
     Expressions are batched in shard order, so the expressions of one image share its encodings.
     `on_prediction` receives each expression's result (`report.prediction_record`: sent_id, IoU, box IoU,
@@ -122,15 +122,13 @@ def evaluate_split(
                 gres = score_generalized(seg.mask, item.gt_mask, sample.no_target)
                 metrics.add(gres)
                 if on_prediction is not None:
-                    # The single-target model's answer is one instance (none when its mask is empty).
-                    instances = [(seg.box, seg.mask, seg.score)] if gres.answered else []
                     on_prediction(
                         generalized_prediction_record(
                             split,
                             sample.sent_id,
                             sample.file_name,
                             sample.text,
-                            instances,
+                            seg.instances,
                             gres,
                             (sample.height, sample.width),
                         )

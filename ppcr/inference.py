@@ -4,7 +4,8 @@
 call these functions instead of re-deriving them:
 
     binarize(mask_logits)              SAM's logits -> bool mask, at SAM's own `mask_threshold`
-    segmentations(logits, boxes, iou)  -> Segmentation(mask, box pixel XYXY, score) per expression
+    segmentations(logits, boxes, iou)  -> Instance(mask, box pixel XYXY, score) per mask
+    answers(instances, counts, hws)    -> Segmentation (instances + their union) per expression
     predict_torch(model, batch, ...)   the tensor API (as SamPredictor.predict_torch): stages 1-3 on a
                                        collated Batch -> (Segmentation list, boxes given to SAM)
     reason_rows(model, keys, ...)      stages 1 + 2 for expressions given row by row -> numpy prompts, boxes
@@ -36,10 +37,63 @@ if TYPE_CHECKING:
     from .model import PPCRModel
 
 
-class Segmentation(NamedTuple):
+class Instance(NamedTuple):
+    """One object of an answer."""
+
     mask: np.ndarray  # bool (H, W), original size
     box: np.ndarray  # (4,) float64 pixel XYXY, original frame
     score: float  # SAM's predicted IoU of `mask`
+
+
+class Segmentation(NamedTuple):
+    """One expression's answer: the objects it refers to (`instances`: none, one or several) and their
+    union. Build it with `Segmentation.of(instances, hw)`, which derives the union fields:
+
+    - mask: bool (H, W), original size: the union of the instances' masks (all False for none);
+    - box: (4,) float64 pixel XYXY, original frame: the instance's box for one, the smallest box
+      enclosing every instance's box for several, None for none;
+    - score: the instance's score (SAM's predicted IoU of its mask) for one, the mean of the instances'
+      scores for several, None for none;
+    - instances: tuple[Instance, ...], in the model's order; empty means "no target" (`no_target`).
+
+    A single-target model (`model.targets: single`, the paper's) answers every expression with exactly
+    one instance, so mask, box and score are that instance's (its mask may be empty). A 4-tuple:
+    unpack it as `mask, box, score, instances = ...`, or read the fields by name.
+    """
+
+    mask: np.ndarray
+    box: np.ndarray | None
+    score: float | None
+    instances: tuple[Instance, ...]
+
+    @property
+    def no_target(self) -> bool:
+        """True when the answer has no instance: nothing in the image fits the expression."""
+        return not self.instances
+
+    @classmethod
+    def of(cls, instances: Sequence[Instance], hw: Sequence[int]) -> Segmentation:
+        """The answer made of `instances` (each an Instance whose mask is bool (H, W)) on an image of
+        original size hw = (H, W); ValueError naming the instance whose mask has another shape."""
+        h, w = (int(v) for v in hw)
+        instances = tuple(
+            Instance(np.asarray(i.mask, bool), np.asarray(i.box, np.float64), float(i.score))
+            for i in instances
+        )
+        for n, inst in enumerate(instances):
+            if inst.mask.shape != (h, w):
+                raise ValueError(f"instance {n}: mask of shape {inst.mask.shape}, the image is {(h, w)}")
+            if inst.box.shape != (4,):
+                raise ValueError(f"instance {n}: box of shape {inst.box.shape}; expected (4,) pixel XYXY")
+        if not instances:
+            return cls(np.zeros((h, w), dtype=bool), None, None, ())
+        if len(instances) == 1:
+            one = instances[0]
+            return cls(one.mask, one.box, one.score, instances)
+        boxes = np.stack([i.box for i in instances])
+        box = np.concatenate([boxes[:, :2].min(0), boxes[:, 2:].max(0)])
+        mask = np.logical_or.reduce([i.mask for i in instances])
+        return cls(mask, box, float(np.mean([i.score for i in instances])), instances)
 
 
 def binarize(mask_logits: torch.Tensor) -> np.ndarray:
@@ -50,14 +104,27 @@ def binarize(mask_logits: torch.Tensor) -> np.ndarray:
 def segmentations(
     mask_logits: Sequence[torch.Tensor], boxes01: torch.Tensor | None, iou: torch.Tensor
 ) -> list[Segmentation]:
-    """One answer per expression: the binary mask, the pixel XYXY box (the box SAM was prompted with,
-    or the mask's extent without a spatial stage) and SAM's predicted IoU as the score."""
+    """One instance per mask: the binary mask, the pixel XYXY box (the box SAM was prompted with, or the
+    mask's extent without a spatial stage) and SAM's predicted IoU as the score. mask_logits: B
+    tensors (H_i, W_i) at original size; boxes01: (B, 4) normalized XYXY or None; iou: (B,)."""
     out = []
     for i, logits in enumerate(mask_logits):
         mask = binarize(logits)
-        out.append(
-            Segmentation(mask, output_box(None if boxes01 is None else boxes01[i], mask), float(iou[i]))
-        )
+        out.append(Instance(mask, output_box(None if boxes01 is None else boxes01[i], mask), float(iou[i])))
+    return out
+
+
+def answers(
+    instances: Sequence[Instance], counts: Sequence[int], hws: Sequence[Sequence[int]]
+) -> list[Segmentation]:
+    """Instances in expression order -> one Segmentation per expression: expression e owns the next
+    counts[e] instances (0: no target) and its image has original size hws[e] = (H, W)."""
+    if sum(counts) != len(instances) or len(counts) != len(hws):
+        raise ValueError(f"{len(instances)} instances for counts {list(counts)} over {len(hws)} images")
+    out, start = [], 0
+    for k, hw in zip(counts, hws):
+        out.append(Segmentation.of(instances[start : start + k], hw))
+        start += k
     return out
 
 
@@ -77,7 +144,9 @@ def predict_torch(
     """
     model.eval()
     out = model(batch, image_embeddings=image_embeddings, oracle_box=oracle_box, max_sequences=max_sequences)
-    return segmentations(out.mask_logits, out.sam_box, out.iou_pred)
+    # The single-target model: one instance per expression.
+    instances = segmentations(out.mask_logits, out.sam_box, out.iou_pred)
+    return answers(instances, [1] * len(instances), [i.mask.shape for i in instances])
 
 
 @torch.no_grad()
@@ -124,13 +193,29 @@ def segment_rows(
 
     images: per image, (embeddings (N, C, h, w) on the model's device, original_hw (N, 2), sam_input_hw
     (N, 2)); prompts: per expression, (image_index (B,), semantic prompts (B, D), boxes (B, 4)
-    normalized XYXY or None). Each answer is {"box": (4,) float64 pixel XYXY of the original image,
-    "mask": COCO compressed RLE of the bool (H, W) mask, "score": SAM's predicted IoU}
-    (`segmentations`, `masks.encode_mask`).
+    normalized XYXY or None). Each answer is `encode_answer` of the expression's Segmentation.
     """
     (embeddings, original_hw, sam_input_hw), (image_index, semantic, box) = images, prompts
     _, iou, logits = model.segment(embeddings, image_index, semantic, box, original_hw, sam_input_hw)
+    instances = segmentations(logits, box, iou)
     return [
-        {"box": seg.box, "mask": encode_mask(seg.mask), "score": seg.score}
-        for seg in segmentations(logits, box, iou)
+        encode_answer(a) for a in answers(instances, [1] * len(instances), [i.mask.shape for i in instances])
     ]
+
+
+def encode_answer(seg: Segmentation) -> dict:
+    """A Segmentation for the wire (the Serve replicas, the batch rows): {"mask": the union as COCO
+    compressed RLE (`masks.encode_mask`; all zeros for no target), "box": (4,) float64 pixel XYXY or
+    None, "score": float or None, "no_target": bool, "instances": [{"mask": RLE, "box", "score"}, ...]}."""
+    union = encode_mask(seg.mask)
+    one = len(seg.instances) == 1  # the union is the instance's mask: encoded once
+    return {
+        "mask": union,
+        "box": seg.box,
+        "score": seg.score,
+        "no_target": seg.no_target,
+        "instances": [
+            {"mask": union if one else encode_mask(i.mask), "box": i.box, "score": i.score}
+            for i in seg.instances
+        ],
+    }

@@ -1,10 +1,15 @@
 """Inference API in the spirit of SamPredictor: `Segmenter.segment(image, expression)`.
 
     seg = Segmenter.from_checkpoint("demo_out/checkpoint")
-    mask, box, score = seg.segment(image, "the small red circle")
+    answer = seg.segment(image, "the small red circle")
+    answer.mask, answer.box, answer.score          # the union of the objects found
+    answer.instances, answer.no_target             # each object (mask, box, score); none found
 
-`mask` is bool H×W at the original size, `box` pixel XYXY of the original image, `score` the mask
-decoder's predicted IoU. Inference is teacher-forced (one pass per stage), as LISA/GLaMM evaluate.
+The answer is an `inference.Segmentation`: `instances`, each a mask (bool H×W at the original size), a
+box (pixel XYXY of the original image) and a score (the mask decoder's predicted IoU), none when
+nothing fits (`no_target`); `mask`/`box`/`score` are their union (box and score None for none). The
+single-target model (the paper's) answers exactly one instance, so the union is that instance.
+Inference is teacher-forced (one pass per stage), as LISA/GLaMM evaluate.
 An image is a path or URI, encoded bytes, a PIL image of any mode or an array (`geometry.as_rgb_array`:
 the same pixels whichever way it arrives, the displayed image for EXIF-rotated files, its shape checked
 against `geometry.ImageLimits` before any model work); a bad one raises ImageDecodeError naming it.

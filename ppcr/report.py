@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -312,25 +312,30 @@ def generalized_prediction_record(
     sent_id: int,
     file_name: str,
     expression: str,
-    instances: list[tuple[Any, Any, float]],
+    instances: Sequence[tuple[Any, Any, float]],
     result: GRESScore,
     hw: tuple[int, int],
 ) -> dict:
     """One line of a predictions file for an expression of a generalized split (gRefCOCO).
 
-    ``instances``: the answer's objects as (pixel XYXY box, bool HxW mask, score), none for "no target";
-    ``hw``: the image's (height, width).
+    ``instances``: the answer's objects as (bool HxW mask, pixel XYXY box, score) (``inference.Instance``),
+    none for "no target"; those without pixels are left out of the line (an answer is its pixels, as
+    the metrics count it: "no target" is an answer without any). ``hw``: the image's (height, width).
     Keys: split, sent_id, file_name, expression; no_target (the ground truth has none); iou (as gIoU
     counts it), intersection, union (pixels, as cIoU adds them); mask: the union of the instances'
     masks (COCO compressed RLE; empty for "no target"); instances: [{box, score, mask}, ...].
     """
     from .masks import encode_mask
 
-    if not instances and result.answered:
-        raise ValueError("an answer with pixels has at least one instance")
+    instances = [(np.asarray(m, dtype=bool), b, s) for m, b, s in instances]
+    instances = [(m, b, s) for m, b, s in instances if m.any()]
+    if bool(instances) != bool(result.answered):
+        raise ValueError(
+            f"an answer with {len(instances)} instance(s) with pixels scored as answered={result.answered}"
+        )
     union = np.zeros(hw, dtype=bool)
-    for _, mask, _ in instances:
-        union |= np.asarray(mask, dtype=bool)
+    for mask, _, _ in instances:
+        union |= mask
     return {
         "split": split,
         "sent_id": int(sent_id),
@@ -343,7 +348,7 @@ def generalized_prediction_record(
         "mask": encode_mask(union),
         "instances": [
             {"box": [float(v) for v in box], "score": float(score), "mask": encode_mask(mask)}
-            for box, mask, score in instances
+            for mask, box, score in instances
         ],
     }
 

@@ -113,12 +113,17 @@ def draw_overlay(
     expression: str = "",
     gt_box: Sequence[float] | None = None,
     score: float | None = None,
+    instance_boxes: Sequence[Sequence[float]] = (),
+    no_target: bool = False,
 ) -> Image.Image:
     """Draw a prediction on ``image`` and return a new RGB image of the same width.
 
     ``image``: PIL image or HxWx3 uint8 array. ``mask``: HxW bool (or 0/1) at the image size, tinted
     semi-transparently with an outline. ``box`` / ``gt_box``: pixel XYXY (continuous), drawn solid /
-    dashed-thinner. ``expression`` and ``score`` go on a banner added above the image (height grows).
+    dashed-thinner. ``instance_boxes``: the pixel XYXY box of each object of a several-object answer,
+    drawn solid and thinner inside ``box`` (their enclosing box). ``expression`` and ``score`` go on a
+    banner added above the image (height grows); ``no_target`` (an answer without any object) adds
+    "no match" to it.
     """
     arr = _to_rgb_array(image)
     h, w = arr.shape[:2]
@@ -146,8 +151,14 @@ def draw_overlay(
         rect = _box_pixels(check_box_xyxy(box, "box"), w, h)
         if rect is not None:
             draw.rectangle(rect, outline=PRED_BOX_COLOR, width=thick)
+    for i, b in enumerate(instance_boxes):
+        rect = _box_pixels(check_box_xyxy(b, f"instance_boxes[{i}]"), w, h)
+        if rect is not None:
+            draw.rectangle(rect, outline=PRED_BOX_COLOR, width=max(1, thick // 2))
 
     text = expression.strip()
+    if no_target:
+        text = f"{text}  (no match)" if text else "no match"
     if score is not None:
         text = f"{text}  (score {score:.3f})" if text else f"score {score:.3f}"
     if not text:

@@ -239,11 +239,15 @@ def test_batch_job_writes_good_rows_and_reports_bad_ones(first_run, manifest):
         x1, y1, x2, y2 = r["box"]
         assert -1 <= x1 <= x2 <= w + 1 and -1 <= y1 <= y2 <= h + 1
         assert isinstance(r["score"], float) and r["error"] is None
+        # The single-target model answers one instance: the union columns are that instance.
+        assert r["no_target"] is False
+        assert r["instances"] == [{"box": r["box"], "mask": r["mask"], "score": r["score"]}]
     errors = {r["id"]: r for r in _read(out / "errors")}
     assert set(errors) == set(bad)
     for rid, pattern in bad.items():
         assert pattern in errors[rid]["error"], (rid, errors[rid]["error"])
         assert errors[rid]["mask"] is None and errors[rid]["box"] is None
+        assert errors[rid]["instances"] is None and errors[rid]["no_target"] is None
     assert (summary.done, summary.errors, summary.skipped) == (len(good), len(bad), 0)
 
 
@@ -402,6 +406,52 @@ def test_actor_pools_fail_only_the_culprit_and_classify_text_errors(val_dir, che
             assert got["error"] is None
             np.testing.assert_allclose(got["box"], want["box"], atol=1e-3)
             assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+
+
+def test_rows_carry_no_target_and_several_instances(val_dir, checkpoint, tmp_path, monkeypatch):
+    """Whatever stage 3 answers (here a stand-in: none, two, one instance in turn), the SAM stage's rows
+    say so: a no_target column, the instances (box, mask, score each) and their union; the Parquet
+    file keeps all of it."""
+    import ppcr.inference
+    from ppcr.batch.io import RESULT_SCHEMA
+    from ppcr.inference import Instance, Segmentation, encode_answer
+
+    def answers(model, images, prompts):
+        out = []
+        for n, i in enumerate(prompts[0].tolist()):
+            h, w = images[1][i].tolist()
+            boxes = [[], [(2, 3, 20, 25), (30, 10, 50, 40)], [(5, 5, 15, 15)]][n % 3]
+            found = []
+            for x1, y1, x2, y2 in boxes:
+                mask = np.zeros((h, w), bool)
+                mask[y1:y2, x1:x2] = True
+                found.append(Instance(mask, np.array([x1, y1, x2, y2], float), 0.5 + 0.1 * len(found)))
+            out.append(encode_answer(Segmentation.of(found, (h, w))))
+        return out
+
+    monkeypatch.setattr(ppcr.inference, "segment_rows", answers)
+    shard = pa.concat_tables([pq.read_table(f) for f in sorted(val_dir.glob("part-*.parquet"))]).slice(0, 2)
+    images = shard_rows_to_images(shard, split="val", with_gt=False, done=None)
+    cfg = load_model_config(checkpoint)
+    decoded = decode_stage(images, cfg.vision.image_size, cfg.sam.image_size, checkpoint=str(checkpoint))
+    reasoned = MLLMActor(str(checkpoint), None, "cpu", 1, max_expr=64)(decoded)
+    table = SAMActor(str(checkpoint), None, "cpu", 1, None)(reasoned)
+    assert table.schema == RESULT_SCHEMA
+    pq.write_table(table, tmp_path / "part.parquet")
+    rows = pq.read_table(tmp_path / "part.parquet").to_pylist()
+    assert len(rows) >= 3
+    none, two, one = rows[:3]
+    assert none["no_target"] is True and none["instances"] == [] and none["error"] is None
+    assert none["box"] is None and none["score"] is None and not decode_rle(none["mask"]).any()
+    assert two["no_target"] is False and [i["box"] for i in two["instances"]] == [
+        [2, 3, 20, 25],
+        [30, 10, 50, 40],
+    ]
+    assert [i["score"] for i in two["instances"]] == [0.5, 0.6] and two["score"] == pytest.approx(0.55)
+    assert two["box"] == [2, 3, 50, 40]
+    union = decode_rle(two["instances"][0]["mask"]) | decode_rle(two["instances"][1]["mask"])
+    np.testing.assert_array_equal(decode_rle(two["mask"]), union)
+    assert one["instances"] == [{"box": one["box"], "mask": one["mask"], "score": one["score"]}]
 
 
 def test_protocol_and_predictions_through_the_stage_functions(val_dir, checkpoint, tmp_path):

@@ -7,6 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ppcr.cli import main
@@ -149,6 +150,9 @@ def test_train_evaluate_segment_round_trip(tmp_path, synth_data, capsys):
     assert (tmp_path / "overlay.png").stat().st_size > 0
     result = json.loads(capsys.readouterr().out.splitlines()[0])
     assert len(result["box"]) == 4 and isinstance(result["score"], float)
+    assert result["no_target"] is False and result["instances"] == [
+        {k: result[k] for k in ("box", "score", "mask_pixels")}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -312,6 +316,65 @@ def test_segment_server_that_is_not_ppcr_is_one_line(tmp_path, status, capsys):
     assert len(err.strip().splitlines()) == 1, err
     assert f"as text/html instead of the ppcr app's JSON: is {url} a ppcr server?" in err, err
     assert "<html>" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("found", [0, 2])
+def test_segment_server_answers_with_no_target_or_several_objects(tmp_path, found, capsys):
+    """`ppcr segment --server` prints what the server answers: no_target and one entry per instance;
+    its overlay says "no match" or draws each instance's box."""
+    import http.server
+    import threading
+
+    from PIL import Image
+
+    from ppcr.inference import Instance, Segmentation, encode_answer
+    from ppcr.serve.app import _wire
+
+    instances = []
+    for x1, y1, x2, y2 in [(1, 1, 6, 5), (10, 3, 18, 9)][:found]:
+        mask = np.zeros((10, 20), bool)
+        mask[y1:y2, x1:x2] = True
+        instances.append(Instance(mask, np.array([x1, y1, x2, y2], float), 0.5))
+    answer = json.dumps(_wire(encode_answer(Segmentation.of(instances, (10, 20))))).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    try:
+        argv = [
+            "segment",
+            str(tmp_path / "a.png"),
+            "the cups",
+            "--server",
+            url,
+            "--out",
+            str(tmp_path / "o.png"),
+        ]
+        assert main(argv) == 0
+    finally:
+        server.shutdown()
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert printed["no_target"] is (found == 0) and len(printed["instances"]) == found
+    assert printed["mask_pixels"] == (0 if found == 0 else 20 + 48)
+    if found:
+        assert [i["box"] for i in printed["instances"]] == [[1, 1, 6, 5], [10, 3, 18, 9]]
+        assert printed["box"] == [1, 1, 18, 9] and printed["score"] == 0.5
+    else:
+        assert printed["box"] is None and printed["score"] is None
+    assert Image.open(tmp_path / "o.png").size[0] == 20
 
 
 def test_undecodable_image_error_has_no_internal_repr(tmp_path, capsys):

@@ -42,7 +42,7 @@ def test_quick_demo_leaves_checkpoint_report_and_overlays(tmp_path, capsys):
     # The checkpoint is the one every later command takes.
     seg = Segmenter.from_checkpoint(out / "checkpoint")
     image = Image.open(next((out / "refer" / "images" / "train2014").glob("*.jpg"))).convert("RGB")
-    mask, box, score = seg.segment(image, "the red circle")
+    mask, box, score, instances = seg.segment(image, "the red circle")
     assert mask.shape == (image.height, image.width)
     assert json.loads((out / "checkpoint" / "meta.json").read_text())["steps"] == meta["steps"]
     # It ends by serving the checkpoint and segmenting a few val images over HTTP.

@@ -12,7 +12,17 @@ from ppcr.checkpoint import load_checkpoint, save_checkpoint
 from ppcr.cli import main
 from ppcr.config import ConfigError, InputError, load_config
 from ppcr.failures import ItemFailure, one_line, run_isolated
-from ppcr.inference import binarize, predict_torch, reason_rows, segment_rows, segmentations
+from ppcr.inference import (
+    Instance,
+    Segmentation,
+    answers,
+    binarize,
+    encode_answer,
+    predict_torch,
+    reason_rows,
+    segment_rows,
+    segmentations,
+)
 from ppcr.inputs import Item, collate, ground_truth_boxes, group_images
 from ppcr.masks import decode_rle
 from ppcr.model import PPCRModel
@@ -64,6 +74,45 @@ def test_masks_are_cut_at_sams_own_threshold():
     segs = segmentations([torch.full((4, 6), 5.0)], torch.tensor([[0.0, 0.0, 0.5, 1.0]]), torch.tensor([0.7]))
     assert segs[0].mask.all() and segs[0].box.tolist() == [0.0, 0.0, 3.0, 4.0]
     assert segs[0].score == pytest.approx(0.7)
+
+
+def _instance(h, w, y, x, score):
+    mask = np.zeros((h, w), bool)
+    mask[y : y + 2, x : x + 3] = True
+    return Instance(mask, np.array([x, y, x + 3, y + 2], dtype=np.float64), score)
+
+
+def test_an_answer_is_its_instances_and_their_union():
+    a, b = _instance(6, 8, 0, 0, 0.9), _instance(6, 8, 3, 4, 0.5)
+    none = Segmentation.of([], (6, 8))
+    assert none.no_target and none.instances == () and none.box is None and none.score is None
+    assert none.mask.shape == (6, 8) and not none.mask.any()
+    one = Segmentation.of([a], (6, 8))
+    assert not one.no_target and one.mask is a.mask and one.box is a.box and one.score == 0.9
+    two = Segmentation.of([a, b], (6, 8))
+    assert not two.no_target and len(two.instances) == 2
+    np.testing.assert_array_equal(two.mask, a.mask | b.mask)
+    assert two.box.tolist() == [0.0, 0.0, 7.0, 5.0] and two.box.dtype == np.float64  # encloses both
+    assert two.score == pytest.approx(0.7)  # the mean
+    mask, box, score, instances = two  # a 4-tuple
+    assert instances == two.instances
+    with pytest.raises(ValueError, match=r"instance 1: mask of shape \(6, 8\), the image is \(6, 9\)"):
+        Segmentation.of([_instance(6, 9, 0, 0, 1.0), a], (6, 9))
+    grouped = answers([a, a, b], [2, 0, 1], [(6, 8)] * 3)
+    assert [len(g.instances) for g in grouped] == [2, 0, 1] and grouped[1].no_target
+    with pytest.raises(ValueError, match="3 instances for counts"):
+        answers([a, a, b], [1, 1], [(6, 8)] * 2)
+
+
+def test_an_encoded_answer_keeps_every_instance_and_the_union():
+    a, b = _instance(6, 8, 0, 0, 0.9), _instance(6, 8, 3, 4, 0.5)
+    wire = encode_answer(Segmentation.of([a, b], (6, 8)))
+    assert wire["no_target"] is False and [i["score"] for i in wire["instances"]] == [0.9, 0.5]
+    np.testing.assert_array_equal(decode_rle(wire["mask"]), a.mask | b.mask)
+    np.testing.assert_array_equal(decode_rle(wire["instances"][1]["mask"]), b.mask)
+    none = encode_answer(Segmentation.of([], (6, 8)))
+    assert none["no_target"] is True and none["instances"] == [] and none["box"] is None
+    assert none["score"] is None and none["mask"]["size"] == [6, 8] and not decode_rle(none["mask"]).any()
 
 
 def test_each_part_builds_only_its_modules(ckpt):

@@ -127,7 +127,7 @@ def test_bf16_checkpoint_segments_a_real_photograph(bf16_run, photo):
     seg = Segmenter.from_checkpoint(bf16_run / "checkpoint")
     assert seg.model.mllm.llava.dtype == torch.bfloat16
     image = skdata.astronaut()
-    mask, box, score = seg.segment(image, "the woman in the white suit")
+    mask, box, score, _ = seg.segment(image, "the woman in the white suit")
     assert mask.shape == image.shape[:2] and mask.dtype == bool
     assert np.isfinite(box).all() and np.isfinite(score)
     seg.set_image(image)  # the SamPredictor-style path: bf16 embedding reused by the fp32 decoder

@@ -30,11 +30,14 @@ def _image(h=150, w=220, seed=0):
 
 def test_segment_shapes_and_frames(seg):
     img = _image()
-    mask, box, score = seg.segment(img, "the red circle")
+    mask, box, score, instances = seg.segment(img, "the red circle")
     assert mask.shape == (150, 220) and mask.dtype == bool
     assert box.shape == (4,)
     assert 0 <= box[0] <= box[2] <= 220 and 0 <= box[1] <= box[3] <= 150
     assert isinstance(score, float)
+    # The single-target model answers one instance: the union fields are that instance's, unchanged.
+    (one,) = instances
+    assert one.mask is mask and one.box is box and one.score == score
 
 
 def test_accepts_encoded_bytes_and_pil(seg):

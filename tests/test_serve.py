@@ -111,6 +111,9 @@ def test_answer_matches_in_process_api(url, checkpoint, one_thread):
     assert (mask != ref.mask).mean() < 1e-3, "served mask differs from Segmenter's"
     np.testing.assert_allclose(js["box"], ref.box, atol=0.02)
     assert js["score"] == pytest.approx(ref.score, abs=1e-3)
+    # The single-target model answers one instance: the union at the top is that instance.
+    assert js["no_target"] is False and len(ref.instances) == 1
+    assert js["instances"] == [{"box": js["box"], "mask": js["mask"], "score": js["score"]}]
 
 
 def test_multipart_and_expression_list_give_the_single_answers(url):
@@ -318,6 +321,14 @@ def test_healthz_and_openapi(url, checkpoint):
     op = spec["paths"]["/v1/segment"]["post"]
     assert set(op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     assert {"200", "413", "422", "503", "504"} <= set(op["responses"])
+    # The answer's schema shows the instances and the no-target flag, at the top and in `results`.
+    schemas = spec["components"]["schemas"]
+    for name in ("SegmentResponse", "Found"):
+        fields = schemas[name]["properties"]
+        assert {"instances", "no_target", "box", "mask", "score"} <= set(fields), name
+        assert "no target" in fields["no_target"]["description"]
+    assert set(schemas["Instance"]["properties"]) == {"box", "mask", "score"}
+    assert set(schemas["Found"]["required"]) >= {"mask", "no_target", "instances"}
     assert "swagger" in requests.get(f"{url}/docs", timeout=10).text.lower()
 
 
@@ -656,6 +667,56 @@ def test_a_stage_failure_is_a_422_or_a_500(failure, status, body):
     assert (err.value.status, err.value.message) == (status, body)
 
 
+def _wire_answer(boxes: list[tuple[int, int, int, int]], scores: list[float], hw=(90, 120)) -> dict:
+    """A SAM replica's answer (`inference.encode_answer`) with one instance per box (none: no target)."""
+    from ppcr.inference import Instance, Segmentation, encode_answer
+
+    instances = []
+    for (x1, y1, x2, y2), score in zip(boxes, scores):
+        mask = np.zeros(hw, bool)
+        mask[y1:y2, x1:x2] = True
+        instances.append(Instance(mask, np.array([x1, y1, x2, y2], float), score))
+    return encode_answer(Segmentation.of(instances, hw))
+
+
+def test_no_target_and_several_instances_reach_the_http_json():
+    """Whatever the model answers (here stand-in replicas: none, two, one), the JSON says so: `instances`
+    with each mask, box and score, `no_target`, and the union at the top; null box and score for none."""
+    from ppcr.serve.schema import SegmentResponse
+
+    settings = asdict(resolve_settings({"checkpoint": "/x"}))
+    reasoned = {"semantic": np.zeros((3, 8), np.float32), "box": None, "ms": 1.0, "batch": 1}
+    answers = [
+        _wire_answer([], []),
+        _wire_answer([(10, 10, 30, 40), (60, 50, 100, 80)], [0.9, 0.6]),
+        _wire_answer([(5, 6, 20, 30)], [0.75]),
+    ]
+    decoded = {"results": answers, "cache_hit": False, "encode_ms": 2.0, "decode_ms": 3.0}
+    decoded["batch"] = {"sam_encode": 1, "sam_decode": 1}
+    pipeline = Pipeline(_Answers(reasoned), _Answers(decoded), settings, TINY_PROMPTS, model={})
+    out = asyncio.run(pipeline.segment(GOOD, ["the cat", "both squares", "the circle"]))
+    # What the route sends: its response model, unset fields left out (`response_model_exclude_unset`).
+    body = json.loads(SegmentResponse.model_validate(out).model_dump_json(exclude_unset=True))
+    none, two, one = body["results"]
+    assert none["no_target"] is True and none["instances"] == []
+    assert none["box"] is None and none["score"] is None  # said, as null, not left out
+    assert none["mask"]["size"] == [90, 120] and not decode_rle(none["mask"]).any()
+    assert two["no_target"] is False and [i["score"] for i in two["instances"]] == [0.9, 0.6]
+    assert [i["box"] for i in two["instances"]] == [[10, 10, 30, 40], [60, 50, 100, 80]]
+    assert two["box"] == [10, 10, 100, 80] and two["score"] == pytest.approx(0.75)
+    union = decode_rle(two["instances"][0]["mask"]) | decode_rle(two["instances"][1]["mask"])
+    np.testing.assert_array_equal(decode_rle(two["mask"]), union)
+    assert one["instances"] == [{"box": one["box"], "mask": one["mask"], "score": one["score"]}]
+    # One expression: the answer at the top level, no results list.
+    single = Pipeline(
+        _Answers(reasoned), _Answers({**decoded, "results": answers[:1]}), settings, TINY_PROMPTS, model={}
+    )
+    out = asyncio.run(single.segment(GOOD, ["the cat"]))
+    out.update(out.pop("results")[0])  # as the route does for one expression
+    body = json.loads(SegmentResponse.model_validate(out).model_dump_json(exclude_unset=True))
+    assert "results" not in body and body["no_target"] is True and body["box"] is None
+
+
 def test_an_unexpected_replica_error_answers_one_line_without_traceback():
     """A RayTaskError's text is the replica's traceback in terminal colours: the 500 names its cause only."""
     from starlette.requests import Request
@@ -707,6 +768,8 @@ def test_cli_segment_with_server(url, tmp_path, capsys):
     api = _post(url, path.read_bytes()).json()
     assert printed["box"] == pytest.approx(api["box"], abs=0.01)
     assert printed["mask_pixels"] == int(decode_rle(api["mask"]).sum())
+    assert printed["no_target"] is False
+    assert printed["instances"] == [{k: printed[k] for k in ("box", "score", "mask_pixels")}]
     assert Image.open(tmp_path / "o.png").size[0] > 0
     assert main(["segment", str(path), "   ", "--server", url]) == 2
     err = capsys.readouterr().err

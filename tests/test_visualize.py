@@ -65,3 +65,23 @@ def test_save_overlay(tmp_path) -> None:
     p = save_overlay(tmp_path / "sub" / "o.png", image=_image(), expression="x", score=0.5)
     with Image.open(p) as im:
         assert im.width == 80 and im.height > 60
+
+
+def test_no_match_and_several_instances() -> None:
+    img = _image()
+    # No target: the banner says so (it is not the same banner as the expression's alone).
+    plain, none = (
+        draw_overlay(img, expression="the cat"),
+        draw_overlay(img, expression="the cat", no_target=True),
+    )
+    assert none.size[0] == plain.size[0] and not np.array_equal(np.asarray(none), np.asarray(plain))
+    assert np.array_equal(np.asarray(draw_overlay(img, no_target=True))[-60:], img)  # only a banner
+    # Several: each instance's box is drawn inside the enclosing one.
+    enclosing = draw_overlay(img, box=[5, 5, 75, 55])
+    both = np.asarray(
+        draw_overlay(img, box=[5, 5, 75, 55], instance_boxes=[[10, 10, 30, 30], [40, 20, 70, 50]])
+    )
+    assert not np.array_equal(both[10, 10:30], img[10, 10:30])  # the first instance's top edge
+    assert not np.array_equal(both, np.asarray(enclosing))
+    with pytest.raises(ValueError, match=r"instance_boxes\[1\]"):
+        draw_overlay(img, instance_boxes=[[1, 1, 5, 5], [5, 5, 1, 1]])

@@ -55,15 +55,20 @@ DECODED_SCHEMA = pa.schema(
 )
 #: After the MLLM: the prompts of the expressions still without error, in order (E × D and E × 4).
 REASONED_SCHEMA = pa.schema(list(DECODED_SCHEMA) + [("prompts", pa.binary()), ("boxes", pa.binary())])
+#: One object of an answer (`inference.Instance`): its box, mask and score.
+_INSTANCE = pa.struct([pa.field("box", _BOX), pa.field("mask", _RLE), pa.field("score", pa.float64())])
 #: One row per expression: what `write_parquet` writes (`output` names the folder: results / errors).
+#: The answer is its instances (none = no target) and their union (`inference.Segmentation`).
 RESULT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("image", pa.string()),
         ("expression", pa.string()),
-        ("box", _BOX),  # pixel XYXY of the original image
-        ("mask", _RLE),  # COCO compressed RLE, size [H, W], as in the shard format
-        ("score", pa.float64()),  # SAM's predicted IoU
+        ("box", _BOX),  # pixel XYXY of the original image, enclosing the instances; null for no target
+        ("mask", _RLE),  # the instances' union: COCO compressed RLE, size [H, W], as in the shard format
+        ("score", pa.float64()),  # SAM's predicted IoU (the instances' mean); null for no target
+        ("no_target", pa.bool_()),  # the answer has no instance
+        ("instances", pa.list_(_INSTANCE)),  # each object: box, mask, score
         ("error", pa.string()),
         ("output", pa.string()),
     ]

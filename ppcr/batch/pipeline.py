@@ -14,7 +14,8 @@ The model stages call `PPCRModel.reason` (stages 1 + 2) and `PPCRModel.segment` 
 Bad inputs never stop the job: a missing or undecodable image, an empty expression or a model error
 on one input becomes a row of the `errors` output with its reason. Output layout:
 
-    <out>/results/*.parquet   id, image, expression, box (pixel XYXY), mask (COCO RLE), score
+    <out>/results/*.parquet   id, image, expression, box (pixel XYXY), mask (COCO RLE), score,
+                              no_target, instances (box, mask, score each); box, mask, score: the union
     <out>/errors/*.parquet    id, image, expression, error
     <out>/overlays/<id>.png   with BatchConfig.overlays
 
@@ -235,7 +236,7 @@ def evaluate_shards(
     """RISMetrics.compute() per split folder name, over every expression (or those `protocol` picks,
     `ppcr.metrics.protocol_indices`, drawn with `seed`), in one Ray Data pipeline; GRESMetrics.compute()
     for the split folders named in `generalized` (gRefCOCO-style splits: `oracle_box` is refused there,
-    and the one-mask answer counts as one instance, as in `evaluate_split`).
+    and the answer is its instances' union, as in `evaluate_split`).
 
     Equal to `ppcr.evaluate.evaluate_split` on the same checkpoint and split. An expression that
     fails (e.g. an undecodable image) is left out, counted under `errors` and warned about.

@@ -195,8 +195,8 @@ class SAMActor:
         self.schema = EVAL_RESULT_SCHEMA if evaluation else RESULT_SCHEMA
         self.evaluation = evaluation
 
-    def _segment(self, rows: list[dict]) -> list[list[tuple]]:
-        """For each row, (mask bool H×W, box pixel XYXY, score) per expression without error."""
+    def _segment(self, rows: list[dict]) -> list[list[dict]]:
+        """For each row, the answer (`inference.encode_answer`) of each expression without error."""
         import torch
 
         from ..inference import segment_rows
@@ -223,9 +223,9 @@ class SAMActor:
             emb = m.segmentation.encode(sam)
         if self.counter is not None:  # None when the actor is called in-process (benchmarks)
             ray.get(self.counter.add.remote(len(rows)))
-        out: list[list[tuple]] = [[] for _ in rows]
+        out: list[list[dict]] = [[] for _ in rows]
         for i, a in zip(index, segment_rows(m, (emb, hw, sam_hw), (index_t, prompt_t, box_t))):
-            out[i].append((a["mask"], [float(v) for v in a["box"]], a["score"]))
+            out[i].append(a)
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -233,7 +233,7 @@ class SAMActor:
 
         rows = table.to_pylist()
         work = [r for r in rows if any(err is None for err in r["errors"])]
-        segs: dict[int, list[tuple]] = {}
+        segs: dict[int, list[dict]] = {}
         # A batch that fails runs again one image at a time: only the culprit(s) fail.
         for r, got in zip(work, run_isolated(self._segment, work, "SAM batch")):
             if isinstance(got, ItemFailure):
@@ -247,7 +247,7 @@ class SAMActor:
             for j, (rid, expr, err) in enumerate(zip(r["ids"], r["expressions"], r["errors"])):
                 rec = {"id": rid, "image": r["image"], "expression": expr, "error": err}
                 if err is None:
-                    rec["mask"], rec["box"], rec["score"] = next(done)
+                    rec |= _answer_columns(next(done))
                 rec["output"] = ERRORS_DIR if err else RESULTS_DIR
                 if self.evaluation:
                     rec["split"] = r["split"]
@@ -255,6 +255,24 @@ class SAMActor:
                     rec["gt_mask"] = r["gt_masks"][j]
                 out.append(rec)
         return pa.Table.from_pylist(out, schema=self.schema)
+
+
+def _answer_columns(answer: dict) -> dict:
+    """An answer (`inference.encode_answer`) as RESULT_SCHEMA's columns: box, mask, score, no_target,
+    instances."""
+
+    def box(b) -> list[float] | None:
+        return None if b is None else [float(v) for v in b]
+
+    return {
+        "box": box(answer["box"]),
+        "mask": answer["mask"],
+        "score": answer["score"],
+        "no_target": answer["no_target"],
+        "instances": [
+            {"box": box(i["box"]), "mask": i["mask"], "score": i["score"]} for i in answer["instances"]
+        ],
+    }
 
 
 def _safe_name(rid: str) -> str:
@@ -280,6 +298,8 @@ def overlay_stage(table: pa.Table, out_dir: str) -> pa.Table:
             box=r["box"],
             expression=r["expression"],
             score=r["score"],
+            instance_boxes=[i["box"] for i in r["instances"]] if len(r["instances"]) > 1 else (),
+            no_target=r["no_target"],
         )
     return table
 
@@ -345,8 +365,7 @@ def predictions_stage(table: pa.Table, generalized: Sequence[str] = ()) -> pa.Ta
         if r["split"] in generalized:
             mask, gt = decode_rle(r["mask"]), decode_rle(r["gt_mask"])
             gres = score_generalized(mask, gt, not gt.any())
-            # The single-target model's answer is one instance (none when its mask is empty).
-            instances = [(r["box"], mask, r["score"])] if gres.answered else []
+            instances = [(decode_rle(i["mask"]), i["box"], i["score"]) for i in r["instances"]]
             rec = generalized_prediction_record(
                 r["split"], int(r["id"]), r["image"], r["expression"], instances, gres, mask.shape
             )

@@ -290,10 +290,7 @@ class Pipeline:
                 # re-raises its error, which would replace the 503 above with a 500: nothing to free there.
                 with contextlib.suppress(Exception):
                     response.cancel()
-        results = [
-            {"box": [round(float(v), 2) for v in f["box"]], "mask": f["mask"], "score": round(f["score"], 5)}
-            for f in d["results"]
-        ]
+        results = [_wire(f) for f in d["results"]]
         return {
             "results": results,
             "timings_ms": {
@@ -306,6 +303,27 @@ class Pipeline:
             "sam_cache_hit": d["cache_hit"],
             "batch_sizes": {"mllm": r["batch"], **d["batch"]},
         }
+
+
+def _wire(answer: dict) -> dict:
+    """A SAM replica's answer (`inference.encode_answer`) as the HTTP API gives it (`schema.Found`):
+    boxes rounded to 0.01 px and scores to 1e-5; box and score null for no target."""
+
+    def box(b) -> list[float] | None:
+        return None if b is None else [round(float(v), 2) for v in b]
+
+    def score(s) -> float | None:
+        return None if s is None else round(float(s), 5)
+
+    return {
+        "box": box(answer["box"]),
+        "mask": answer["mask"],
+        "score": score(answer["score"]),
+        "no_target": bool(answer["no_target"]),
+        "instances": [
+            {"box": box(i["box"]), "mask": i["mask"], "score": score(i["score"])} for i in answer["instances"]
+        ],
+    }
 
 
 @serve.deployment(name="Ingress")  # options: default_options(), overridden by a Serve config
@@ -388,7 +406,7 @@ class Ingress:
     @fastapi_app.post(
         "/v1/segment",
         response_model=SegmentResponse,
-        response_model_exclude_none=True,
+        response_model_exclude_unset=True,  # an answer's null box stays; an unused results list goes
         responses=ERROR_RESPONSES,
         openapi_extra={"requestBody": REQUEST_BODY},
     )

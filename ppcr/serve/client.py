@@ -1,7 +1,9 @@
 """HTTP client of the serving app (`ppcr segment IMAGE "expression" --server URL`); needs only `requests`.
 
 answer = segment_remote("http://127.0.0.1:8000", Path("dog.jpg").read_bytes(), "the dog on the left")
-mask = ppcr.decode_rle(answer["mask"])     # bool H×W; answer["box"] is pixel XYXY, answer["score"] the IoU
+mask = ppcr.decode_rle(answer["mask"])     # bool H×W, the union of answer["instances"]' masks
+if answer["no_target"]: ...                # nothing fits: no instances, box and score None
+for obj in answer["instances"]: ...        # each {"mask": RLE, "box": pixel XYXY, "score": SAM's IoU}
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def _unreachable(server: str, exc: requests.RequestException, timeout_s: float) 
 def segment_remote(
     server: str, image: bytes, expression: str | Sequence[str], timeout_s: float = 60.0
 ) -> dict:
-    """POST /v1/segment as JSON. One expression -> {"box", "mask", "score", ...}; a list -> {"results": [...]}.
+    """POST /v1/segment as JSON. One expression -> {"box", "mask", "score", "no_target", "instances", ...}
+    (docs/serving.md); a list -> {"results": [one such answer per expression], ...}.
     Raises ServerError (an error status, with the server's message) or ServerUnreachable (no answer)."""
     body = {"image": base64.b64encode(image).decode("ascii")}
     if isinstance(expression, str):
@@ -76,7 +79,7 @@ def segment_remote(
         if r.headers.get("content-type", "").startswith("text/plain") and text and "\n" not in text:
             raise ServerError(r.status_code, text[:300])  # Serve's own answers, e.g. its overload 503
         raise ServerError(r.status_code, f"{r.reason or 'an error'}, {_not_ppcr(server, r)}")
-    keys = ("results",) if "expressions" in body else ("mask", "box", "score")
+    keys = ("results",) if "expressions" in body else ("mask", "box", "score", "no_target", "instances")
     if not (isinstance(answer, dict) and all(k in answer for k in keys)):
         raise ServerError(r.status_code, f"not a segmentation, {_not_ppcr(server, r)}")
     return answer

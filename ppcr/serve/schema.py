@@ -26,18 +26,43 @@ class RLE(BaseModel):
     counts: str = Field(description="COCO compressed RLE (column-major), as pycocotools writes it")
 
 
-class Found(BaseModel):
+class Instance(BaseModel):
+    """One object the expression refers to."""
+
     box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the original image")
     mask: RLE
-    score: float = Field(description="SAM's predicted IoU of the mask")
+    score: float = Field(description="SAM's predicted IoU of the object's mask")
+
+
+_UNION_BOX = (
+    "[x1, y1, x2, y2] in pixels of the original image: the instance's box for one instance, the box "
+    "enclosing all instances' boxes for several, null for no target"
+)
+_UNION_MASK = "the union of the instances' masks (all zeros for no target)"
+_UNION_SCORE = "the instance's score for one instance, their mean for several, null for no target"
+_NO_TARGET = "true when nothing in the image fits the expression (no target): no instances"
+_INSTANCES = "the objects the expression refers to, in the model's order: none, one or several"
+
+
+class Found(BaseModel):
+    """The answer to one expression: its instances and their union."""
+
+    box: list[float] | None = Field(description=_UNION_BOX)
+    mask: RLE = Field(description=_UNION_MASK)
+    score: float | None = Field(description=_UNION_SCORE)
+    no_target: bool = Field(description=_NO_TARGET)
+    instances: list[Instance] = Field(description=_INSTANCES)
 
 
 class SegmentResponse(BaseModel):
-    """One expression: box, mask, score at the top level. Several (`expressions`): a `results` list."""
+    """One expression: its answer (`Found`'s fields) at the top level. Several (`expressions`): a
+    `results` list of answers."""
 
-    box: list[float] | None = None
-    mask: RLE | None = None
-    score: float | None = None
+    box: list[float] | None = Field(None, description=_UNION_BOX)
+    mask: RLE | None = Field(None, description=_UNION_MASK)
+    score: float | None = Field(None, description=_UNION_SCORE)
+    no_target: bool | None = Field(None, description=_NO_TARGET)
+    instances: list[Instance] | None = Field(None, description=_INSTANCES)
     results: list[Found] | None = None
     timings_ms: dict[str, float] = Field(
         description="decode_image, mllm, sam_encode (0 on a cache hit), sam_decode (replica compute) and total"
