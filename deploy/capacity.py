@@ -81,15 +81,18 @@ class Counts:
     sam_heads: int
 
 
-def parameter_counts() -> Counts:
-    """Build the `llava-1.5-7b` preset on the meta device and count, with the real 32064-row vocabulary."""
+def parameter_counts(language_layers: int | None = None) -> Counts:
+    """Build the `llava-1.5-7b` preset on the meta device and count, with the real 32064-row vocabulary.
+    language_layers: that many language-model layers instead of the preset's 32 (the real-width training
+    benchmark's shallower models); everything else at the preset's sizes."""
     import torch
 
     from ppcr.config import load_config
     from ppcr.model import PPCRModel
     from ppcr.precision import _keeps_float32
 
-    cfg = load_config("llava-1.5-7b").model
+    over = {} if language_layers is None else {"model": {"language": {"num_layers": language_layers}}}
+    cfg = load_config("llava-1.5-7b", overrides=over).model
     with torch.device("meta"):
         model = PPCRModel(cfg)
     named = dict(model.named_parameters())
