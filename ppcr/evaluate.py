@@ -27,7 +27,7 @@ from .geometry import denormalize_box, mask_to_box
 from .inference import predict_torch
 from .inputs import collate
 from .masks import decode_rle, encode_mask
-from .metrics import GRESMetrics, RISMetrics, protocol_indices, score_expression, score_generalized
+from .metrics import GRESMetrics, RISMetrics, protocol_indices, score_answer, score_generalized
 from .model import PPCRModel
 from .report import generalized_prediction_record, prediction_record
 from .storage import parquet_files
@@ -134,7 +134,7 @@ def evaluate_split(
                         )
                     )
                 continue
-            score = score_expression(seg.mask, item.gt_mask, seg.box, item.gt_box)
+            score = score_answer(seg.mask, item.gt_mask, seg.box, item.gt_box)
             metrics.add(score)
             if on_prediction is not None:
                 on_prediction(

@@ -8,8 +8,10 @@ call these functions instead of re-deriving them:
     answers(instances, counts, hws)    -> Segmentation (instances + their union) per expression
     predict_torch(model, batch, ...)   the tensor API (as SamPredictor.predict_torch): stages 1-3 on a
                                        collated Batch -> (Segmentation list, boxes given to SAM)
-    reason_rows(model, keys, ...)      stages 1 + 2 for expressions given row by row -> numpy prompts, boxes
-    segment_rows(model, images, ...)   stage 3 for given prompts -> answers (COCO RLE mask, box, score)
+    reason_rows(model, keys, ...)      stages 1 + 2 for expressions given row by row -> numpy prompts and
+                                       each expression's boxes (one; or the kept slots, none for no target)
+    segment_rows(model, images, ...)   stage 3 for given prompts -> answers (`encode_answer`: instances
+                                       with COCO RLE masks, their union, no_target)
 
 `reason_rows` and `segment_rows` are the model glue of both Ray layers (the Serve deployments and the
 batch actors), which keep only batching, caching, statistics and Arrow <-> tensor moves.
@@ -30,11 +32,12 @@ from .geometry import output_box
 from .inputs import group_images
 from .masks import encode_mask
 from .segmentation_stage import MASK_THRESHOLD
+from .slots import kept_slots
 
 if TYPE_CHECKING:
     from .inputs import Batch
     from .mllm import PrefixCache
-    from .model import PPCRModel
+    from .model import PPCRModel, Reasoning
 
 
 class Instance(NamedTuple):
@@ -136,7 +139,9 @@ def predict_torch(
     oracle_box: bool = False,
     max_sequences: int | None = None,
 ) -> list[Segmentation]:
-    """Stages 1-3 on a collated batch (on the model's device), teacher-forced, fixed templates.
+    """Stages 1-3 on a collated batch (on the model's device), teacher-forced, fixed templates -> one
+    Segmentation per expression: one instance (model.targets single), or one per kept box slot
+    (multi: `slots.kept_slots`, none for an expression without a target).
 
     image_embeddings: (N, C, h, w) SAM embeddings of the batch's images, if already computed.
     oracle_box: prompt SAM with the ground-truth box (paper Table 3) instead of the predicted one.
@@ -144,9 +149,13 @@ def predict_torch(
     """
     model.eval()
     out = model(batch, image_embeddings=image_embeddings, oracle_box=oracle_box, max_sequences=max_sequences)
-    # The single-target model: one instance per expression.
     instances = segmentations(out.mask_logits, out.sam_box, out.iou_pred)
-    return answers(instances, [1] * len(instances), [i.mask.shape for i in instances])
+    n = len(batch.expressions)
+    hws = [tuple(hw) for hw in batch.original_hw[batch.image_index.cpu()].tolist()]
+    if out.row_expression is None:  # the single-target model: one instance per expression
+        return answers(instances, [1] * n, hws)
+    # Multi-target: SAM's rows are the kept slots, expression by expression (PPCROutput.row_expression).
+    return answers(instances, torch.bincount(out.row_expression.cpu(), minlength=n).tolist(), hws)
 
 
 @torch.no_grad()
@@ -158,7 +167,7 @@ def reason_rows(
     original_hw: Callable[[int], Sequence[int]],
     max_sequences: int | None = None,
     prefix_cache: PrefixCache | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """Stages 1 + 2 (`PPCRModel.reason`, fixed templates) for B expressions given one by one.
 
     keys: (B,) the image key of each expression; equal keys share one CLIP forward and, with prefix
@@ -166,7 +175,9 @@ def reason_rows(
     must then name the image's content, `inputs.image_key`). clip_pixels(i) /
     original_hw(i): the CLIP-frame pixels (3, C, C) and the original (H, W) of expression i's image,
     asked once per distinct image (its first expression). Returns the semantic prompts (B, D) float32
-    and the boxes (B, 4) float32 normalized XYXY of the original image, or None without a spatial stage.
+    and, per expression, the boxes SAM is to segment, (k, 4) float32 normalized XYXY of the original
+    image: k = 1 (model.targets single), or the kept box slots (multi, `kept_boxes`: k = 0 for no
+    target); None without a spatial stage (one mask per expression, from the semantic prompt alone).
     """
     first, index = group_images(keys)
     device = model.device
@@ -179,28 +190,64 @@ def reason_rows(
         image_keys=[keys[i] for i in first],
         prefix_cache=prefix_cache,
     )
-    box = None if out.box is None else out.box.float().cpu().numpy()
-    return out.semantic_prompt.float().cpu().numpy(), box
+    return out.semantic_prompt.float().cpu().numpy(), kept_boxes(model, out)
+
+
+def kept_boxes(model: PPCRModel, reasoning: Reasoning) -> list[np.ndarray] | None:
+    """Per expression, the boxes stage 3 segments, each (k, 4) float32 normalized XYXY: the one box of
+    the single-target model, or the box slots `slots.kept_slots` keeps with the model's thresholds
+    (`model.presence_threshold`, `objectness_threshold`, `slot_nms_iou`; none for an expression
+    without a target). None without a spatial stage."""
+    if reasoning.slot_boxes is None:
+        if reasoning.box is None:
+            return None
+        return list(reasoning.box.float().cpu().numpy()[:, None])
+    cfg = model.cfg
+    boxes = reasoning.slot_boxes.float().cpu()
+    kept = kept_slots(
+        reasoning.presence.float().cpu(),
+        reasoning.objectness.float().cpu(),
+        boxes,
+        cfg.presence_threshold,
+        cfg.objectness_threshold,
+        cfg.slot_nms_iou,
+    )
+    return [boxes[e, slots].numpy().reshape(-1, 4) for e, slots in enumerate(kept)]
 
 
 @torch.no_grad()
 def segment_rows(
     model: PPCRModel,
     images: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    prompts: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    prompts: tuple[torch.Tensor, torch.Tensor, Sequence[torch.Tensor | np.ndarray] | None],
 ) -> list[dict]:
     """Stage 3 (`PPCRModel.segment`) for given prompts -> one answer per expression.
 
     images: per image, (embeddings (N, C, h, w) on the model's device, original_hw (N, 2), sam_input_hw
-    (N, 2)); prompts: per expression, (image_index (B,), semantic prompts (B, D), boxes (B, 4)
-    normalized XYXY or None). Each answer is `encode_answer` of the expression's Segmentation.
+    (N, 2)); prompts: per expression, (image_index (B,), semantic prompts (B, D), boxes: B arrays
+    (k, 4) normalized XYXY, as `reason_rows` gives them, or None). SAM segments each box with its
+    expression's semantic prompt (without boxes: one mask per expression from the prompt alone); an
+    expression with no box (no target) costs no decoder work, and a call where none has one runs no
+    decoder at all. Each answer is `encode_answer` of the expression's Segmentation.
     """
-    (embeddings, original_hw, sam_input_hw), (image_index, semantic, box) = images, prompts
-    _, iou, logits = model.segment(embeddings, image_index, semantic, box, original_hw, sam_input_hw)
-    instances = segmentations(logits, box, iou)
-    return [
-        encode_answer(a) for a in answers(instances, [1] * len(instances), [i.mask.shape for i in instances])
-    ]
+    (embeddings, original_hw, sam_input_hw), (image_index, semantic, boxes) = images, prompts
+    hws = [tuple(original_hw[i].tolist()) for i in image_index.tolist()]
+    if boxes is None:
+        counts, rows, box = [1] * len(hws), torch.arange(len(hws)), None
+    else:
+        if len(boxes) != len(hws):
+            raise ValueError(f"{len(boxes)} box sets for {len(hws)} expressions")
+        counts = [len(b) for b in boxes]
+        rows = torch.repeat_interleave(torch.arange(len(hws)), torch.tensor(counts, dtype=torch.long))
+        box = torch.cat([torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes])
+        box = box.to(semantic.device)
+    if len(rows) == 0:  # no expression has a target: nothing for the decoder
+        return [encode_answer(Segmentation.of([], hw)) for hw in hws]
+    rows = rows.to(image_index.device)
+    _, iou, logits = model.segment(
+        embeddings, image_index[rows], semantic[rows.to(semantic.device)], box, original_hw, sam_input_hw
+    )
+    return [encode_answer(a) for a in answers(segmentations(logits, box, iou), counts, hws)]
 
 
 def encode_answer(seg: Segmentation) -> dict:

@@ -124,6 +124,20 @@ def score_expression(
     return ExpressionScore(inter, union, 1.0 if union == 0 else inter / union, b_iou)
 
 
+def score_answer(
+    pred_mask: np.ndarray,
+    gt_mask: np.ndarray,
+    pred_box: Sequence[float] | None,
+    gt_box: Sequence[float] | None,
+) -> ExpressionScore:
+    """`score_expression` of an answer that may hold no object: a multi-target model's "no target"
+    answer (`inference.Segmentation`: an empty mask, box None) to an expression with a ground-truth box
+    scores box IoU 0, as a box that misses it would."""
+    if pred_box is None and gt_box is not None:
+        return score_expression(pred_mask, gt_mask)._replace(box_iou=0.0)
+    return score_expression(pred_mask, gt_mask, pred_box, gt_box)
+
+
 class RISMetrics:
     """Running RIS metrics over referring expressions (one update per expression).
 

@@ -283,14 +283,16 @@ def prediction_record(
     expression: str,
     box_xyxy: Any,
     mask_rle: Mapping[str, Any],
-    score: float,
+    score: float | None,
     result: ExpressionScore,
 ) -> dict:
     """One line of a predictions file (`ppcr evaluate --predictions FILE`, JSON Lines).
 
     Keys: split, sent_id, file_name, expression; iou, intersection, union (mask pixels), box_iou; box
     (the predicted box, pixel XYXY of the original image); score (SAM's predicted IoU); mask (COCO
-    compressed RLE, size [H, W]). Floats are written exactly (JSON round-trips Python floats).
+    compressed RLE, size [H, W]). Floats are written exactly (JSON round-trips Python floats). An answer
+    with several objects gives their union (mask, enclosing box, mean score); one with none (a
+    multi-target model's "no target") an empty mask, and box and score null.
     """
     return {
         "split": split,
@@ -301,8 +303,8 @@ def prediction_record(
         "intersection": int(result.intersection),
         "union": int(result.union),
         "box_iou": None if result.box_iou is None else float(result.box_iou),
-        "box": [float(v) for v in box_xyxy],
-        "score": float(score),
+        "box": None if box_xyxy is None else [float(v) for v in box_xyxy],
+        "score": None if score is None else float(score),
         "mask": {"size": [int(v) for v in mask_rle["size"]], "counts": str(mask_rle["counts"])},
     }
 

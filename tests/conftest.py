@@ -98,3 +98,52 @@ def capacity():
     sys.modules["capacity"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def multi_image_png() -> bytes:
+    """A 120×90 PNG: grey, a red block and a blue one (what `multi_checkpoint` is tuned on)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = np.full((90, 120, 3), 110, np.uint8)
+    img[10:40, 15:60] = (220, 30, 30)
+    img[50:85, 70:115] = (30, 60, 220)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def multi_checkpoint(tmp_path_factory):
+    """(checkpoint, {"none": text, "two": text}): a random tiny `model.targets: multi` checkpoint (two box
+    slots, seed 0) whose answer on `multi_image_png()` is no object for `none` and two objects for
+    `two`, in any process. Its objectness head keeps every slot (weight 0, bias +10; slot_nms_iou 1);
+    its presence head is rescaled so the two texts' presence logits are +5 and -5 (which text gets
+    which is the random head's choice), so their answers differ by a margin no batch or thread count
+    moves."""
+    import numpy as np
+
+    from ppcr.checkpoint import save_checkpoint
+    from ppcr.geometry import decode_image
+    from ppcr.inputs import Item, collate
+    from ppcr.model import PPCRModel
+
+    cfg = load_config("tiny", {"model": {"targets": "multi", "max_targets": 2, "slot_nms_iou": 1.0}})
+    torch.manual_seed(0)
+    model = PPCRModel(cfg.model).eval()
+    texts = ["the green triangle", "all the squares"]
+    image = decode_image(multi_image_png())
+    batch = collate([Item(0, image, t) for t in texts], model.clip_size, model.sam_size, model.clip_mode)
+    head = model.spatial.head
+    with torch.no_grad():
+        head.objectness.weight.zero_()
+        head.objectness.bias.fill_(10.0)
+        logits = model.reason(batch.clip_pixels, batch.image_index, texts, batch.original_hw).presence_logits
+        low, high = (float(v) for v in logits)
+        scale, middle = 10.0 / abs(high - low), (high + low) / 2
+        head.presence.weight.mul_(scale)
+        head.presence.bias.sub_(middle).mul_(scale)
+    roles = {"two": texts[int(np.argmax([low, high]))], "none": texts[int(np.argmin([low, high]))]}
+    return save_checkpoint(model, tmp_path_factory.mktemp("multi") / "ckpt"), roles

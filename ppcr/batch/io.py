@@ -53,8 +53,14 @@ DECODED_SCHEMA = pa.schema(
         ("sam_hw", pa.list_(pa.int32())),
     ]
 )
-#: After the MLLM: the prompts of the expressions still without error, in order (E × D and E × 4).
-REASONED_SCHEMA = pa.schema(list(DECODED_SCHEMA) + [("prompts", pa.binary()), ("boxes", pa.binary())])
+#: After the MLLM: the prompts of the expressions still without error, in order (E × D), and the boxes
+#: stage 3 segments for them (sum(box_counts) × 4: box_counts[e] boxes for expression e, one each for
+#: the single-target model, the kept slots for a multi-target one, 0 for no target; null box_counts
+#: without a spatial stage).
+REASONED_SCHEMA = pa.schema(
+    list(DECODED_SCHEMA)
+    + [("prompts", pa.binary()), ("boxes", pa.binary()), ("box_counts", pa.list_(pa.int32()))]
+)
 #: One object of an answer (`inference.Instance`): its box, mask and score.
 _INSTANCE = pa.struct([pa.field("box", _BOX), pa.field("mask", _RLE), pa.field("score", pa.float64())])
 #: One row per expression: what `write_parquet` writes (`output` names the folder: results / errors).

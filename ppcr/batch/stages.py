@@ -124,7 +124,8 @@ class MLLMActor:
         self.max_expr = max_expr
 
     def _reason(self, rows: list[dict], pairs: list[tuple[int, int]]) -> list[tuple]:
-        """pairs: (row, expression) -> one (prompt (D,), box (4,) or None) per pair, as numpy."""
+        """pairs: (row, expression) -> one (prompt (D,), boxes (k, 4) or None) per pair, as numpy: the
+        boxes stage 3 segments (`inference.reason_rows`: one, or the kept slots, none for no target)."""
         from ..inference import reason_rows
 
         m, c = self.model, self.model.clip_size
@@ -156,8 +157,10 @@ class MLLMActor:
         for i, r in enumerate(rows):
             ok = [(i, j) for j, err in enumerate(r["errors"]) if err is None]
             r["prompts"] = np.stack([prompts[k] for k in ok]).astype(np.float32).tobytes() if ok else b""
-            has_box = ok and boxes[ok[0]] is not None
-            r["boxes"] = np.stack([boxes[k] for k in ok]).astype(np.float32).tobytes() if has_box else b""
+            has_box = bool(ok) and boxes[ok[0]] is not None
+            kept = [boxes[k] for k in ok] if has_box else []
+            r["boxes"] = np.concatenate(kept).astype(np.float32).tobytes() if kept else b""
+            r["box_counts"] = [len(b) for b in kept] if has_box else None
         return pa.Table.from_pylist(rows, schema=REASONED_SCHEMA)
 
 
@@ -213,12 +216,14 @@ class SAMActor:
             index += [i] * len(ok)
             prompts.append(decode_f32(r["prompts"], (len(ok), d)))
             if self.oracle_box:
-                boxes.append(ground_truth_boxes([r["gt_boxes"][j] for j in ok], [r["hw"]] * len(ok)))
-            elif r["boxes"]:
-                boxes.append(decode_f32(r["boxes"], (len(ok), 4)))
+                gt = ground_truth_boxes([r["gt_boxes"][j] for j in ok], [r["hw"]] * len(ok))
+                boxes += list(gt[:, None])
+            elif r["box_counts"] is not None:
+                kept = decode_f32(r["boxes"], (sum(r["box_counts"]), 4))
+                boxes += list(kept.split(r["box_counts"]))
         index_t = torch.tensor(index, dtype=torch.long, device=m.device)
         prompt_t = torch.cat(prompts).to(m.device)
-        box_t = torch.cat(boxes).to(m.device) if boxes else None
+        box_t = boxes if boxes else None
         with torch.no_grad():
             emb = m.segmentation.encode(sam)
         if self.counter is not None:  # None when the actor is called in-process (benchmarks)
@@ -309,7 +314,7 @@ def metrics_stage(table: pa.Table, generalized: Sequence[str] = ()) -> pa.Table:
     GRESMetrics for the `generalized` splits, where an empty ground-truth mask means no target (a
     target's mask is never empty in their shards, docs/shard_format.md)."""
     from ..masks import decode_rle
-    from ..metrics import GRESMetrics, RISMetrics
+    from ..metrics import GRESMetrics, RISMetrics, score_answer
 
     per: dict[str, RISMetrics | GRESMetrics] = {}
     errors: dict[str, list[str]] = {}
@@ -321,7 +326,7 @@ def metrics_stage(table: pa.Table, generalized: Sequence[str] = ()) -> pa.Table:
         if r["split"] in generalized:
             per.setdefault(r["split"], GRESMetrics()).update(mask, gt, not gt.any())
         else:
-            per.setdefault(r["split"], RISMetrics()).update(mask, gt, r["box"], r["gt_box"])
+            per.setdefault(r["split"], RISMetrics()).add(score_answer(mask, gt, r["box"], r["gt_box"]))
     splits = sorted(set(per) | set(errors))
     return pa.table(
         {
@@ -352,7 +357,7 @@ def predictions_stage(table: pa.Table, generalized: Sequence[str] = ()) -> pa.Ta
     splits ``generalized_prediction_record``) per evaluated expression, or its error; the driver sorts
     them and replays them into the metrics."""
     from ..masks import decode_rle
-    from ..metrics import score_expression, score_generalized
+    from ..metrics import score_answer, score_generalized
     from ..report import generalized_prediction_record, prediction_record
 
     records, errors, splits = [], [], []
@@ -372,7 +377,7 @@ def predictions_stage(table: pa.Table, generalized: Sequence[str] = ()) -> pa.Ta
             records.append(json.dumps(rec))
             errors.append(None)
             continue
-        score = score_expression(decode_rle(r["mask"]), decode_rle(r["gt_mask"]), r["box"], r["gt_box"])
+        score = score_answer(decode_rle(r["mask"]), decode_rle(r["gt_mask"]), r["box"], r["gt_box"])
         rec = prediction_record(
             r["split"], int(r["id"]), r["image"], r["expression"], r["box"], r["mask"], r["score"], score
         )

@@ -116,8 +116,10 @@ class MLLMDeployment:
     async def reason(
         self, keys: list[str], images: list[np.ndarray], expressions: list[list[str]]
     ) -> list[dict | ItemFailure]:
-        """Per request: semantic prompts (E, D) float32, boxes (E, 4) normalized XYXY or None, the
-        compute time and the batch's size in requests; or an ItemFailure."""
+        """Per request: semantic prompts (E, D) float32, per expression the boxes to segment ((k, 4)
+        normalized XYXY: one, or the kept box slots of a multi-target model, none for no target) or
+        None without a spatial stage, the compute time and the batch's size in requests; or an
+        ItemFailure."""
         return self._reason_batch(keys, images, expressions)  # blocking on purpose: see _BATCHING
 
     def _reason_batch(self, keys, images, expressions) -> list[dict | ItemFailure]:
@@ -235,8 +237,9 @@ class SAMDeployment:
         boxes: list[np.ndarray | None],
         hws: list[tuple[int, int]],
     ) -> list[dict | ItemFailure]:
-        """Per request: one {"mask": COCO RLE, "box": pixel XYXY, "score"} per expression, timing and
-        the batch sizes; or an ItemFailure (the encode call's own, when that one failed)."""
+        """Per request: one answer per expression (`inference.encode_answer`: its instances, their union,
+        no_target), timing and the batch sizes; or an ItemFailure (the encode call's own, when that one
+        failed). An expression without boxes (no target) costs the decoder nothing."""
         self._stats.batch("decode", len(encoded))  # blocking below on purpose: see _BATCHING
         items = list(zip(encoded, semantic, boxes, hws))
         todo = [it for it in items if not isinstance(it[0], ItemFailure)]
@@ -251,7 +254,7 @@ class SAMDeployment:
 
     @torch.no_grad()
     def _decode(self, items: list[tuple]) -> list[dict]:
-        """items: (encode result, semantic prompts (E, D), boxes (E, 4) or None, original (H, W))."""
+        """items: (encode result, semantic prompts (E, D), E box arrays (k, 4) or None, original (H, W))."""
         encoded = [e for e, _, _, _ in items]
         semantic = [s for _, s, _, _ in items]
         boxes = [b for _, _, b, _ in items]
@@ -261,7 +264,7 @@ class SAMDeployment:
         emb = torch.stack([_tensor(e["embedding"], self.device) for e in encoded])
         index = torch.tensor([i for i, s in enumerate(semantic) for _ in range(len(s))], device=self.device)
         sem = _tensor(np.concatenate(semantic), self.device)
-        box = None if boxes[0] is None else _tensor(np.concatenate(boxes), self.device)
+        box = None if boxes[0] is None else [_tensor(b, self.device) for req in boxes for b in req]
         hw = torch.tensor([tuple(hw) for hw in hws], dtype=torch.long)
         sam_hw = torch.tensor([tuple(e["sam_input_hw"]) for e in encoded], dtype=torch.long)
         found = segment_rows(self.model, (emb, hw, sam_hw), (index, sem, box))
