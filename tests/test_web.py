@@ -181,6 +181,95 @@ def test_drop_several_phrases_toggle_and_download_match_the_api(page, url, tmp_p
     assert page.locator("#cards .card").count() == 3
 
 
+def _injected(boxes_per_phrase: list[list[tuple[int, int, int, int]]]) -> dict:
+    """A /v1/segment answer as the app sends it (`encode_answer` then the ingress's `_wire`), one
+    entry per phrase with one object per box (none: no target), on `_png()`'s 120×90 image."""
+    from ppcr.inference import Instance, Segmentation, encode_answer
+    from ppcr.serve.app import _wire
+
+    results = []
+    for boxes in boxes_per_phrase:
+        found = []
+        for k, (x1, y1, x2, y2) in enumerate(boxes):
+            mask = np.zeros((90, 120), bool)
+            mask[y1:y2, x1:x2] = True
+            found.append(Instance(mask, np.array([x1, y1, x2, y2], float), 0.9 - 0.2 * k))
+        results.append(_wire(encode_answer(Segmentation.of(found, (90, 120)))))
+    timings = {"decode_image": 1.0, "mllm": 2.0, "sam_encode": 3.0, "sam_decode": 4.0, "total": 10.0}
+    return {"results": results, "timings_ms": timings, "sam_cache_hit": False, "batch_sizes": {"mllm": 1}}
+
+
+def test_no_match_and_several_objects_are_shown_and_picked_out(page, tmp_path):
+    """An answer with no object says "No match" (card, canvas label, announcement); one with two lists
+    each object with its own colour and score, highlights it on hover, focus or click, and its mask
+    PNG is the union; one with one object looks as it always did. (The server here answers through a
+    stand-in, so the page is tested on every shape of answer; tests/test_serve_multi.py serves a real
+    multi-target model.)"""
+    phrases = ["the cat", "both blocks", "the red block"]
+    answer = _injected([[], [(15, 10, 60, 40), (70, 50, 115, 85)], [(15, 10, 60, 40)]])
+    page.route("**/v1/segment", lambda route: route.fulfill(json=answer))
+    _drop(page, _png())
+    _segment(page, phrases)
+    cards = page.locator("#cards .card")
+    assert cards.count() == 3
+    none, two, one = (cards.nth(i) for i in range(3))
+    assert none.get_attribute("data-no-target") == "true" and "no-match" in none.get_attribute("class")
+    assert "No match" in none.inner_text() and none.get_attribute("data-mask-pixels") == "0"
+    assert two.get_attribute("data-no-target") == "false" and two.get_attribute("data-instances") == "2"
+    assert "2 objects" in two.inner_text()
+    objects = two.locator(".instance")
+    assert objects.count() == 2 and one.locator(".instance").count() == 0
+    colours = [objects.nth(k).evaluate("e => e.style.getPropertyValue('--c').trim()") for k in range(2)]
+    assert colours == ["#E69F00", "#56B4E9"]  # each object its own Okabe-Ito colour
+    assert one.evaluate("e => e.style.getPropertyValue('--c')") == "#009E73"  # the next one
+    wire = answer["results"][1]
+    for k in range(2):
+        assert int(objects.nth(k).get_attribute("data-mask-pixels")) == int(
+            decode_rle(wire["instances"][k]["mask"]).sum()
+        )
+        assert float(objects.nth(k).get_attribute("data-score")) == wire["instances"][k]["score"]
+    status = page.inner_text("#status")
+    assert "the cat: no match" in status and "both blocks: 2 objects (scores 0.90, 0.70)" in status
+    assert "the cat: no match" in page.get_attribute("#canvas", "aria-label")
+
+    # Hover, focus and click pick one object out; the canvas changes and says which.
+    plain = page.evaluate("document.getElementById('canvas').toDataURL()")
+    objects.nth(1).locator("button").hover()
+    assert page.get_attribute("#canvas", "data-highlight") == "1-1"
+    assert page.evaluate("document.getElementById('canvas').toDataURL()") != plain
+    page.mouse.move(0, 0)
+    assert page.get_attribute("#canvas", "data-highlight") is None
+    assert page.evaluate("document.getElementById('canvas').toDataURL()") == plain
+    objects.nth(0).locator("button").focus()
+    assert page.get_attribute("#canvas", "data-highlight") == "1-0"
+    objects.nth(0).locator("button").click()
+    assert objects.nth(0).locator("button").get_attribute("aria-pressed") == "true"
+    page.mouse.move(0, 0)
+    page.focus("#phrases")
+    assert page.get_attribute("#canvas", "data-highlight") == "1-0"  # pinned
+    assert "Highlighted both blocks #1" in page.inner_text("#status")
+    objects.nth(0).locator("button").click()
+    page.focus("#phrases")
+    assert page.get_attribute("#canvas", "data-highlight") is None
+    assert objects.nth(0).locator("button").get_attribute("aria-pressed") == "false"
+
+    # Downloads: the mask PNG of several objects is their union; the JSON keeps every object.
+    with page.expect_download() as download:
+        two.locator("button.mask-png").click()
+    got = np.asarray(Image.open(download.value.path()).convert("L")) > 127
+    np.testing.assert_array_equal(got, decode_rle(wire["mask"]))
+    with page.expect_download() as download:
+        two.locator("button.json").click()
+    saved = json.loads(open(download.value.path()).read())
+    assert saved["no_target"] is False and [o["mask"] for o in saved["instances"]] == [
+        o["mask"] for o in wire["instances"]
+    ]
+    with page.expect_download() as download:
+        none.locator("button.json").click()
+    saved = json.loads(open(download.value.path()).read())
+    assert saved["no_target"] is True and saved["instances"] == [] and saved["box"] is None
+
+
 def test_file_picker_paste_and_keyboard(page):
     page.set_input_files("#file", files=[{"name": "picked.png", "mimeType": "image/png", "buffer": _png()}])
     page.wait_for_function("document.getElementById('image-name').textContent.startsWith('picked.png')")

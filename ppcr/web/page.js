@@ -1,16 +1,20 @@
-// The ppcr page: one image, several phrases, one coloured answer per phrase. Plain JS, no build step,
-// nothing loaded from elsewhere. The masks arrive as COCO RLE and are decoded here.
+// The ppcr page: one image, several phrases, an answer per phrase: none, one or several objects, each in
+// its own colour. Plain JS, no build step, nothing loaded from elsewhere. The masks arrive as COCO RLE
+// and are decoded here.
 "use strict";
 
 // Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision deficiency.
 const PALETTE = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"];
+const NO_MATCH = "#8a8f98";  // the card of an answer without any object
 const $ = (id) => document.getElementById(id);
 
 const state = {
   model: null,       // /healthz's "model" (or null when the server did not answer)
   limits: null,
   image: null,       // {blob, name, kind: "synthetic"|"photo"|"upload", img, w, h, url}
-  answers: [],       // the answers shown now
+  answers: [],       // the answers shown now: one per phrase, each with its objects (`instances`)
+  highlight: null,   // {answer, instance} indices: the object the pointer or focus is on
+  pinned: null,      // the same, fixed by a click (a second click releases it)
   history: [],       // [{image, answers, when}]
   busy: false,
 };
@@ -62,6 +66,7 @@ function showError(kind, text) {
   setState("error");
   // No stale overlay under an error: the answers it showed are in the history.
   state.answers = [];
+  state.highlight = state.pinned = null;
   renderCards();
   draw();
   say("");
@@ -171,6 +176,7 @@ async function setImage(blob, name, kind) {
   }
   state.image = {blob, name, kind, img, w: img.naturalWidth, h: img.naturalHeight, url};
   state.answers = [];
+  state.highlight = state.pinned = null;
   clearError();
   setState("idle");
   $("image-name").textContent = `${name} · ${img.naturalWidth}×${img.naturalHeight}`;
@@ -285,7 +291,8 @@ async function segment() {
     }
     const results = answer.results || [answer];
     const ms = answer.timings_ms ? answer.timings_ms.total : null;
-    state.answers = results.map((r, i) => makeAnswer(texts[i], r, i, ms, answer.timings_ms));
+    state.answers = makeAnswers(texts, results, ms, answer.timings_ms);
+    state.highlight = state.pinned = null;
     state.history.unshift({image: state.image, answers: state.answers, when: new Date()});
     state.history = state.history.slice(0, 20);
     renderCards();
@@ -294,7 +301,7 @@ async function segment() {
     setState("done");
     if (window.matchMedia("(max-width: 860px)").matches) $("status").scrollIntoView({block: "start"});
     say(`${state.answers.length} answer${state.answers.length > 1 ? "s" : ""} in ${ms} ms: ` +
-      state.answers.map((a) => `${a.phrase} (score ${a.score.toFixed(2)})`).join("; ") + ".");
+      state.answers.map(summary).join("; ") + ".");
   } finally {
     state.busy = false;
     $("go").disabled = false;
@@ -303,12 +310,34 @@ async function segment() {
   }
 }
 
-function makeAnswer(phrase, r, i, ms, timings) {
-  const bits = decodeRle(r.mask);
-  let pixels = 0;
-  for (let k = 0; k < bits.length; k++) pixels += bits[k];
-  return {phrase, box: r.box, score: r.score, mask: r.mask, bits, pixels, ms, timings, color: PALETTE[i % PALETTE.length],
-          visible: true, layers: null};
+function countPixels(bits) {
+  let n = 0;
+  for (let k = 0; k < bits.length; k++) n += bits[k];
+  return n;
+}
+
+/** The server's answers -> the page's: per phrase its union and its objects, each object the next colour
+ *  of the palette (an answer with one object keeps the colour its phrase had before several existed). */
+function makeAnswers(texts, results, ms, timings) {
+  let next = 0;
+  return results.map((r, i) => {
+    const bits = decodeRle(r.mask);
+    const instances = r.instances.map((o) => {
+      const own = o.mask.counts === r.mask.counts ? bits : decodeRle(o.mask);
+      return {box: o.box, score: o.score, mask: o.mask, bits: own, pixels: countPixels(own),
+              color: PALETTE[next++ % PALETTE.length], layers: null};
+    });
+    return {phrase: texts[i], noTarget: Boolean(r.no_target), box: r.box, score: r.score, mask: r.mask, bits,
+            pixels: countPixels(bits), instances, ms, timings, visible: true,
+            color: instances.length ? instances[0].color : NO_MATCH};
+  });
+}
+
+/** One phrase's answer in words (the live announcement, the canvas's label). */
+function summary(a) {
+  if (a.noTarget) return `${a.phrase}: no match`;
+  if (a.instances.length === 1) return `${a.phrase} (score ${a.score.toFixed(2)})`;
+  return `${a.phrase}: ${a.instances.length} objects (scores ${a.instances.map((o) => o.score.toFixed(2)).join(", ")})`;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -317,7 +346,7 @@ function makeAnswer(phrase, r, i, ms, timings) {
 function hexRgb(hex) { const n = parseInt(hex.slice(1), 16); return [n >> 16, (n >> 8) & 255, n & 255]; }
 function inkOn(hex) { const [r, g, b] = hexRgb(hex); return 0.299 * r + 0.587 * g + 0.114 * b > 140 ? "#000" : "#fff"; }
 
-/** Per answer, once: a canvas of its mask in its colour and one of its outline (mask pixels next to background). */
+/** Per object, once: a canvas of its mask in its colour and one of its outline (mask pixels next to background). */
 function layersOf(a, w, h) {
   if (a.layers) return a.layers;
   const [r, g, b] = hexRgb(a.color);
@@ -336,6 +365,18 @@ function layersOf(a, w, h) {
   const toCanvas = (data) => { const c = document.createElement("canvas"); c.width = w; c.height = h; c.getContext("2d").putImageData(data, 0, 0); return c; };
   a.layers = {fill: toCanvas(fill), edge: toCanvas(edge)};
   return a.layers;
+}
+
+/** The objects drawn now: [answer index, object index, answer, object] of every shown answer. */
+function shownObjects() {
+  const out = [];
+  state.answers.forEach((a, i) => { if (a.visible) a.instances.forEach((o, k) => out.push([i, k, a, o])); });
+  return out;
+}
+
+function isLit(i, k) {
+  const h = state.pinned || state.highlight;
+  return !h || (h.answer === i && h.instance === k);
 }
 
 function draw() {
@@ -357,45 +398,56 @@ function draw() {
                 label: $("show-label").checked};
   const alpha = Number($("opacity").value) / 100;
   const line = Math.max(2, Math.round(Math.max(w, h) * s / 300)) / s;
-  for (const a of state.answers) {
-    if (!a.visible) continue;
-    const L = layersOf(a, w, h);
-    if (show.mask && alpha > 0) { ctx.globalAlpha = alpha; ctx.drawImage(L.fill, 0, 0); ctx.globalAlpha = 1; }
-    if (show.outline) {  // the one-pixel edge, stamped around a small disk: an outline ~`line` wide
-      const t = Math.max(1, Math.round(line * s / 2));
+  const objects = shownObjects();
+  const lit = state.pinned || state.highlight;
+  // The highlighted object last, on top; the others faded while one is highlighted.
+  objects.sort((x, y) => Number(isLit(x[0], x[1])) - Number(isLit(y[0], y[1])));
+  for (const [i, k, , o] of objects) {
+    const L = layersOf(o, w, h), on = isLit(i, k), fade = lit && !on ? 0.35 : 1;
+    if (show.mask && alpha > 0) { ctx.globalAlpha = alpha * fade; ctx.drawImage(L.fill, 0, 0); ctx.globalAlpha = 1; }
+    if (show.outline || (lit && on)) {  // the one-pixel edge, stamped around a small disk: an outline ~`line` wide
+      const t = Math.max(1, Math.round(line * s / 2)) * (lit && on ? 2 : 1);
+      ctx.globalAlpha = fade;
       for (let dy = -t; dy <= t; dy++) for (let dx = -t; dx <= t; dx++) if (dx * dx + dy * dy <= t * t) ctx.drawImage(L.edge, dx / s, dy / s);
+      ctx.globalAlpha = 1;
     }
   }
   const placed = [];  // label rectangles drawn so far: a label that would cover one moves down
-  for (const a of state.answers) {
-    if (!a.visible) continue;
-    const [x1, y1, x2, y2] = a.box;
+  const size = Math.max(12, Math.round(Math.max(w, h) * s / 45)) / s;
+  const label = (text, color, x1, y1, y2) => {
+    ctx.font = `600 ${size}px system-ui, sans-serif`;
+    const shown = text.length > 40 ? text.slice(0, 39) + "…" : text;
+    const tw = ctx.measureText(shown).width + size * 0.6;
+    const lh = size * 1.4, lx = Math.min(Math.max(0, x1), Math.max(0, w - tw));
+    let ly = y1 - lh >= 0 ? y1 - lh : Math.min(y2, h - lh);
+    while (placed.some((r) => lx < r.x + r.w && r.x < lx + tw && ly < r.y + lh && r.y < ly + lh)) ly += lh;
+    placed.push({x: lx, y: ly, w: tw});
+    ctx.fillStyle = color; ctx.fillRect(lx, ly, tw, lh);
+    ctx.fillStyle = inkOn(color); ctx.fillText(shown, lx + size * 0.3, ly + size * 1.05);
+  };
+  for (const [i, k, a, o] of objects) {
+    const [x1, y1, x2, y2] = o.box;
+    ctx.globalAlpha = lit && !isLit(i, k) ? 0.35 : 1;
     if (show.box) {
       ctx.lineWidth = line;
       ctx.setLineDash([3 * line, 2 * line]);
       ctx.strokeStyle = "#fff"; ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);  // a light halo: visible on dark images
       ctx.setLineDash([3 * line, 2 * line]); ctx.lineDashOffset = 0;
-      ctx.strokeStyle = a.color; ctx.lineWidth = line * 0.6; ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      ctx.strokeStyle = o.color; ctx.lineWidth = line * 0.6; ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
       ctx.setLineDash([]);
     }
-    if (show.label) {
-      const size = Math.max(12, Math.round(Math.max(w, h) * s / 45)) / s;
-      ctx.font = `600 ${size}px system-ui, sans-serif`;
-      const text = a.phrase.length > 40 ? a.phrase.slice(0, 39) + "…" : a.phrase;
-      const tw = ctx.measureText(text).width + size * 0.6;
-      const lh = size * 1.4, lx = Math.min(Math.max(0, x1), Math.max(0, w - tw));
-      let ly = y1 - lh >= 0 ? y1 - lh : Math.min(y2, h - lh);
-      while (placed.some((r) => lx < r.x + r.w && r.x < lx + tw && ly < r.y + lh && r.y < ly + lh)) ly += lh;
-      placed.push({x: lx, y: ly, w: tw});
-      ctx.fillStyle = a.color; ctx.fillRect(lx, ly, tw, lh);
-      ctx.fillStyle = inkOn(a.color); ctx.fillText(text, lx + size * 0.3, ly + size * 1.05);
-    }
+    if (show.label) label(a.instances.length > 1 ? `${a.phrase} #${k + 1}` : a.phrase, o.color, x1, y1, y2);
+    ctx.globalAlpha = 1;
+  }
+  if (show.label) {  // an answer without any object says so in the image's corner
+    for (const a of state.answers) if (a.visible && a.noTarget) label(`${a.phrase}: no match`, NO_MATCH, 0, 0, 0);
   }
   ctx.setTransform(1, 0, 0, 1, 0, 0);
   const first = state.answers[0];
   if (first) canvas.dataset.maskPixels = first.pixels; else delete canvas.dataset.maskPixels;
+  if (lit) canvas.dataset.highlight = `${lit.answer}-${lit.instance}`; else delete canvas.dataset.highlight;
   canvas.setAttribute("aria-label", state.answers.length
-    ? `${im.name} with ${state.answers.length} answer(s): ` + state.answers.map((a) => a.phrase).join(", ")
+    ? `${im.name} with ${state.answers.length} answer(s): ` + state.answers.map(summary).join("; ")
     : im.name);
 }
 
@@ -429,11 +481,49 @@ function maskPng(a) {
 function answerJson(a) {
   const m = state.model || {};
   return JSON.stringify({
-    phrase: a.phrase, box: a.box, box_format: "XYXY pixels", score: a.score,
-    mask: a.mask,  // COCO compressed RLE: pycocotools.mask.decode or ppcr.data.refer.decode_rle
-    mask_pixels: a.pixels, image: state.image ? state.image.name : null, timings_ms: a.timings,
+    phrase: a.phrase, no_target: a.noTarget, box: a.box, box_format: "XYXY pixels", score: a.score,
+    mask: a.mask,  // the union of the objects' masks, COCO compressed RLE: pycocotools.mask.decode or ppcr.masks.decode_rle
+    mask_pixels: a.pixels,
+    instances: a.instances.map((o) => ({box: o.box, score: o.score, mask: o.mask, mask_pixels: o.pixels})),
+    image: state.image ? state.image.name : null, timings_ms: a.timings,
     model: {preset: m.preset, checkpoint: m.checkpoint, random_weights: m.random_weights},
   }, null, 2);
+}
+
+/** Highlight one object (pointer or focus on its entry), or none. */
+function hover(target) {
+  state.highlight = target;
+  draw();
+}
+
+/** Pin the highlight on one object (a click on its entry), or release it (a second click). */
+function pin(target) {
+  const same = state.pinned && target && state.pinned.answer === target.answer && state.pinned.instance === target.instance;
+  state.pinned = same ? null : target;
+  for (const b of document.querySelectorAll("#cards .pick")) {
+    const on = Boolean(state.pinned) && Number(b.dataset.answer) === state.pinned.answer && Number(b.dataset.instance) === state.pinned.instance;
+    b.setAttribute("aria-pressed", String(on));
+  }
+  draw();
+  if (state.pinned) {
+    const a = state.answers[target.answer], o = a.instances[target.instance];
+    say(`Highlighted ${a.phrase} #${target.instance + 1}: score ${o.score.toFixed(2)}, ${o.pixels} px.`);
+  } else {
+    say("No object highlighted.");
+  }
+}
+
+function objectList(a, i) {
+  const items = a.instances.map((o, k) => {
+    const box = o.box.map((v) => Math.round(v)).join(", ");
+    return `<li class="instance" style="--c: ${o.color}" data-mask-pixels="${o.pixels}" data-score="${o.score}">
+      <button type="button" class="pick" data-answer="${i}" data-instance="${k}" aria-pressed="false"
+        aria-label="${esc(a.phrase)} #${k + 1}: score ${o.score.toFixed(3)}, box ${box}, ${o.pixels} pixels; highlight it">
+        <span class="swatch" aria-hidden="true"></span><span>#${k + 1}</span>
+        <span>score ${o.score.toFixed(3)}</span><span class="muted">[${box}] · ${o.pixels.toLocaleString()} px</span>
+      </button></li>`;
+  });
+  return `<ul class="instances" aria-label="objects found for ${esc(a.phrase)}">${items.join("")}</ul>`;
 }
 
 function renderCards() {
@@ -441,26 +531,46 @@ function renderCards() {
   list.textContent = "";
   state.answers.forEach((a, i) => {
     const li = document.createElement("li");
-    li.className = "card";
+    const n = a.instances.length;
+    li.className = a.noTarget ? "card no-match" : "card";
     li.style.setProperty("--c", a.color);
     li.dataset.phrase = a.phrase;
     li.dataset.maskPixels = a.pixels;
-    const box = a.box.map((v) => Math.round(v)).join(", ");
+    li.dataset.noTarget = String(a.noTarget);
+    li.dataset.instances = String(n);
+    let facts;
+    if (a.noTarget) {
+      facts = `<p class="verdict"><strong>No match</strong>: nothing in the image fits this phrase.</p>
+        <dl><dt>time</dt><dd>${a.ms} ms (request)</dd></dl>`;
+    } else {
+      const box = a.box.map((v) => Math.round(v)).join(", ");
+      facts = (n > 1 ? `<p class="verdict"><strong>${n} objects</strong> (hover or click one to pick it out)</p>` : "") +
+        `<dl><dt>score</dt><dd>${a.score.toFixed(3)}${n > 1 ? " (mean)" : ""}</dd><dt>box</dt><dd>[${box}]${n > 1 ? " (all)" : ""}</dd>
+        <dt>mask</dt><dd>${a.pixels.toLocaleString()} px</dd><dt>time</dt><dd>${a.ms} ms (request)</dd></dl>` +
+        (n > 1 ? objectList(a, i) : "");
+    }
     li.innerHTML = `<h3><span class="swatch" aria-hidden="true"></span>${esc(a.phrase)}</h3>
-      <dl><dt>score</dt><dd>${a.score.toFixed(3)}</dd><dt>box</dt><dd>[${box}]</dd>
-      <dt>mask</dt><dd>${a.pixels.toLocaleString()} px</dd><dt>time</dt><dd>${a.ms} ms (request)</dd></dl>
+      ${facts}
       <div class="row">
         <label><input type="checkbox" class="visible" ${a.visible ? "checked" : ""}> show</label>
         <button type="button" class="secondary mask-png">Mask PNG</button>
         <button type="button" class="secondary json">JSON</button>
       </div>`;
     li.querySelector(".visible").setAttribute("aria-label", `show ${a.phrase}`);
-    li.querySelector(".mask-png").setAttribute("aria-label", `download the mask of ${a.phrase} as PNG`);
+    li.querySelector(".mask-png").setAttribute("aria-label", `download the mask of ${a.phrase} as PNG` + (n > 1 ? " (all its objects)" : ""));
     li.querySelector(".json").setAttribute("aria-label", `download the answer for ${a.phrase} as JSON with its RLE mask`);
     li.querySelector(".visible").addEventListener("change", (ev) => { a.visible = ev.target.checked; draw(); });
     li.querySelector(".mask-png").addEventListener("click", async () => download(await maskPng(a), `mask-${i + 1}-${slug(a.phrase)}.png`));
     li.querySelector(".json").addEventListener("click", () =>
       download(new Blob([answerJson(a)], {type: "application/json"}), `answer-${i + 1}-${slug(a.phrase)}.json`));
+    for (const b of li.querySelectorAll(".pick")) {
+      const target = {answer: i, instance: Number(b.dataset.instance)};
+      b.addEventListener("mouseenter", () => hover(target));
+      b.addEventListener("focus", () => hover(target));
+      b.addEventListener("mouseleave", () => hover(null));
+      b.addEventListener("blur", () => hover(null));
+      b.addEventListener("click", () => pin(target));
+    }
     list.appendChild(li);
   });
 }
@@ -477,6 +587,7 @@ function renderHistory() {
     b.addEventListener("click", () => {
       state.image = entry.image;
       state.answers = entry.answers;
+      state.highlight = state.pinned = null;
       $("phrases").value = entry.answers.map((a) => a.phrase).join("\n");
       $("image-name").textContent = `${entry.image.name} · ${entry.image.w}×${entry.image.h}`;
       clearError();
