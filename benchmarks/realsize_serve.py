@@ -1,6 +1,6 @@
 """`ppcr serve` at real size on a CPU host: the real-size stand-in checkpoint (benchmarks/realsize_standins.py)
 served by one MLLM and one SAM replica, each its own Ray process, one photograph segmented over HTTP; each
-replica's peak RSS against deploy/capacity.py; Serve vs in-process latency, interleaved.
+replica's peak RSS against deploy/capacity.py; Serve vs in-process latency.
 
     flock -x /tmp/ppcr-heavy.lock python benchmarks/realsize_serve.py --cache /work/cache --json serve.json
     python benchmarks/realsize_serve.py --smoke       # tiny stand-ins in a temporary folder (< 2 min)
@@ -13,10 +13,15 @@ in-process Segmenter has them), no request deadline short of minutes (a real-siz
 minutes; the shipped 30 s would answer 504).
 
 Requests: scikit-image's astronaut (512², PNG, lossless) and "the person on the left", every request with a
-different lowest bit of one pixel, so neither the SAM replica's embedding cache nor the MLLM replica's prefix
-cache ever hits: each request does the whole work, as the in-process call does. The first request on each side
-is the warm-up (the processes' first oneDNN calls); then `--pairs` pairs, alternating which side goes first
-(S I I S ...), so load from other processes on the host hits both alike.
+different pixel value in its first row, so neither the SAM replica's embedding cache nor the MLLM replica's
+prefix cache ever hits: each request does the whole work, as the in-process call does. `--requests` over HTTP
+first (the first is the processes' first: oneDNN's set-up), then Serve and Ray are stopped and as many run
+in-process (`Segmenter.segment` on the same bytes). Not interleaved, because of memory: the replicas and the
+in-process model side by side would need ~24 GB of this 24 GB host (the MLLM replica's 13 GB of memory-mapped
+weights are shared page cache, but each process's anonymous part, ~3 GB for each model, and SAM's encoder
+peak are not); each request records the load average, and `outside_compute_s` (a served request's time minus
+its replicas' compute: HTTP, the ingress, Serve's routing and the hops between deployments) does not depend
+on the load.
 
 Memory, sampled every second: each process's RSS (anonymous and file-backed) and, at the end, its kernel
 peak (VmHWM); the sum of PSS over the Ray processes (shared file pages divided among the processes mapping
@@ -169,6 +174,10 @@ class Monitor(threading.Thread):
         self.join()
         self.sample()
 
+    def snapshot(self) -> dict[str, dict]:
+        """by_role() without the command lines (for the JSON)."""
+        return {r: {k: v for k, v in rec.items() if k != "cmdline"} for r, rec in self.by_role().items()}
+
     def by_role(self) -> dict[str, dict]:
         """The largest process of each role (e.g. the MLLM replica), as sampled."""
         out: dict[str, dict] = {}
@@ -230,12 +239,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=None, help="stand-ins folder (realsize_standins.py --cache)")
     p.add_argument("--smoke", action="store_true", help="tiny stand-ins in a temporary folder, 1 pair")
-    p.add_argument("--pairs", type=int, default=2, help="interleaved Serve / in-process pairs after warm-up")
+    p.add_argument("--requests", type=int, default=2, help="requests over HTTP, then as many in-process")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     p.add_argument("--min-available-gb", type=float, default=3.0, help="stop when the host has less free")
     a = p.parse_args()
     if a.smoke:
-        a.pairs = 1
+        a.requests = 1
         if a.cache is None:
             with tempfile.TemporaryDirectory(prefix="ppcr-serve-smoke-") as tmp:
                 a.cache = Path(tmp)
@@ -276,16 +285,20 @@ def run(a: argparse.Namespace) -> None:
     monitor.start()
     result: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "checkpoint": str(ckpt)}
     result["load_average_start"] = t_load
-    try:
-        measure(a, url, ckpt, threads, monitor, result)
-    finally:
-        result["load_average_end"] = os.getloadavg()
+
+    def stop_server() -> None:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGINT)
             try:
                 server.wait(120)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+
+    try:
+        measure(a, url, ckpt, threads, monitor, result, stop_server)
+    finally:
+        result["load_average_end"] = os.getloadavg()
+        stop_server()
         monitor.stop()
         log.close()
         result["serve_log_tail"] = (tmp / "serve.log").read_text()[-3000:]
@@ -294,7 +307,7 @@ def run(a: argparse.Namespace) -> None:
 
 
 def measure(
-    a: argparse.Namespace, url: str, ckpt: Path, threads: int, monitor: Monitor, result: dict
+    a: argparse.Namespace, url: str, ckpt: Path, threads: int, monitor: Monitor, result: dict, stop_server
 ) -> None:
     """The requests (see the module docstring); fills `result` as it goes."""
     import numpy as np
@@ -306,20 +319,29 @@ def measure(
     health = wait_healthy(url, timeout_s=1800)
     result["serve_start_s"] = time.perf_counter() - t0
     say(f"served in {result['serve_start_s']:.0f} s: preset {health.get('preset')}")
-    result["replicas_after_start"] = {
-        r: {k: v for k, v in rec.items() if k != "cmdline"} for r, rec in monitor.by_role().items()
-    }
-    timeout = 3000.0
+    result["replicas_after_start"] = monitor.snapshot()
     served: list[dict] = []
     result["served"] = served  # filled as it goes: a stopped run still reports what it measured
-    t = time.perf_counter()
-    answer = post(url, photo_bytes(0), timeout)
-    served.append({"seconds": time.perf_counter() - t, "timings_ms": answer["timings_ms"], "warm_up": True})
-    say(f"first request over HTTP: {served[-1]['seconds']:.1f} s {answer['timings_ms']}")
-    result["first_answer"] = {k: answer[k] for k in ("box", "score")} | {"mask_size": answer["mask"]["size"]}
-    result["replicas_after_first_request"] = {
-        r: {k: v for k, v in rec.items() if k != "cmdline"} for r, rec in monitor.by_role().items()
-    }
+    for i in range(a.requests):
+        t = time.perf_counter()
+        js = post(url, photo_bytes(i), 3000.0)
+        seconds = time.perf_counter() - t
+        tm = js["timings_ms"]
+        served.append(
+            {
+                "seconds": seconds,
+                "timings_ms": tm,
+                "load_average": os.getloadavg(),
+                # What is not the replicas' compute: HTTP, the ingress, Serve's routing and the hops.
+                "outside_compute_s": seconds - (tm["mllm"] + tm["sam_decode"]) / 1000,
+            }
+        )
+        say(f"  Serve request {i}: {seconds:.1f} s {tm}")
+        if i == 0:
+            result["first_answer"] = {k: js[k] for k in ("box", "score")} | {"mask_size": js["mask"]["size"]}
+            result["replicas_after_first_request"] = monitor.snapshot()
+    stop_server()
+    result["app_processes"] = monitor.snapshot()
 
     from ppcr.predictor import Segmenter
 
@@ -330,35 +352,20 @@ def measure(
     result["in_process_load_s"] = time.perf_counter() - t
     direct: list[dict] = []
     result["in_process"] = direct
-
-    def in_process(i: int, warm_up: bool = False) -> None:
-        data = photo_bytes(i)
+    for i in range(a.requests):
+        data = photo_bytes(100 + i)
         t = time.perf_counter()
         r = seg.segment(data, EXPRESSION)
-        direct.append({"seconds": time.perf_counter() - t, "warm_up": warm_up})
+        direct.append({"seconds": time.perf_counter() - t, "load_average": os.getloadavg()})
         assert np.isfinite(r.box).all(), r.box
-        say(f"  in-process: {direct[-1]['seconds']:.1f} s")
-
-    def over_http(i: int) -> None:
-        t = time.perf_counter()
-        js = post(url, photo_bytes(i), timeout)
-        served.append({"seconds": time.perf_counter() - t, "timings_ms": js["timings_ms"]})
-        say(f"  Serve:      {served[-1]['seconds']:.1f} s {js['timings_ms']}")
-
-    in_process(1, warm_up=True)
-    n = 2
-    for k in range(a.pairs):
-        order = (over_http, in_process) if k % 2 == 0 else (in_process, over_http)
-        for f in order:
-            f(n)
-            n += 1
+        say(f"  in-process request {i}: {direct[-1]['seconds']:.1f} s")
     result["driver"] = {"before_segmenter": driver_before, "end": proc_status(os.getpid())}
-    s = [r["seconds"] for r in served if not r.get("warm_up")]
-    d = [r["seconds"] for r in direct if not r.get("warm_up")]
+    s = [r["seconds"] for r in served]
+    d = [r["seconds"] for r in direct]
     result["ratio_mean"] = (sum(s) / len(s)) / (sum(d) / len(d))
-    result["ratio_pairs"] = [x / y for x, y in zip(s, d)]
+    result["ratio_warm"] = s[-1] / d[-1]
     say(
-        f"Serve / in-process: {result['ratio_mean']:.3f} (pairs {[round(r, 3) for r in result['ratio_pairs']]})"
+        f"Serve / in-process: mean {result['ratio_mean']:.3f}, last (warm) requests {result['ratio_warm']:.3f}"
     )
 
 
@@ -377,7 +384,7 @@ def report(a: argparse.Namespace, result: dict, monitor: Monitor, capacity, low_
         f"sum of PSS over the app's processes, peak {monitor.pss_peak_gb:.2f} GB; host used peak "
         f"{monitor.host_used_peak_gb:.2f} GB (this benchmark's in-process Segmenter and other users included)"
     )
-    if not a.smoke:
+    if not a.smoke and "served" in result:
         c = capacity.parameter_counts()
         host = capacity.host_ram_replica_gb(c)
         result["capacity"] = {

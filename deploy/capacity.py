@@ -286,10 +286,14 @@ def host_ram_per_worker_gb(c: Counts) -> float:
 
 
 def host_ram_replica_gb(c: Counts) -> dict[str, float]:
-    """Start-up peak of one serve replica, which builds only its part (load_checkpoint(parts=...)): an
-    MLLM replica LLaVA (bf16) with its float32 LoRA and heads; a SAM replica the float32 .pth's tensors,
-    which become SAM's own (before the encoder is cast to bf16)."""
-    return {"MLLM": llava_weights_gb(c) + PROCESS_RAM_GB, "SAM": c.sam * 4 / GB + PROCESS_RAM_GB}
+    """Host-RAM peak of one serve replica, which builds only its part (load_checkpoint(parts=...)): an
+    MLLM replica LLaVA (bf16) with its float32 LoRA and heads; a SAM replica the larger of its start-up
+    peak (the float32 .pth's tensors become SAM's own, before the encoder is cast to bf16: 2.56 GB for
+    ViT-H) and its peak while it answers (`sam_weights_gb` + `sam_attention_peak_gb`: 2.90 GB), which
+    decides: measured at real size on a CPU, the SAM replica peaked during its first encode, not at load
+    (docs/capacity.md, "Measured on CPU")."""
+    sam = max(c.sam * 4 / GB, sam_weights_gb(c) + sam_attention_peak_gb(c))
+    return {"MLLM": llava_weights_gb(c) + PROCESS_RAM_GB, "SAM": sam + PROCESS_RAM_GB}
 
 
 def prefix_bytes(c: Counts, tokens: int = PREFIX_TOKENS) -> int:
@@ -471,7 +475,7 @@ def main() -> None:
             print(f"  {k}: {v:.2f} GB")
     print(f"host RAM per worker at start-up: {p['host_ram_per_worker_gb']:.1f} GB")
     r = p["host_ram_replica_gb"]
-    print(f"host RAM per serve replica at start-up: MLLM {r['MLLM']:.1f} GB, SAM {r['SAM']:.1f} GB")
+    print(f"host RAM per serve replica, peak: MLLM {r['MLLM']:.1f} GB, SAM {r['SAM']:.1f} GB")
     print(f"MLLM replica {p['mllm_replica_gb']:.1f} GB -> {p['mllm_per_l20']} per L20")
     print(f"  (one image's shared prefix per branch {p['prefix_gb']:.2f} GB in bf16)")
     print(f"SAM replica {p['sam_replica_gb']:.1f} GB -> {p['sam_per_l20']} per L20")
