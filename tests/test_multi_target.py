@@ -16,6 +16,7 @@ from ppcr.data.shards import ImageCache, iter_expressions, prepare_shards, shard
 from ppcr.data.synth import SynthConfig, synthesize
 from ppcr.inputs import Item, collate
 from ppcr.losses import ppcr_loss
+from ppcr.masks import decode_rle
 from ppcr.model import PPCRModel
 from ppcr.slots import kept_slots, match_slots
 
@@ -323,3 +324,51 @@ def test_the_ray_train_job_refuses_multi_in_one_line():
         ConfigError, match=r"model.targets multi trains in one process for now: run `ppcr train --local`"
     ):
         check_before_launch(cfg, resume=False)
+
+
+def _biased(model: PPCRModel, presence: float, objectness: float) -> PPCRModel:
+    """Force the multi-target head's answers: presence / objectness logits pushed by these biases."""
+    with torch.no_grad():
+        model.spatial.head.presence.bias.fill_(presence)
+        model.spatial.head.objectness.bias.fill_(objectness)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("presence", "objectness", "nms", "want"), [(-9, 0, 0.7, 0), (9, -9, 0.7, 1), (9, 9, 1.0, 3)]
+)
+def test_evaluate_and_segmenter_answer_none_one_or_several(
+    gref_shards: Path, tmp_path: Path, multi_cfg, one_thread, presence, objectness, nms, want
+):
+    """`ppcr evaluate` on a synthgref split with a multi-target model: every expression answered with
+    `want` instances (none, one, or all K = 3 slots), GRES metrics consistent with those answers and with
+    the predictions file; `Segmenter` answers the same."""
+    from dataclasses import replace
+
+    from ppcr.evaluate import evaluate_split
+    from ppcr.predictor import Segmenter
+    from ppcr.report import metrics_from_predictions, write_predictions
+
+    torch.manual_seed(0)
+    model = _biased(PPCRModel(replace(multi_cfg.model, slot_nms_iou=nms)).eval(), presence, objectness)
+    split = shard_dir(gref_shards, "synthgref", "unc", "val")
+    records: list[dict] = []
+    got = evaluate_split(model, split, batch_size=4, progress=False, on_prediction=records.append)
+    samples = list(iter_expressions(split))
+    assert len(records) == len(samples) and any(s.no_target for s in samples)
+    assert {len(r["instances"]) for r in records} == {want}
+    answered = [bool(decode_rle(r["mask"]).any()) for r in records]
+    if want == 0:
+        assert got["N-acc"] == 1.0 and got["T-acc"] == 0.0 and not any(answered)
+    none = [a for a, r in zip(answered, records) if r["no_target"]]
+    targets = [a for a, r in zip(answered, records) if not r["no_target"]]
+    assert got["N-acc"] == pytest.approx(1 - sum(none) / len(none))
+    assert got["T-acc"] == pytest.approx(sum(targets) / len(targets))
+    write_predictions(tmp_path / "p.jsonl", records)
+    assert metrics_from_predictions(tmp_path / "p.jsonl")["val"] == got
+    seg = Segmenter(model).segment(samples[0].image_bytes, samples[0].text)
+    assert len(seg.instances) == want and seg.no_target == (want == 0)
+    union = np.zeros_like(seg.mask)
+    for inst in seg.instances:
+        union |= inst.mask
+    np.testing.assert_array_equal(seg.mask, union)
