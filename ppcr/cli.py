@@ -432,6 +432,11 @@ def cmd_segment(a: argparse.Namespace) -> int:
         raise FileNotFoundError(f"image not found: {path}")
     data = path.read_bytes()
     image = decode_image(data, str(path))
+    if a.server and (a.device != "cpu" or a.dtype):
+        raise InputError(
+            "--device/--dtype place the in-process model; with --server the server's replicas decide "
+            "(its Serve config's args.device and the checkpoint's model.dtype)"
+        )
     if a.server:
         from .masks import decode_rle
         from .serve.client import ServerError, ServerUnreachable, segment_remote

@@ -282,6 +282,19 @@ def test_segment_server_unreachable_is_one_plain_line(tmp_path, server, needle, 
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags", [["--device", "cuda"], ["--dtype", "bfloat16"]])
+def test_segment_server_refuses_in_process_model_flags(tmp_path, flags, capsys):
+    """--device/--dtype choose the in-process model; with --server they were silently ignored."""
+    from PIL import Image
+
+    Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
+    assert (
+        main(["segment", str(tmp_path / "a.png"), "the cup", "--server", "http://127.0.0.1:9", *flags]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "--device/--dtype place the in-process model" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("status", [501, 200])
 def test_segment_server_that_is_not_ppcr_is_one_line(tmp_path, status, capsys):
     """Before, another HTTP server's HTML error page was printed whole (13 lines), and an HTML 200
