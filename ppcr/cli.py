@@ -534,9 +534,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_grefcoco_demo
 
-    run_demo(a.out, quick=a.quick, train_minutes=a.train_minutes)
+    if a.grefcoco:
+        run_grefcoco_demo(a.out or "demo_gref", quick=a.quick, train_minutes=a.train_minutes)
+    else:
+        run_demo(a.out or "demo_out", quick=a.quick, train_minutes=a.train_minutes)
     return 0
 
 
@@ -854,10 +857,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "demo",
         help="synthesise data, train the tiny preset, evaluate, draw overlays",
-        epilog=_examples("ppcr demo --out demo_out", "ppcr demo --quick --out demo_quick"),
+        epilog=_examples(
+            "ppcr demo --out demo_out",
+            "ppcr demo --quick --out demo_quick",
+            "ppcr demo --grefcoco --out demo_gref",
+        ),
     )
-    s.add_argument("--out", default="demo_out", help="output folder")
+    s.add_argument("--out", default=None, help="output folder (default: demo_out, with --grefcoco demo_gref)")
     s.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    s.add_argument(
+        "--grefcoco",
+        action="store_true",
+        help="the multi-target model (preset tiny-grefcoco) on the scenes in gRefCOCO's layout, with expressions "
+        "naming no object or several: reports gIoU, cIoU, N-acc, T-acc, and mIoU on the single-target ones",
+    )
     s.add_argument(
         "--train-minutes", type=float, default=None, help="time bound of training (default: the demo's, 45)"
     )

@@ -66,3 +66,25 @@ def test_demo_cut_short_by_its_time_bound_says_so_loudly(tmp_path, capsys):
     assert len(console) >= 2  # when training stops, and again as the last thing printed
     assert printed.rstrip().splitlines()[-1].startswith("!")
     assert "PPCR (trained)" in results  # the run still finishes and reports
+
+
+def test_quick_grefcoco_demo_reports_gres_metrics_and_single_target_miou(tmp_path, capsys):
+    """`ppcr demo --grefcoco --quick`: synthgref and synthref of the same scenes, the tiny-grefcoco preset
+    trained, gIoU / cIoU / N-acc / T-acc on synthgref's splits and mIoU on synthref val."""
+    from ppcr.demo import GREF_QUICK
+
+    out = tmp_path / "gref"
+    assert main(["demo", "--grefcoco", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1/5" in printed and "5/5" in printed and "CUT SHORT" not in printed
+    results, meta = load_report(out / "report.json")
+    row = results["PPCR multi-target (trained)"]
+    assert {k for k in row if k[0] == "synthgref"} == {
+        ("synthgref", "unc", s) for s in GREF_QUICK.eval_splits
+    }
+    val = row[("synthgref", "unc", "val")]
+    assert {"gIoU", "cIoU", "N-acc", "T-acc"} <= val.keys() and 0 <= val["N-acc"] <= 1
+    assert "mIoU" in row[("synthref", "unc", "val")]
+    assert meta["steps"] == meta["planned_steps"] == GREF_QUICK.steps
+    seg = Segmenter.from_checkpoint(out / "checkpoint")
+    assert seg.model.cfg.targets == "multi"

@@ -372,3 +372,38 @@ def test_evaluate_and_segmenter_answer_none_one_or_several(
     for inst in seg.instances:
         union |= inst.mask
     np.testing.assert_array_equal(seg.mask, union)
+
+
+@pytest.mark.parametrize(("presence", "objectness", "nms"), [(-9, 0, 0.7), (9, -9, 0.7), (9, 9, 1.0)])
+def test_evaluate_ray_stages_score_generalized_splits_as_in_process(
+    gref_shards: Path, tmp_path: Path, multi_cfg, one_thread, presence, objectness, nms
+):
+    """`ppcr evaluate --ray`'s stages (decode -> MLLM actor -> SAM actor -> metrics) on a synthgref split
+    with a multi-target model answering none, one or several: the same GRES metrics as in process."""
+    import json
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ppcr.batch import MLLMActor, SAMActor, decode_stage, metrics_stage, shard_rows_to_images
+    from ppcr.checkpoint import save_checkpoint
+    from ppcr.evaluate import evaluate_split
+    from ppcr.metrics import GRESMetrics
+
+    torch.manual_seed(0)
+    model = _biased(PPCRModel(replace(multi_cfg.model, slot_nms_iou=nms)).eval(), presence, objectness)
+    ckpt = str(save_checkpoint(model, tmp_path / "ckpt"))
+    split = shard_dir(gref_shards, "synthgref", "unc", "val")
+    want = evaluate_split(model, split, progress=False)
+    shard = pa.concat_tables([pq.read_table(f) for f in sorted(split.glob("part-*.parquet"))])
+    images = shard_rows_to_images(shard, split="val", with_gt=True, done=None)
+    decoded = decode_stage(images, model.clip_size, model.sam_size, checkpoint=ckpt)
+    rows = SAMActor(ckpt, None, "cpu", 1, None, evaluation=True)(MLLMActor(ckpt, None, "cpu", 1, 16)(decoded))
+    (state,) = metrics_stage(rows, generalized=["val"]).to_pylist()
+    got = GRESMetrics.from_state_dict(json.loads(state["state"])).compute()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+    counts = {len(i) for i in rows["instances"].to_pylist()}
+    assert counts == {0} if presence < 0 else max(counts) >= 1
