@@ -2,8 +2,10 @@
 
     Ingress (FastAPI)  validate -> decode image once -> content hash
       ├── SAM.encode(key, image)          SAM image encoder, LRU cache of embeddings by content hash
-      ├── MLLM.reason(key, image, exprs)  stages 1 + 2: semantic prompt + normalized box (one LLaVA, two LoRAs)
-      └── SAM.decode(encoded, prompts)    stage 3: prompt encoder + mask decoder -> COCO RLE, pixel box
+      ├── MLLM.reason(key, image, exprs)  stages 1 + 2: semantic prompt + normalized boxes (one LLaVA, two
+      │                                   LoRAs): one box, or a multi-target model's kept slots (none: no target)
+      └── SAM.decode(encoded, prompts)    stage 3: prompt encoder + mask decoder per box -> each expression's
+                                          instances (COCO RLE, pixel box, score) and their union
 
 The ingress starts the SAM encoding and the MLLM stages together and hands the encode response to the
 decode call (Serve resolves it in the object store), so latency ≈ max(MLLM, SAM encode) + decode.
