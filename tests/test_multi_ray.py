@@ -1,11 +1,13 @@
-"""The Serve app on a multi-target model, over real HTTP: a no-target answer and a two-object answer
-travel MLLM replica -> SAM replica (none: no decoder work; two: both boxes) and reach the JSON, `ppcr
-segment --server` and the web page as the in-process `Segmenter` gives them. Slow tier: one served app
-of the tiny `multi_checkpoint` (conftest)."""
+"""A multi-target model on Ray: over real HTTP, a no-target answer and a two-object answer travel MLLM
+replica -> SAM replica (none: no decoder work; two: both boxes) and reach the JSON, `ppcr segment
+--server` and the web page as the in-process `Segmenter` gives them; `ppcr batch` writes them and
+`evaluate --ray` scores a generalized split as `ppcr evaluate` does. Slow tier: one Ray cluster, one
+served app of the tiny `multi_checkpoint` (conftest)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import shutil
 
@@ -28,7 +30,8 @@ ONE = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
 
 @pytest.fixture(scope="module")
 def url(multi_checkpoint):
-    init_ray(num_cpus=4, object_store_mb=300)
+    # 6 logical CPUs: the app's replicas hold 2, the batch job's two actor pools 2 and its decode tasks 1.
+    init_ray(num_cpus=6, object_store_mb=300)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = make_app({"checkpoint": str(multi_checkpoint[0])}, {"Ingress": ONE, "MLLM": ONE, "SAM": ONE})
@@ -118,3 +121,52 @@ def test_the_page_shows_no_match_and_both_objects(url, expected):
                 assert "No match" in card.inner_text()
             else:
                 assert card.locator(".instance").count() == len(want.instances) == 2
+
+
+def test_the_batch_job_writes_none_and_two(url, multi_checkpoint, expected, tmp_path):
+    """`ppcr batch` through Ray Data: each row's instances and no_target are the Segmenter's."""
+    import pyarrow.parquet as pq
+
+    from ppcr.batch import run_batch
+
+    (tmp_path / "a.png").write_bytes(multi_image_png())
+    lines = [{"id": f"e{i}", "image": "a.png", "expression": t} for i, t in enumerate(expected)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = run_batch(tmp_path / "m.jsonl", tmp_path / "out", multi_checkpoint[0], progress=False)
+    assert (summary.done, summary.errors) == (2, 0)
+    for row in pq.read_table(tmp_path / "out" / "results").to_pylist():
+        want = expected[row["expression"]]
+        assert row["no_target"] is want.no_target and len(row["instances"]) == len(want.instances)
+        assert (decode_rle(row["mask"]) != want.mask).mean() < 1e-3
+        for got, w in zip(row["instances"], want.instances):
+            assert (decode_rle(got["mask"]) != w.mask).mean() < 1e-3
+
+
+def test_distributed_evaluate_of_a_generalized_split_equals_single_process(url, multi_checkpoint, tmp_path):
+    from ppcr.batch import evaluate_shards
+    from ppcr.checkpoint import load_checkpoint
+    from ppcr.data.shards import prepare_shards, shard_dir
+    from ppcr.data.synth import SynthConfig, synthesize
+    from ppcr.evaluate import evaluate_split
+
+    synth = SynthConfig(num_images=6, seed=3, min_objects=3, max_objects=3, relations=False)
+    synth = dataclasses.replace(synth, generalized=True, dataset="synthgref")
+    summary = synthesize(tmp_path / "refer", synth)
+    prepare_shards(
+        tmp_path / "refer", summary["images_dir"], "synthgref", "unc", tmp_path / "s", progress=False
+    )
+    split = shard_dir(tmp_path / "s", "synthgref", "unc", "val")
+    lines: list[dict] = []
+    got = evaluate_shards(
+        multi_checkpoint[0], [split], progress=False, generalized=["val"], on_prediction=lines.append
+    )["val"]
+    want = evaluate_split(load_checkpoint(multi_checkpoint[0]), split, progress=False)
+    assert got["count"] == want["count"] > 0 and set(want) <= set(got)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
+    assert len(lines) == got["count"]
+    for r in lines:  # each line: the answer's instances and their union
+        union = np.zeros(r["mask"]["size"], bool)
+        for i in r["instances"]:
+            union |= decode_rle(i["mask"])
+        np.testing.assert_array_equal(decode_rle(r["mask"]), union)
