@@ -5,9 +5,10 @@
 Serves the checkpoint on a free local port (ppcr.serve.start), drives the page in headless Chromium
 (Debian's `chromium` package, through Playwright, which the dev extra installs) and writes one PNG per
 state: the start page, a synthetic scene with several phrases, a photograph under the toy-model
-warning, an error, the random-weights banner, and the phone layout. The error and random-weights
-states are produced by answering the page's requests in the browser (Playwright routes), as the
-browser tests do.
+warning, an error, the random-weights banner, the phone layout, and an answer with no object beside
+one with two. The error, random-weights and no-object/two-object states are produced by answering
+the page's requests in the browser (Playwright routes), as the browser tests do: the last one
+rewrites the server's two answers as a multi-target model answers (`none_and_two`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,30 @@ def small(path: Path, colours: int = 128) -> None:
         )
 
 
+def none_and_two(body: dict) -> dict:
+    """A /v1/segment answer to two phrases rewritten as a multi-target model (`model.targets: multi`)
+    answers: the first phrase with no object, the second with both answers' objects and their union
+    (`inference.Segmentation.of`, the server's own wire form)."""
+    import numpy as np
+
+    from ..inference import Instance, Segmentation, encode_answer
+    from ..masks import decode_rle
+    from ..serve.app import _wire
+
+    first, second = body["results"]
+    hw = first["mask"]["size"]
+    found = [
+        Instance(decode_rle(i["mask"]), np.asarray(i["box"], float), i["score"])
+        for answer in (first, second)
+        for i in answer["instances"]
+    ]
+    results = [
+        _wire(encode_answer(Segmentation.of([], hw))),
+        _wire(encode_answer(Segmentation.of(found, hw))),
+    ]
+    return {**body, "results": results}
+
+
 def shoot(url: str, out: Path) -> list[Path]:
     """Drive the page at `url` through its main states; one PNG per state in `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +120,14 @@ def shoot(url: str, out: Path) -> list[Path]:
         page.click("#go")
         wait_done(page)
         save(page, "2_synthetic_scene")
+        page.route("**/v1/segment", lambda route: route.fulfill(json=none_and_two(route.fetch().json())))
+        page.fill("#phrases", "the purple star\nall the circles")
+        page.click("#go")
+        wait_done(page)
+        page.locator("#cards .card").nth(1).locator(".instance button").nth(1).hover()
+        save(page, "7_no_match_and_two_objects")
+        page.unroute("**/v1/segment")
+        page.mouse.move(0, 0)
         if page.locator('#gallery button[data-name="astronaut"]').count():
             pick_example(page, "astronaut")
             page.click("#go")
