@@ -81,17 +81,22 @@ class Counts:
     sam_heads: int
 
 
-def parameter_counts(language_layers: int | None = None) -> Counts:
+def parameter_counts(language_layers: int | None = None, model: dict | None = None) -> Counts:
     """Build the `llava-1.5-7b` preset on the meta device and count, with the real 32064-row vocabulary.
     language_layers: that many language-model layers instead of the preset's 32 (the real-width training
-    benchmark's shallower models); everything else at the preset's sizes."""
+    benchmark's shallower models); model: overrides of the `model:` section (a training recipe's, e.g. the
+    gRefCOCO recipe's attention box head and box slots); everything else at the preset's sizes."""
     import torch
 
     from ppcr.config import load_config
     from ppcr.model import PPCRModel
     from ppcr.precision import _keeps_float32
 
-    over = {} if language_layers is None else {"model": {"language": {"num_layers": language_layers}}}
+    over = {"model": dict(model or {})}
+    if language_layers is not None:
+        over["model"]["language"] = {"num_layers": language_layers}
+    over["model"].pop("mllm_path", None)  # a recipe's weight paths: counted as built, nothing read
+    over["model"].pop("sam", None)
     cfg = load_config("llava-1.5-7b", overrides=over).model
     with torch.device("meta"):
         model = PPCRModel(cfg)
@@ -406,7 +411,21 @@ def plan() -> dict:
     # A chunk of a batch holds at most one distinct image per request of the batch.
     chunk_images = min(serve["max_sequences_per_forward"], serve["max_batch_size"])
     replica_args = (serve["max_sequences_per_forward"], serve.get("prefix_cache_images", 4), chunk_images)
+    # The gRefCOCO recipe (model.targets multi): its own model section, the same ZeRO-2 config.
+    gref = yaml.safe_load((REPO / "configs/train/ppcr_llava7b_grefcoco.yaml").read_text())
+    gc = parameter_counts(model=gref["model"])
+    gref_mem = train_gpu_gb(
+        gc, gref["distributed"]["num_workers"], gref["distributed"]["micro_batch_size"], zero
+    )
     return {
+        "grefcoco": {
+            "counts": gc,
+            "train_gpu_gb": gref_mem,
+            "train_gpu_total_gb": sum(gref_mem.values()),
+            "steps": gref["train"]["steps"],
+            "batch": gref["train"]["batch_size"],
+            "train_hours": train_hours(gc, gref["train"]["steps"], gref["train"]["batch_size"], gpus),
+        },
         "counts": c,
         "gpus": gpus,
         "micro_batch": d["micro_batch_size"],
@@ -517,6 +536,13 @@ def main() -> None:
     )
     print(
         f"wall time {p['steps']} steps x batch {p['batch']} on {p['gpus']} x L20 at {MFU:.0%} MFU: {p['train_hours']:.2f} h"
+    )
+    g = p["grefcoco"]
+    print(
+        f"gRefCOCO recipe: trainable {g['counts'].trainable / 1e6:,.1f} M (attention box head with box slots, "
+        f"against {c.trainable / 1e6:,.1f} M with the MLP head), per GPU micro-batch 1 "
+        f"{g['train_gpu_total_gb']:.1f} GB, {g['steps']} steps x batch {g['batch']} on {p['gpus']} x L20 "
+        f"at {MFU:.0%} MFU: {g['train_hours']:.2f} h"
     )
 
 

@@ -141,14 +141,8 @@ def check_before_launch(cfg: RunConfig, resume: bool) -> dict:
     from .ray_cluster import init_ray, require_resources
 
     d = cfg.distributed
-    if cfg.model.targets == "multi":
-        # The streaming loader carries each expression's union target only, not each target on its own.
-        raise ConfigError(
-            "model.targets multi trains in one process for now: run `ppcr train --local` (the Ray Train "
-            "job's streaming loader does not carry each target's box and mask)"
-        )
     ds = deepspeed_config(cfg)
-    check_mix_single_target(cfg)  # every split exists, and holds one target per expression
+    check_mix_single_target(cfg)  # every split exists (and, for model.targets single, has one target each)
     if d.evaluate_split:
         from .data.shards import shard_dir
 
@@ -446,7 +440,7 @@ def train_loop_per_worker(config: dict) -> None:
     while engine.global_steps < t.steps:
         batches = shard.iter_torch_batches(
             batch_size=d.micro_batch_size,
-            collate_fn=RowsToBatch(seen),
+            collate_fn=RowsToBatch(seen, instances=cfg.model.targets == "multi"),
             drop_last=True,
             local_shuffle_buffer_size=d.local_shuffle_buffer or None,
             prefetch_batches=2,

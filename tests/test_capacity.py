@@ -230,3 +230,16 @@ def test_doc_quotes_the_cost_of_several_expressions_per_image(plan, capacity):
     assert capacity.llm_pass_flops(c) == pytest.approx(
         tf["prefix_pass"] * 1e12 + tf["suffix_pass"] * 1e12, rel=0.05
     )
+
+
+def test_doc_quotes_the_grefcoco_recipe(plan, capacity):
+    """The gRefCOCO recipe's section is what capacity.py computes from that recipe's own model section."""
+    g = plan["grefcoco"]
+    assert g["counts"].trainable != plan["counts"].trainable  # its attention head, not the preset's MLP head
+    text = DOC.read_text()
+    section = text[text.index("## The gRefCOCO recipe") : text.index("## Measured on CPU")]
+    assert f"**{g['counts'].trainable / 1e6:,.1f} M**" in section
+    for name, gb in g["train_gpu_gb"].items():
+        assert f"{gb:.2f} GB" in section, name
+    assert f"**{g['train_gpu_total_gb']:.1f} GB**" in section and f"**{g['train_hours']:.2f} h**" in section
+    assert g["train_gpu_total_gb"] < capacity.L20.memory_gb

@@ -4,6 +4,8 @@ splits."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from pathlib import Path
 
@@ -316,14 +318,53 @@ def test_training_takes_generalized_splits_only_with_multi(gref_shards: Path, tm
     assert list(iter_expressions(split))
 
 
-def test_the_ray_train_job_refuses_multi_in_one_line():
-    from ppcr.distributed_train import check_before_launch
+def test_the_training_stream_carries_each_target_as_the_local_loop_does(gref_shards: Path):
+    """Ray Train's stream (preprocess_images -> RowsToBatch) hands the multi-target loss the same
+    per-target boxes and masks as the local loop's to_item + collate: none, one or several."""
+    import pyarrow.parquet as pq
 
-    cfg = load_config("tiny", {"model": {"targets": "multi"}})
-    with pytest.raises(
-        ConfigError, match=r"model.targets multi trains in one process for now: run `ppcr train --local`"
-    ):
-        check_before_launch(cfg, resume=False)
+    from ppcr.data.streaming import TARGETS_COLUMN, RowsToBatch, preprocess_images
+    from ppcr.train import load_training_samples
+
+    split = shard_dir(gref_shards, "synthgref", "unc", "train")
+    table = pq.read_table(sorted(split.glob("part-*.parquet"))[0])
+    rows = preprocess_images(table, 32, 64, "synthgref", "unc", instances=True)
+    assert TARGETS_COLUMN not in preprocess_images(table, 32, 64, "synthgref", "unc")  # single: as before
+    streamed, keys = RowsToBatch(instances=True)(rows)
+    samples = {f"synthgref/unc/{s.sent_id}": s for s in load_training_samples(split, targets="multi")}
+    local = collate([to_item(samples[k], ImageCache(), instances=True) for k in keys], 32, 64)
+    counts = [len(b) for b, _ in streamed.gt_instances]
+    assert 0 in counts and 1 in counts and max(counts) > 1, counts
+    for (b, m), (lb, lm) in zip(streamed.gt_instances, local.gt_instances, strict=True):
+        assert torch.equal(m, lm) and torch.allclose(b, lb)
+    with pytest.raises(ValueError, match="stream them with model.targets multi"):
+        RowsToBatch(instances=True)(preprocess_images(table, 32, 64, "synthgref", "unc"))
+
+
+@pytest.mark.slow  # a Ray Train + DeepSpeed run
+def test_ray_train_job_trains_the_multi_target_model_on_a_generalized_split(
+    gref_shards: Path, tmp_path: Path, ray_local
+):
+    from ppcr.distributed_train import run_training
+
+    cfg = load_config(
+        "tiny",
+        {
+            "model": {"targets": "multi", "max_targets": 3},
+            "data": {"shards_root": str(gref_shards), "dataset": "synthgref"},
+            "train": {"steps": 3, "batch_size": 4, "log_every": 1},
+            "distributed": {
+                "num_workers": 1,
+                "micro_batch_size": 4,
+                "storage_path": str(tmp_path / "runs"),
+                "name": "multi",
+            },
+        },
+    )
+    result = run_training(cfg)
+    assert result.steps == 3
+    log = [json.loads(x) for x in (tmp_path / "runs" / "multi" / "train_log.jsonl").read_text().splitlines()]
+    assert {"presence", "objectness"} <= log[-1].keys() and all(math.isfinite(r["loss"]) for r in log), log
 
 
 def _biased(model: PPCRModel, presence: float, objectness: float) -> PPCRModel:

@@ -12,6 +12,7 @@ Nothing is materialised: Ray Data streams blocks and Ray Train splits the stream
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import threading
 from collections import Counter
@@ -27,7 +28,14 @@ from ..geometry import decode_image, preprocess_image
 from ..inputs import Batch, ground_truth_boxes, group_images
 from ..masks import decode_rle
 from ..storage import filesystem_for, is_uri
-from .shards import SHARD_SCHEMA, SHARD_SCHEMA_V1, check_single_target, shard_dir, validate_shard_schema
+from .shards import (
+    SHARD_SCHEMA,
+    SHARD_SCHEMA_V1,
+    check_single_target,
+    shard_dir,
+    upgrade_row,
+    validate_shard_schema,
+)
 
 #: One training row per expression (the output of `preprocess_images`).
 ROW_COLUMNS = (
@@ -44,6 +52,10 @@ ROW_COLUMNS = (
     "mask_size",  # int64 (2,) = (h, w)
     "mask_counts",  # str, COCO compressed RLE
 )
+#: With `instances` (model.targets multi): each target on its own, as the slot matching trains on them.
+#: JSON `[[x1, y1, x2, y2, counts], ...]`: pixel XYXY and COCO compressed RLE of size `mask_size`; `[]` for
+#: an expression naming nothing (its gt_box/mask_counts are then [0, 0, 0, 0] and an empty mask).
+TARGETS_COLUMN = "targets"
 
 
 def mix_entries(cfg: RunConfig) -> list[MixEntry]:
@@ -89,18 +101,28 @@ def files_schema(files: list[str]) -> pa.Schema:
 
 def check_mix_single_target(cfg: RunConfig) -> None:
     """InputError (one line, naming the split and the counts) when a training split holds expressions
-    without a target or with several: training learns exactly one target per expression."""
+    without a target or with several and `model.targets` is single (the paper's model learns exactly one
+    target per expression); the multi-target model trains on every kind."""
+    if cfg.model.targets == "multi":
+        return
     for entry in mix_entries(cfg):
         where = f"{entry.shards_root}/{entry.dataset}_{entry.split_by}/{entry.split}"
         check_single_target(shard_files(entry), where)
 
 
 def preprocess_images(
-    batch: pa.Table, clip_size: int, sam_size: int, dataset: str, split_by: str, clip_mode: str = "pad"
+    batch: pa.Table,
+    clip_size: int,
+    sam_size: int,
+    dataset: str,
+    split_by: str,
+    clip_mode: str = "pad",
+    instances: bool = False,
 ) -> dict:
-    """Image rows (SHARD_SCHEMA) -> one row per expression (ROW_COLUMNS), each image decoded once."""
-    out: dict[str, list] = {c: [] for c in ROW_COLUMNS}
-    for row in batch.to_pylist():
+    """Image rows (SHARD_SCHEMA, or version 1) -> one row per expression (ROW_COLUMNS, and with
+    `instances` TARGETS_COLUMN), each image decoded once."""
+    out: dict[str, list] = {c: [] for c in ROW_COLUMNS + ((TARGETS_COLUMN,) if instances else ())}
+    for row in map(upgrade_row, batch.to_pylist()):
         name = f"{dataset}_{split_by} image {row['image_id']} ({row['file_name']})"
         image = decode_image(row["image"], name, expected_hw=(row["height"], row["width"]))
         h, w = image.shape[:2]
@@ -109,6 +131,7 @@ def preprocess_images(
         key = hashlib.blake2b(row["image"], digest_size=16).hexdigest()
         for ref in row["refs"]:
             box = ground_truth_boxes([ref["bbox"]], [(h, w)])[0].numpy()
+            targets = json.dumps([[*t["bbox"], t["mask"]["counts"]] for t in ref["targets"]])
             for s in ref["sentences"]:
                 out["key"].append(f"{dataset}/{split_by}/{s['sent_id']}")
                 out["image_key"].append(key)
@@ -120,12 +143,15 @@ def preprocess_images(
                 out["gt_box"].append(box)
                 out["mask_size"].append(np.asarray(ref["mask"]["size"], dtype=np.int64))
                 out["mask_counts"].append(ref["mask"]["counts"])
-    strings = ("key", "image_key", "expression", "mask_counts")
+                if instances:
+                    out[TARGETS_COLUMN].append(targets)
+    strings = ("key", "image_key", "expression", "mask_counts", TARGETS_COLUMN)
     return {k: np.array(v, dtype=object) if k in strings else np.stack(v) for k, v in out.items()}
 
 
 def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | None = None):
-    """One data epoch of `cfg`'s training mix, streamed (one row per expression, ROW_COLUMNS).
+    """One data epoch of `cfg`'s training mix, streamed (one row per expression, ROW_COLUMNS; with
+    `model.targets: multi` also TARGETS_COLUMN).
 
     Preprocessing runs as Ray Data tasks (up to `distributed.data_cpus` at once) on one read block per
     file; tasks reuse warm worker processes when Ray Train starts the next epoch, where an actor pool
@@ -147,6 +173,7 @@ def training_dataset(cfg: RunConfig, clip_size: int, sam_size: int, seed: int | 
                 dataset=entry.dataset,
                 split_by=entry.split_by,
                 clip_mode=cfg.model.clip_preprocess,
+                instances=cfg.model.targets == "multi",
             ),
             concurrency=max(1, int(cfg.distributed.data_cpus)),
             batch_size=4,
@@ -166,12 +193,14 @@ class RowsToBatch(NumpyBatchCollateFn):
 
     `skip` counts, per key, occurrences already trained on in this epoch before a restart: that many
     occurrences are dropped again (a key occurs `weight` times per epoch in a weighted mix). Returns None when
-    every row was skipped. Ray calls this from prefetch threads, hence the lock.
+    every row was skipped. `instances`: the rows carry TARGETS_COLUMN and the batch gets `gt_instances`
+    (model.targets multi). Ray calls this from prefetch threads, hence the lock.
     """
 
-    def __init__(self, skip: Counter | None = None):
+    def __init__(self, skip: Counter | None = None, instances: bool = False):
         super().__init__()
         self.skip = Counter(skip or {})
+        self.instances = instances
         self._lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[Batch, list[str]] | None:
@@ -192,6 +221,7 @@ class RowsToBatch(NumpyBatchCollateFn):
         for i in keep:
             h, w = (int(v) for v in batch["mask_size"][i])
             masks.append(torch.from_numpy(decode_rle({"size": [h, w], "counts": batch["mask_counts"][i]})))
+        gt_instances = [_instances(batch, i) for i in keep] if self.instances else None
         out = Batch(
             clip_pixels=t("clip_pixels", first),
             sam_pixels=t("sam_pixels", first),
@@ -202,5 +232,20 @@ class RowsToBatch(NumpyBatchCollateFn):
             gt_masks=masks,
             gt_boxes=t("gt_box", keep).float(),
             meta=[{"key": str(batch["key"][i])} for i in keep],
+            gt_instances=gt_instances,
         )
         return out, [str(batch["key"][i]) for i in keep]
+
+
+def _instances(batch: dict[str, np.ndarray], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i's targets (TARGETS_COLUMN) as `Batch.gt_instances` has them: (normalized XYXY (n, 4),
+    bool masks (n, h, w)); n = 0 for an expression naming nothing."""
+    if TARGETS_COLUMN not in batch:
+        raise ValueError(f"rows without the {TARGETS_COLUMN!r} column: stream them with model.targets multi")
+    h, w = (int(v) for v in batch["mask_size"][i])
+    targets = json.loads(batch[TARGETS_COLUMN][i])
+    if not targets:
+        return torch.zeros(0, 4), torch.zeros(0, h, w, dtype=torch.bool)
+    boxes = ground_truth_boxes([t[:4] for t in targets], [(h, w)] * len(targets))
+    masks = [torch.from_numpy(decode_rle({"size": [h, w], "counts": t[4]})) for t in targets]
+    return boxes, torch.stack(masks)
