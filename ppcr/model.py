@@ -432,14 +432,7 @@ class PPCRModel(nn.Module):
                 raise ValueError("oracle_box / gt_box_prob need ground-truth boxes in the batch")
             ref = box if box is not None else r.semantic_prompt
             gt = batch.gt_boxes.to(ref.device, ref.dtype)
-            if oracle_box:
-                sam_box = gt
-            else:
-                if gt_box_jitter > 0:
-                    wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
-                    gt = order_box((gt + torch.randn_like(gt) * gt_box_jitter * wh).clamp(0, 1))
-                use_gt = torch.rand(len(batch), device=gt.device) < gt_box_prob
-                sam_box = torch.where(use_gt.unsqueeze(1), gt, box)
+            sam_box = _teacher_box(box, gt, oracle_box, gt_box_prob, gt_box_jitter)
         if image_embeddings is None:
             image_embeddings = self.segmentation.encode(batch.sam_pixels)
         low, iou, groups = self._segment_groups(
@@ -509,14 +502,7 @@ class PPCRModel(nn.Module):
         sam_box = r.slot_boxes[row_expr, row_slot]
         if match and (oracle_box or gt_box_prob > 0) and len(row_expr):
             gt = torch.stack([batch.gt_instances[i][0][j] for i, j in zip(expr, target)]).to(sam_box)
-            if oracle_box:
-                sam_box = gt
-            else:
-                if gt_box_jitter > 0:
-                    wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
-                    gt = order_box((gt + torch.randn_like(gt) * gt_box_jitter * wh).clamp(0, 1))
-                use_gt = torch.rand(len(gt), device=gt.device) < gt_box_prob
-                sam_box = torch.where(use_gt.unsqueeze(1), gt, sam_box)
+            sam_box = _teacher_box(sam_box, gt, oracle_box, gt_box_prob, gt_box_jitter)
         image_index = batch.image_index.to(device)[row_expr]
         if len(row_expr):
             if image_embeddings is None:
@@ -548,6 +534,22 @@ class PPCRModel(nn.Module):
             row_slot=row_slot,
             row_target=target_rows if match else torch.full_like(row_expr, -1),
         )
+
+
+def _teacher_box(
+    pred: torch.Tensor | None, gt: torch.Tensor, oracle: bool, prob: float, jitter: float
+) -> torch.Tensor:
+    """The (R, 4) normalized XYXY boxes SAM is prompted with in training: the ground truth `gt` when
+    `oracle`; else, per row with probability `prob` (the curriculum of `train.gt_box_probability`), the
+    ground truth with its corners moved by normal noise of std `jitter` × its width / height
+    (`train.gt_box_jitter`), and the prediction `pred` otherwise."""
+    if oracle:
+        return gt
+    if jitter > 0:
+        wh = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
+        gt = order_box((gt + torch.randn_like(gt) * jitter * wh).clamp(0, 1))
+    use_gt = torch.rand(len(gt), device=gt.device) < prob
+    return torch.where(use_gt.unsqueeze(1), gt, pred)
 
 
 class _FeatureMemo:
