@@ -10,6 +10,7 @@ instead of deadlocking over tokens.
 
 from __future__ import annotations
 
+import logging
 import os
 
 LOCAL_MIN_CPUS = 4
@@ -48,7 +49,8 @@ def init_ray(
 
 
 def require_resources(demand: dict[str, float], what: str) -> None:
-    """Raise ResourceError naming `what`, the demand and the cluster's totals if any resource falls short."""
+    """Raise ResourceError naming `what`, the demand and the cluster's totals if any resource falls short
+    of the cluster's total; log one warning when the total suffices but other work holds part of it now."""
     import ray
 
     total = ray.cluster_resources()
@@ -58,4 +60,14 @@ def require_resources(demand: dict[str, float], what: str) -> None:
         raise ResourceError(
             f"{what} cannot fit on this Ray cluster ({detail}); lower the request or add resources "
             f"(a local cluster takes num_cpus / `ray start --num-cpus N`)"
+        )
+    # The cluster can hold it, but not now: other work (a Serve app, another job) holds what is missing,
+    # and Ray waits for it without a word. Say so once, since a fixed cluster may wait forever.
+    free = ray.available_resources()
+    held = {k: (v, free.get(k, 0.0)) for k, v in demand.items() if v > 0 and free.get(k, 0.0) < v}
+    if held:
+        detail = ", ".join(f"{k}: needs {need:g}, {have:g} free now" for k, (need, have) in held.items())
+        logging.getLogger("ppcr").warning(
+            f"{what} waits for resources other work on this Ray cluster holds ({detail}); it starts when "
+            "they are released (`ray status` shows who holds them)"
         )
