@@ -20,6 +20,24 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> 
     return _dice_rows(logits[None], target[None], eps)[0]
 
 
+def _mask_terms(groups, gt_of, iou_pred: torch.Tensor):
+    """The mask terms over mask logits grouped by image (`PPCROutput.mask_groups`: rows (k,), logits
+    (k, H, W)): mean per-row BCE, mean per-row dice, and (SAM's predicted IoU of the rows in group order,
+    their actual IoU, no grad) for the IoU head's MSE. gt_of(rows: list[int]) -> bool (k, H, W) targets."""
+    bce, dice, actual = [], [], []
+    for rows, logits in groups:
+        logits = logits.float()
+        gt = gt_of(rows.tolist()).to(logits.device)
+        bce.append(
+            F.binary_cross_entropy_with_logits(logits, gt.float(), reduction="none").flatten(1).mean(1)
+        )
+        dice.append(_dice_rows(logits, gt))
+        with torch.no_grad():
+            actual.append(_mask_iou_rows(logits, gt))
+    order = torch.cat([rows for rows, _ in groups]).to(iou_pred.device)
+    return torch.cat(bce).mean(), torch.cat(dice).mean(), (iou_pred[order].float(), torch.cat(actual))
+
+
 def _dice_rows(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`dice_loss` of each of k masks: logits and {0,1} target (k, H, W) -> (k,)."""
     p = logits.sigmoid().flatten(1)
@@ -65,22 +83,13 @@ def ppcr_loss(
     groups = out.mask_groups
     if groups is None:
         groups = [(torch.tensor([i]), m[None]) for i, m in enumerate(out.mask_logits)]
-    bce, dice, actual = [], [], []
-    for rows, logits in groups:
-        logits = logits.float()
-        gt = torch.stack([batch.gt_masks[r] for r in rows.tolist()]).to(logits.device)
-        bce.append(
-            F.binary_cross_entropy_with_logits(logits, gt.float(), reduction="none").flatten(1).mean(1)
-        )
-        dice.append(_dice_rows(logits, gt))
-        with torch.no_grad():
-            actual.append(_mask_iou_rows(logits, gt))
-    terms["bce"] = torch.cat(bce).mean()
+    terms["bce"], dice, (iou_pred, actual) = _mask_terms(
+        groups, lambda rows: torch.stack([batch.gt_masks[r] for r in rows]), out.iou_pred
+    )
     if weights.iou > 0:
         # SAM's IoU head is the inference `score`; train it as SAM does (MSE to the actual mask IoU).
-        order = torch.cat([rows for rows, _ in groups]).to(out.iou_pred.device)
-        terms["iou"] = F.mse_loss(out.iou_pred[order].float(), torch.cat(actual))
-    terms["dice"] = torch.cat(dice).mean()
+        terms["iou"] = F.mse_loss(iou_pred, actual)
+    terms["dice"] = dice
     terms["ce"] = out.ce
     target = None
     if centers is not None and (out.heatmap is not None or out.semantic_heatmap is not None):
@@ -152,22 +161,13 @@ def multi_target_loss(
             if weights.box_heatmap > 0:
                 terms["box_heatmap"] = F.binary_cross_entropy_with_logits(heat.float(), target_heat)
             extra["heat_on_target"] = _mass_on_target(heat, target_heat)
-        bce, dice, actual = [], [], []
-        for rows, logits in out.mask_groups:
-            logits = logits.float()
-            gt = torch.stack([batch.gt_instances[pairs[r][0]][1][pairs[r][1]] for r in rows.tolist()])
-            gt = gt.to(logits.device)
-            bce.append(
-                F.binary_cross_entropy_with_logits(logits, gt.float(), reduction="none").flatten(1).mean(1)
-            )
-            dice.append(_dice_rows(logits, gt))
-            with torch.no_grad():
-                actual.append(_mask_iou_rows(logits, gt))
-        terms["bce"] = torch.cat(bce).mean()
-        terms["dice"] = torch.cat(dice).mean()
+        terms["bce"], terms["dice"], (iou_pred, actual) = _mask_terms(
+            out.mask_groups,
+            lambda rows: torch.stack([batch.gt_instances[pairs[r][0]][1][pairs[r][1]] for r in rows]),
+            out.iou_pred,
+        )
         if weights.iou > 0:
-            order = torch.cat([rows for rows, _ in out.mask_groups]).to(out.iou_pred.device)
-            terms["iou"] = F.mse_loss(out.iou_pred[order].float(), torch.cat(actual))
+            terms["iou"] = F.mse_loss(iou_pred, actual)
     if (
         out.semantic_heatmap is not None
         and centers is not None
