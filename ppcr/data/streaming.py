@@ -131,7 +131,8 @@ def preprocess_images(
         key = hashlib.blake2b(row["image"], digest_size=16).hexdigest()
         for ref in row["refs"]:
             box = ground_truth_boxes([ref["bbox"]], [(h, w)])[0].numpy()
-            targets = json.dumps([[*t["bbox"], t["mask"]["counts"]] for t in ref["targets"]])
+            if instances:
+                targets = json.dumps([[*t["bbox"], t["mask"]["counts"]] for t in ref["targets"]])
             for s in ref["sentences"]:
                 out["key"].append(f"{dataset}/{split_by}/{s['sent_id']}")
                 out["image_key"].append(key)
