@@ -1,6 +1,8 @@
 """The production geometry (LLaVA-1.5-7B + SAM ViT-H, bf16, random weights) run for real on a CPU host.
 
     flock /tmp/ppcr-heavy.lock python benchmarks/realsize_cpu.py --json realsize.json   # ~10 min, ~17 GB
+    python benchmarks/realsize_cpu.py --batch 16 --layers 2 --json predict.json   # ~6 min, ~6 GB
+    flock -x /tmp/ppcr-heavy.lock python benchmarks/realsize_cpu.py --batch 16 --json batch16.json  # ~1 h, ~18 GB
     python benchmarks/realsize_cpu.py --smoke       # the same code on the tiny preset in bf16 (< 1 min)
 
 Two phases, each in its own process so that each has its own memory peak:
@@ -15,6 +17,13 @@ Memory is the process's resident set from /proc/self/status: each step resets th
 /proc/self/clear_refs) and reports the peak's growth over the RSS before it; the process's whole peak
 (the highest VmHWM over all steps) is the goal's figure: from_preset + one photograph + a batch of two within 20 GB.
 Every memory figure stands beside the deploy/capacity.py formula that predicts it (measured / computed).
+
+--batch N: `Segmenter.from_preset` and one `segment_batch` of N <= 16 distinct photographs (one chunk of
+`Segmenter.batch_size` expressions per forward at the default 16), every stage call's peak RSS growth
+recorded, the process's peak against 20 GB and against `segment_batch_peak_gb`. With --layers L (real widths,
+L language layers) only the chunk's `PPCRModel.reason` and one SAM encode run: a few minutes that predict
+the full call's peak (the transients do not depend on the depth; the weights of the other layers are added).
+
 FLOP rates divide the stage's FLOPs (capacity.py's formulas with the tokens actually run) by its time and
 compare with the CPU's nominal bf16 peak and a measured bf16 matmul rate. Photographs: scikit-image's.
 Results: docs/benchmarks.md ("Real size on a CPU") and docs/capacity.md ("Measured on CPU").
@@ -167,12 +176,32 @@ def photographs() -> list:
     return [np.ascontiguousarray(f()[..., :3]) for f in (data.astronaut, data.coffee, data.chelsea)]
 
 
-def run_config(smoke: bool):
+def distinct_photographs(n: int) -> list:
+    """n <= 16 distinct photographs (RGB uint8): scikit-image's astronaut, coffee, chelsea, rocket, Hubble
+    deep field, immunohistochemistry, retina and camera (grey, as RGB), then the same eight mirrored."""
+    import numpy as np
+    from skimage import data
+
+    names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+    names += ("retina", "camera")
+    if not 1 <= n <= 2 * len(names):
+        raise SystemExit(f"--batch {n}: this benchmark has 1 to {2 * len(names)} distinct photographs")
+    photos = []
+    for name in names:
+        a = getattr(data, name)()
+        photos.append(np.ascontiguousarray(np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a[..., :3]))
+    photos += [np.ascontiguousarray(p[:, ::-1]) for p in photos]
+    return photos[:n]
+
+
+def run_config(smoke: bool, layers: int | None = None):
     from ppcr.config import load_config
 
     if smoke:  # the same code at the tiny preset's sizes, in the production dtype
         return load_config("tiny", overrides={"model": {"dtype": "bfloat16"}})
-    return load_config("llava-1.5-7b")
+    if layers is None:
+        return load_config("llava-1.5-7b")
+    return load_config("llava-1.5-7b", overrides={"model": {"language": {"num_layers": layers}}})
 
 
 def phase_sam(smoke: bool) -> dict:
@@ -220,17 +249,28 @@ STAGES = {
 }
 
 
-def time_stages(model, calls: dict[str, list[float]]) -> None:
+def time_stages(model, calls: dict[str, list[float]], memory: dict[str, list[dict]] | None = None) -> None:
     """Time each stage of the requests themselves (instance attributes over the methods), so the stage
-    timings cost no extra model work: `calls[stage]` gets one duration per call."""
+    timings cost no extra model work: `calls[stage]` gets one duration per call. With `memory`, each call
+    also resets the peak RSS and `memory[stage]` gets its RSS before, peak and growth (GB); the stages
+    do not nest, and `step_peak_gb` gives the peak of a step over its stages' resets."""
     for stage, (owner, method) in STAGES.items():
         obj = model if owner == "model" else getattr(model, owner)
         inner = getattr(type(obj), method).__get__(obj)
 
         def timed(*args, _inner=inner, _stage=stage, **kwargs):
+            if memory is not None:
+                before = rss_gb()
+                reset_peak()
             t0 = time.perf_counter()
             out = _inner(*args, **kwargs)
             calls.setdefault(_stage, []).append(time.perf_counter() - t0)
+            if memory is not None:
+                peak = peak_gb()
+                memory.setdefault(_stage, []).append(
+                    {"rss_before_gb": before, "peak_gb": peak, "growth_gb": peak - before}
+                )
+                reset_peak()
             return out
 
         setattr(obj, method, timed)
@@ -308,6 +348,81 @@ def phase_model(smoke: bool) -> dict:
     return rec
 
 
+def phase_batch(smoke: bool, n: int, layers: int | None) -> dict:
+    """`Segmenter.from_preset` and a `segment_batch` of n distinct photographs with n expressions, every
+    stage call's peak RSS growth recorded. With `layers` (fewer language layers than the preset, real
+    widths: the prediction), the same chunk's `PPCRModel.reason` (CLIP of the n images and both language
+    passes over the n sequences) and one SAM encode, instead of the n encodes of the whole call."""
+    import torch
+
+    from ppcr.inputs import Item, collate, image_key
+    from ppcr.predictor import Segmenter
+    from ppcr.prompts import clean_expression
+
+    cfg = run_config(smoke, layers)
+    rec: dict = {"rss_start_gb": rss_gb(), "n": n, "layers": cfg.model.language.num_layers}
+    torch.manual_seed(0)
+    with step(rec, "build"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # from_preset's "random weights" warning: known here
+        seg = Segmenter.from_preset(cfg, device="cpu")
+    model = seg.model
+    rec["batch_size"] = seg.batch_size
+    rec["vocab_rows"] = model.mllm.llava.get_input_embeddings().num_embeddings
+    photos = distinct_photographs(n)
+    if len({image_key(p) for p in photos}) != n:
+        raise RuntimeError("the photographs are not distinct")
+    rec["photographs"] = [list(p.shape) for p in photos]
+    expressions = [EXPRESSIONS[i % len(EXPRESSIONS)] for i in range(n)]
+    calls: dict[str, list[float]] = {}
+    memory: dict[str, list[dict]] = {}
+    time_stages(model, calls, memory)
+    name = "segment_batch" if layers is None else "reason"
+    before = rss_gb()
+    reset_peak()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if layers is None:
+            answers = seg.segment_batch(photos, expressions)
+            rec["answers_ok"] = len(answers) == n and all(
+                a.mask.shape == p.shape[:2] and bool(torch.isfinite(torch.as_tensor(a.box)).all())
+                for a, p in zip(answers, photos)
+            )
+        else:
+            items = [Item(image_key(p), p, t) for p, t in zip(photos, expressions)]
+            batch = collate(items, model.clip_size, model.sam_size, model.clip_mode)
+            model.reason(
+                batch.clip_pixels,
+                batch.image_index,
+                batch.expressions,
+                batch.original_hw,
+                max_sequences=seg.batch_size,
+            )
+    seconds = time.perf_counter() - t0
+    peak = max([peak_gb()] + [m["peak_gb"] for v in memory.values() for m in v])
+    rec[name] = {"seconds": seconds, "rss_before_gb": before, "peak_gb": peak, "growth_gb": peak - before}
+    rec[name]["rss_after_gb"] = rss_gb()
+    say(f"  {name}: {seconds:.1f} s, peak RSS {peak:.2f} GB (+{peak - before:.2f} GB over {before:.2f})")
+    if layers is not None:
+        with torch.no_grad():
+            model.segmentation.encode(batch.sam_pixels[:1])  # SAM's peak: one image per encoder call
+    rec["stage_seconds"] = calls
+    rec["stage_memory"] = memory
+    prompts = model.mllm.prompts
+    pairs = [prompts.inference_prompts(clean_expression(e)) for e in expressions]
+    rec["tokens"] = {  # (sequences, padded tokens) of each pass's forward
+        name: list(prompts.encode([q[k][0] for q in pairs], pairs[0][k][1]).input_ids.shape)
+        for k, name in enumerate(("lora_a", "lora_b"))
+    }
+    for stage, v in memory.items():
+        worst = max(v, key=lambda m: m["growth_gb"])
+        say(
+            f"    {stage:<12} {len(v):>2} calls, {sum(calls[stage]):7.1f} s; largest growth "
+            f"{worst['growth_gb']:.2f} GB over {worst['rss_before_gb']:.2f} GB"
+        )
+    rec["process_peak_gb"] = process_peak_gb()
+    return rec
+
+
 # ----------------------------------------------------------------------------- the parent
 
 
@@ -319,14 +434,14 @@ def load_capacity():
     return module
 
 
-def run_phase(name: str, smoke: bool) -> dict:
+def run_phase(name: str, smoke: bool, extra: tuple[str, ...] = ()) -> dict:
     """A phase in a child process (its own memory peak); in --smoke, in this process (the tiny preset's
     figures are not what it checks, and two fewer torch imports keep it under a minute)."""
-    if smoke:
+    if smoke and name != "batch":
         return (phase_sam if name == "sam" else phase_model)(smoke)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "phase.json"
-        cmd = [sys.executable, __file__, "--phase", name, "--phase-out", str(out)] + (
+        cmd = [sys.executable, __file__, "--phase", name, "--phase-out", str(out), *extra] + (
             ["--smoke"] if smoke else []
         )
         subprocess.run(cmd, check=True)
@@ -374,6 +489,94 @@ def compare(cap, c, sam: dict, model: dict) -> list[tuple[str, float, float]]:
     ]
 
 
+def main_batch(a) -> None:
+    """--batch: one process's peak RSS over a `segment_batch` of distinct photographs (or, with --layers,
+    its prediction from the same chunk at real widths with few layers), beside capacity.py's formulas."""
+    load_start = os.getloadavg()
+    if a.reuse_batch is not None:
+        result = json.loads(a.reuse_batch.read_text())
+        rec = result["batch"]
+        if rec["n"] != a.batch or (a.layers is not None and rec["layers"] != a.layers):
+            raise SystemExit(
+                f"--reuse-batch {a.reuse_batch}: a batch of {rec['n']} at {rec['layers']} layers"
+            )
+        say(f"segment_batch of {a.batch}: taken from {a.reuse_batch} ({result['command']})")
+    else:
+        extra = ("--batch", str(a.batch)) + (() if a.layers is None else ("--layers", str(a.layers)))
+        say(f"segment_batch of {a.batch} distinct photographs; load average {load_start[0]:.1f}")
+        rec = run_phase("batch", a.smoke, extra)
+        result = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg(),
+            "preset": "tiny (bf16)" if a.smoke else "llava-1.5-7b",
+            "batch": rec,
+        }
+        if a.json:  # the measurement first: an hour's run is kept whatever the comparison below does
+            a.json.write_text(json.dumps(result, indent=2))
+    if not a.smoke:
+        cap = load_capacity()
+        c = cap.parameter_counts(language_layers=rec["layers"])
+        seqs, tokens = max(rec["tokens"].values(), key=lambda st: st[1])
+        mem = rec["stage_memory"]
+        lm = max(m["growth_gb"] for k in ("llm_lora_a", "llm_lora_b") for m in mem[k])
+        sam = max(m["growth_gb"] for m in mem["sam_encode"])
+        chunk = cap.segment_chunk_peak_gb(c, seqs, tokens)
+        result["language_chunk"] = {"measured_gb": lm, "computed_gb": chunk, "ratio": lm / chunk}
+        say(
+            f"language pass over {seqs} sequences x {tokens} tokens: +{lm:.2f} GB; segment_chunk_peak_gb "
+            f"{chunk:.2f} GB ({lm / chunk:.2f}); SAM encode +{sam:.2f} GB; sam_attention_peak_gb "
+            f"{cap.sam_attention_peak_gb(c):.2f} GB"
+        )
+        rows = rec["vocab_rows"]
+        full = cap.parameter_counts()
+        computed = cap.segment_batch_peak_gb(full, seqs, tokens, rows)
+        if a.layers is not None:  # the prediction: the same transients over the 32-layer model's RSS
+            deeper = cap.llava_weights_gb(full, rows) - cap.llava_weights_gb(c, rows)
+            held = mem["llm_lora_b"][-1]["rss_before_gb"] + deeper
+            held_sam = mem["sam_encode"][-1]["rss_before_gb"] + deeper
+            peak = max(held + lm, held_sam + sam)
+            result["prediction_32_layers"] = {
+                "weights_added_gb": deeper,
+                "language_peak_gb": held + lm,
+                "sam_encode_peak_gb": held_sam + sam,
+                "peak_gb": peak,
+                "computed_growth_gb": computed,
+                "computed_peak_gb": computed + rec["rss_start_gb"],
+            }
+            say(
+                f"PREDICTION at 32 layers (+{deeper:.2f} GB of language layers): the language pass peaks at "
+                f"{held + lm:.2f} GB, a SAM encode at {held_sam + sam:.2f} GB: process peak ~{peak:.2f} GB "
+                f"({'within' if peak <= 20 else 'OVER'} 20 GB); segment_batch_peak_gb {computed:.2f} GB + the "
+                f"process's {rec['rss_start_gb']:.2f} GB = {computed + rec['rss_start_gb']:.2f} GB"
+            )
+        else:
+            growth = rec["segment_batch"]["peak_gb"] - rec["rss_start_gb"]
+            result["segment_batch_peak"] = {
+                "measured_gb": growth,
+                "computed_gb": computed,
+                "ratio": growth / computed,
+            }
+            say(
+                f"segment_batch's peak over the process before the build: {growth:.2f} GB; "
+                f"segment_batch_peak_gb {computed:.2f} GB ({growth / computed:.2f})"
+            )
+    goal = rec["process_peak_gb"]
+    if a.layers is None:
+        goal = max(goal, rec["segment_batch"]["peak_gb"])
+        say(
+            f"GOAL segment_batch of {rec['n']} distinct photographs ({rec['batch_size']} per forward): "
+            f"{rec['segment_batch']['seconds']:.0f} s, process peak RSS {goal:.2f} GB "
+            f"({'within' if goal <= 20 else 'OVER'} 20 GB); answers {'ok' if rec['answers_ok'] else 'BAD'}"
+        )
+    else:
+        say(f"process peak RSS {goal:.2f} GB")
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2))
+        say(f"wrote {a.json}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny preset in bf16: the same code in < 1 min")
@@ -384,12 +587,39 @@ def main() -> None:
         help="run only the SAM phase (a shorter hold of the machine); pass its --json to --reuse-sam later",
     )
     p.add_argument("--reuse-sam", type=Path, default=None, help="take the SAM phase from this earlier --json")
-    p.add_argument("--phase", choices=["sam", "model"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="instead: from_preset and one segment_batch of this many distinct photographs (<= 16)",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="with --batch: real widths with this many language layers, the chunk's reason and one SAM "
+        "encode only (the cheap prediction of the full call's peak)",
+    )
+    p.add_argument(
+        "--reuse-batch",
+        type=Path,
+        default=None,
+        help="with --batch: take the measurement from this earlier --json",
+    )
+    p.add_argument("--phase", choices=["sam", "model", "batch"], help=argparse.SUPPRESS)
     p.add_argument("--phase-out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.layers is not None and a.batch is None:
+        raise SystemExit("--layers goes with --batch")
     if a.phase:
-        rec = (phase_sam if a.phase == "sam" else phase_model)(a.smoke)
+        if a.phase == "batch":
+            rec = phase_batch(a.smoke, a.batch, a.layers)
+        else:
+            rec = (phase_sam if a.phase == "sam" else phase_model)(a.smoke)
         a.phase_out.write_text(json.dumps(rec))
+        return
+    if a.batch is not None:
+        main_batch(a)
         return
 
     cpu = cpu_info()
@@ -488,6 +718,8 @@ def main() -> None:
     if a.json:
         a.json.write_text(json.dumps(result, indent=2))
         say(f"wrote {a.json}")
+    if a.smoke:  # the --batch mode too, so that the slow tier's smoke run covers it
+        main_batch(argparse.Namespace(**{**vars(a), "batch": 4, "json": None}))
 
 
 if __name__ == "__main__":

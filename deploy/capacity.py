@@ -63,6 +63,7 @@ class Counts:
     llm_matmul: int  # language-model weights used in matmuls: layers + lm_head (not the embedding lookup)
     llm_layers: int
     hidden: int
+    llm_intermediate: int  # the decoder MLP's width
     clip: int  # CLIP vision tower
     clip_layers: int
     clip_width: int
@@ -124,6 +125,7 @@ def parameter_counts(language_layers: int | None = None, model: dict | None = No
         llm_matmul=lm + lm_head,
         llm_layers=cfg.language.num_layers,
         hidden=h,
+        llm_intermediate=cfg.language.intermediate_size,
         clip=clip,
         clip_layers=cfg.vision.num_layers,
         clip_width=cfg.vision.hidden_size,
@@ -260,6 +262,39 @@ def sam_attention_peak_gb(c: Counts, dtype_bytes: int = 2) -> float:
     """The SAM encoder's transient peak of one encoder call (one image, `SegmentationStage.encode`):
     SAM_ATTENTION_COPIES tensors of heads x T^2 scores in the encoder's dtype (bf16), ~1.61 GB for ViT-H."""
     return SAM_ATTENTION_COPIES * c.sam_heads * c.sam_tokens**2 * dtype_bytes / GB
+
+
+def segment_chunk_peak_gb(
+    c: Counts, sequences: int, tokens: int = PROMPT_TOKENS, dtype_bytes: int = 2
+) -> float:
+    """Transient peak of one language pass (no grad, no KV cache) over `sequences` whole prompts of `tokens`
+    tokens each: a chunk of `Segmenter.segment_batch` / `PPCRModel.reason(max_sequences=...)` whose images
+    differ (no shared prefix). SDPA's fused attention keeps no heads x T^2 scores, so a decoder layer's MLP
+    decides: three intermediate-width activations (the gate after its activation, the up projection, their
+    product) and six hidden-width ones per token (the embeddings and their copy with the image features
+    written in, the residual stream, the normed input, RMSNorm's float32 temporary as two), in the model's
+    dtype; the depth does not enter (each layer's activations are freed before the next). Measured at real
+    widths: 1.29-1.30 GB for 16 sequences of 703-705 tokens against 1.30 computed (docs/capacity.md)."""
+    return sequences * tokens * (3 * c.llm_intermediate + 6 * c.hidden) * dtype_bytes / GB
+
+
+def sam_input_bytes(c: Counts) -> int:
+    """One image's SAM-frame input as `collate` holds it: (3, S, S) float32."""
+    side = int(round(c.sam_tokens**0.5)) * 16
+    return 3 * side * side * 4
+
+
+def segment_batch_peak_gb(
+    c: Counts, sequences: int, tokens: int = PROMPT_TOKENS, vocab_rows: int | None = None
+) -> float:
+    """RSS growth of a process that builds the whole model (`Segmenter.from_preset`, bf16) and answers one
+    `segment_batch` chunk of `sequences` distinct images, at its peak, over the process before the build:
+    the weights held after the build (`llava_weights_gb` + `sam_weights_gb`), the chunk's SAM-frame inputs,
+    and the larger of the chunk's language pass (`segment_chunk_peak_gb`) and one image's SAM encode
+    (`sam_attention_peak_gb`: the encoder runs one image per call); the build's own peak (SAM in float32,
+    `host_ram_random_init_gb`) comes before and is not counted here. No process overhead."""
+    held = llava_weights_gb(c, vocab_rows) + sam_weights_gb(c) + sequences * sam_input_bytes(c) / GB
+    return held + max(segment_chunk_peak_gb(c, sequences, tokens), sam_attention_peak_gb(c))
 
 
 def host_ram_random_init_gb(c: Counts, vocab_rows: int | None = None) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from ppcr import mllm as mllm_module
 from ppcr.config import load_config
 from ppcr.model import PPCRModel
 from ppcr.precision import _keeps_float32
+from ppcr.predictor import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,6 +149,32 @@ def test_random_init_peak_fits_the_host(capacity, counts):
     # The two vocabularies differ by 2 matrices x (32064 - rows) x 4096 bf16 values.
     assert full - offline == pytest.approx(2 * (32064 - counts.embed_rows_built) * 4096 * 2 / 1e9)
     assert 16.0 < offline < full < 17.5  # bf16 LLaVA + float32 SAM; a float32 LLaVA would be ~30 GB
+
+
+def test_segment_chunk_peak_is_one_mlp_of_the_chunk_and_not_the_depth(capacity, counts):
+    # 16 prompts of 705 tokens (whole prompts: no shared prefix): 3 x 11008 + 6 x 4096 bf16 values a token.
+    chunk = capacity.segment_chunk_peak_gb(counts, 16, 705)
+    assert chunk == pytest.approx(16 * 705 * (3 * 11008 + 6 * 4096) * 2 / 1e9)  # 1.30 GB
+    shallow = capacity.parameter_counts(language_layers=2)
+    assert capacity.segment_chunk_peak_gb(shallow, 16, 705) == chunk
+    assert capacity.segment_chunk_peak_gb(counts, 8, 705) == pytest.approx(chunk / 2)
+    # One chunk's peak is its language pass or one image's SAM encode, whichever is larger.
+    sam_side = capacity.sam_input_bytes(counts)
+    assert sam_side == 3 * 1024 * 1024 * 4
+    held = capacity.llava_weights_gb(counts) + capacity.sam_weights_gb(counts)
+    one = capacity.segment_batch_peak_gb(counts, 1, 705)
+    assert one == pytest.approx(held + sam_side / 1e9 + capacity.sam_attention_peak_gb(counts))
+    big = capacity.segment_batch_peak_gb(counts, 64, 705)
+    assert big == pytest.approx(held + 64 * sam_side / 1e9 + 4 * chunk)
+
+
+def test_segmenter_default_chunk_fits_a_24gb_host(capacity, counts):
+    """`Segmenter`'s default expressions per forward, llava-hf's vocabulary, distinct images and the CPU
+    process (~1 GB, measured): within the 20 GB a 24 GB host gives one real-size process."""
+    default = inspect.signature(Segmenter.__init__).parameters["batch_size"].default
+    assert default == 16
+    peak = capacity.segment_batch_peak_gb(counts, default, 705) + 1.0  # 705: the prompts measured
+    assert peak <= 20.0
 
 
 def test_sam_from_a_pth_takes_the_files_tensors_without_a_random_copy(tmp_path):
