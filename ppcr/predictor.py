@@ -36,7 +36,11 @@ from .precision import configure_device
 
 class Segmenter:
     def __init__(self, model: PPCRModel, batch_size: int = 16):
-        """batch_size: expressions per model forward (`segment_batch` and `predict` split larger calls)."""
+        """batch_size: expressions per model forward (`segment_batch` and `predict` split larger calls), so
+        one chunk bounds a call's memory: its language pass over `batch_size` whole prompts
+        (deploy/capacity.py `segment_chunk_peak_gb`) or one image's SAM encode, whichever is larger. At
+        real size on a CPU, a `segment_batch` of 16 distinct photographs at the default 16 peaked at
+        18.35 GB RSS (docs/capacity.md, "Measured on CPU"). ValueError if below 1."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         self.model = model.eval()
