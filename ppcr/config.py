@@ -211,6 +211,10 @@ class ModelConfig:
     presence_threshold: float = 0.5
     objectness_threshold: float = 0.5
     slot_nms_iou: float = 0.7
+    # model.targets multi: "query" reads the presence logit from the head's presence query alone;
+    # "query+semantic" adds the peak logit of the [SEG] query's heatmap (model.semantic_grounding), where
+    # the semantic pass already says whether anything in the image matches the expression.
+    presence_from: Literal["query", "query+semantic"] = "query"
 
     def validate(self, prefix: str) -> None:
         require(
@@ -220,6 +224,14 @@ class ModelConfig:
             f"{self.spatial_prompt!r}",
         )
         require_at_least(self.max_targets, 1, key(prefix, "max_targets"))
+        require(
+            self.presence_from in ("query", "query+semantic"),
+            f"{key(prefix, 'presence_from')} must be one of query, query+semantic; got {self.presence_from!r}",
+        )
+        require(
+            self.presence_from == "query" or (self.targets == "multi" and self.semantic_grounding),
+            f"{key(prefix, 'presence_from')} query+semantic needs targets multi and semantic_grounding true",
+        )
         for name in ("presence_threshold", "objectness_threshold"):
             value = getattr(self, name)
             require(0 < value < 1, f"{key(prefix, name)} must be in (0, 1); got {value}")

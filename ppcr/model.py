@@ -58,7 +58,9 @@ class Reasoning(NamedTuple):
 
     With `model.targets: multi`, `slot_boxes`, `objectness_logits` and `presence_logits` hold the K box
     slots (`objectness` and `presence` give them as probabilities; `slots.kept_slots` picks the slots
-    to segment) and `box` is each expression's most object-like slot's box.
+    to segment) and `box` is each expression's most object-like slot's box. With `model.presence_from:
+    query+semantic` the presence logit is the head's presence query's plus the peak of
+    `semantic_heatmap` (the [SEG] query's grounding).
     """
 
     semantic_prompt: torch.Tensor  # (B, prompt_dim)
@@ -329,6 +331,10 @@ class PPCRModel(nn.Module):
             sem_box, sem_heat = self.spatial.head(sem.hidden, sem.image_states, hw)
         if slots is None:
             return Reasoning(sem.prompt, box, ce, heat, sem_box, sem_heat)
+        presence = slots.presence
+        if self.cfg.presence_from == "query+semantic":
+            # The [SEG] query's peak heatmap logit: high where the semantic pass finds what is named.
+            presence = presence + sem_heat.amax(dim=-1).to(presence.dtype)
         return Reasoning(
             sem.prompt,
             box,
@@ -338,7 +344,7 @@ class PPCRModel(nn.Module):
             sem_heat,
             slots.boxes,
             slots.objectness,
-            slots.presence,
+            presence,
             slots.heatmaps,
         )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,18 @@ def test_multi_adds_only_slot_parameters_to_the_same_draw():
         ({"presence_threshold": 1.0}, r"model.presence_threshold must be in \(0, 1\); got 1.0"),
         ({"objectness_threshold": 0}, r"model.objectness_threshold must be in \(0, 1\); got 0"),
         ({"slot_nms_iou": 0}, r"model.slot_nms_iou must be in \(0, 1\]; got 0"),
+        (
+            {"targets": "multi", "presence_from": "semantic"},
+            "model.presence_from must be one of query, query\\+semantic; got 'semantic'",
+        ),
+        (
+            {"presence_from": "query+semantic"},
+            "model.presence_from query\\+semantic needs targets multi and semantic_grounding true",
+        ),
+        (
+            {"targets": "multi", "presence_from": "query+semantic", "semantic_grounding": False},
+            "model.presence_from query\\+semantic needs targets multi and semantic_grounding true",
+        ),
     ],
 )
 def test_multi_target_config_is_checked(model, message):
@@ -248,6 +261,34 @@ def test_no_target_expressions_train_presence_only(multi_cfg, one_thread):
     assert full.gt_instances[2][0].shape == (0, 4)
     with pytest.raises(ValueError, match="needs the targets in the batch"):
         model(pinned_batch(model), rng=random.Random(0))
+
+
+def test_presence_from_query_and_semantic_adds_the_seg_heatmap_peak(multi_cfg, one_thread):
+    """presence_from query+semantic: the presence logit is the presence query's plus the [SEG] query's
+    peak heatmap logit, the same parameters as "query"; a no-target expression's presence loss then
+    reaches the semantic pass."""
+    cfg = replace(multi_cfg.model, presence_from="query+semantic")
+    torch.manual_seed(0)
+    query = PPCRModel(multi_cfg.model).train()
+    torch.manual_seed(0)
+    model = PPCRModel(cfg).train()
+    assert query.state_dict().keys() == model.state_dict().keys()
+    batch = pinned_batch(model, instances=True)
+    torch.manual_seed(1)
+    out = model(batch, rng=random.Random(0), gt_box_prob=0.5, gt_box_jitter=0.1)
+    torch.manual_seed(1)
+    ref = query(batch, rng=random.Random(0), gt_box_prob=0.5, gt_box_jitter=0.1)
+    want = ref.slots.presence + ref.semantic_heatmap.amax(dim=-1)
+    torch.testing.assert_close(out.slots.presence, want)
+    torch.testing.assert_close(out.slots.objectness, ref.slots.objectness)
+    assert batch.gt_instances[2][0].shape == (0, 4)  # expression 2 names nothing
+    # heat_q makes heatmaps only: the presence query's logit does not depend on it, the [SEG] peak does.
+    for m, o in ((model, out), (query, ref)):
+        m.zero_grad()
+        o.slots.presence[2].backward()
+    assert model.spatial.head.heat_q.weight.grad.abs().sum() > 0
+    grad = query.spatial.head.heat_q.weight.grad
+    assert grad is None or grad.abs().sum() == 0
 
 
 def test_inference_segments_the_kept_slots(multi_cfg, one_thread):
