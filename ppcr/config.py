@@ -284,10 +284,17 @@ class LossConfig:
     # and their SAM masks bce, dice and iou.
     presence: float = 1.0
     objectness: float = 1.0
+    # BCE's pos_weight for presence: < 1 weighs the (rarer) no-target expressions up; about
+    # (no-target / target expressions) balances the classes.
+    presence_pos_weight: float = 1.0
+    # model.semantic_grounding with targets multi: BCE of the [SEG] query's heatmap peak against 0 on the
+    # no-target expressions, so the peak (model.presence_from query+semantic) learns to say "nothing".
+    empty_heatmap: float = 0.0
 
     def validate(self, prefix: str) -> None:
         for f in dataclasses.fields(self):
             require_at_least(getattr(self, f.name), 0, key(prefix, f.name))
+        require_above(self.presence_pos_weight, 0, key(prefix, "presence_pos_weight"))
 
 
 @dataclass

@@ -139,7 +139,11 @@ def multi_target_loss(
     has = n_targets > 0
     terms: dict[str, torch.Tensor] = {"ce": out.ce}
     extra: dict[str, float] = {}
-    terms["presence"] = F.binary_cross_entropy_with_logits(slots.presence.float(), has.float())
+    terms["presence"] = F.binary_cross_entropy_with_logits(
+        slots.presence.float(),
+        has.float(),
+        pos_weight=torch.tensor(weights.presence_pos_weight, device=device),
+    )
     expr, slot, target = out.row_expression, out.row_slot, out.row_target
     if has.any():
         obj_target = torch.zeros_like(slots.objectness, dtype=torch.float32)
@@ -191,6 +195,10 @@ def multi_target_loss(
             out.semantic_box[rows].float(), batch.gt_boxes.to(device)[rows]
         )
         extra["sem_heat_on_target"] = _mass_on_target(sem_heat, heat_target)
+    if out.semantic_heatmap is not None and (~has).any() and weights.empty_heatmap > 0:
+        # The hottest cell, not the mean: a single lit cell is what makes the peak say "something".
+        peak = out.semantic_heatmap[~has].float().amax(dim=-1)
+        terms["empty_heatmap"] = F.binary_cross_entropy_with_logits(peak, torch.zeros_like(peak))
     total = sum(getattr(weights, k) * v for k, v in terms.items())
     logs = {k: float(v.detach()) for k, v in terms.items()}
     logs["loss"] = float(total.detach())

@@ -263,6 +263,34 @@ def test_no_target_expressions_train_presence_only(multi_cfg, one_thread):
         model(pinned_batch(model), rng=random.Random(0))
 
 
+def test_presence_pos_weight_and_empty_heatmap_weigh_the_no_target_expressions(multi_cfg, one_thread):
+    """loss.presence_pos_weight is BCE's pos_weight on "has a target"; loss.empty_heatmap is BCE of the
+    [SEG] heatmap's peak logit against 0 on the no-target expressions only."""
+    cfg = replace(multi_cfg.model, presence_from="query+semantic")
+    torch.manual_seed(0)
+    model = PPCRModel(cfg).train()
+    batch = pinned_batch(model, instances=True)
+    out = model(batch, rng=random.Random(0), gt_box_prob=0.5, gt_box_jitter=0.1)
+    has = torch.tensor([len(b) > 0 for b, _ in batch.gt_instances])
+    assert has.any() and (~has).any()
+    centers = model.patch_centers()
+    _, plain = ppcr_loss(out, batch, multi_cfg.loss, centers)
+    assert "empty_heatmap" not in plain
+    weights = replace(multi_cfg.loss, presence_pos_weight=0.25, empty_heatmap=2.0)
+    _, logs = ppcr_loss(out, batch, weights, centers)
+    p, y = out.slots.presence.detach().float(), has.float()
+    want = -(0.25 * y * torch.nn.functional.logsigmoid(p) + (1 - y) * torch.nn.functional.logsigmoid(-p))
+    assert logs["presence"] == pytest.approx(float(want.mean()), rel=1e-5)
+    assert logs["presence"] != pytest.approx(plain["presence"], rel=1e-3)
+    peak = out.semantic_heatmap.detach().float()[~has].amax(dim=-1)
+    assert logs["empty_heatmap"] == pytest.approx(float(torch.nn.functional.softplus(peak).mean()), rel=1e-5)
+    assert logs["loss"] == pytest.approx(
+        plain["loss"] - plain["presence"] + logs["presence"] + 2.0 * logs["empty_heatmap"], rel=1e-5
+    )
+    with pytest.raises(ConfigError, match="loss.presence_pos_weight must be > 0"):
+        load_config("tiny", {"loss": {"presence_pos_weight": 0}})
+
+
 def test_presence_from_query_and_semantic_adds_the_seg_heatmap_peak(multi_cfg, one_thread):
     """presence_from query+semantic: the presence logit is the presence query's plus the [SEG] query's
     peak heatmap logit, the same parameters as "query"; a no-target expression's presence loss then
