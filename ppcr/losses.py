@@ -123,13 +123,14 @@ def multi_target_loss(
 ) -> tuple[torch.Tensor, dict]:
     """The multi-target model's loss (out from `PPCRModel.forward` with matched slots) and its terms.
 
-    presence: BCE of each expression's presence logit against "has a target"; objectness: BCE of the
-    slots of expressions with targets, 1 for the slots matched to one (`out.row_slot`), 0 for the
-    others; l1, giou, box_heatmap: each matched slot against its target's box; bce, dice, iou: each
+    presence: BCE of each expression's presence logit against "has a target" (pos_weight
+    `presence_pos_weight`); objectness: BCE of every expression's slots, 1 for the slots matched to a
+    target (`out.row_slot`), 0 for the others (all of them when it names nothing); l1, giou, box_heatmap: each matched slot against its target's box; bce, dice, iou: each
     matched slot's SAM mask against its target's mask; ce as in `ppcr_loss`; semantic_grounding: the
     [SEG] query's heatmap against every target's box and its box against their enclosing box, on the
-    expressions with targets. Expressions without a target train presence (and ce) only. Mean over
-    rows of each term; a term without rows in the batch is left out.
+    expressions with targets; empty_heatmap: that heatmap's peak logit against 0 on the expressions
+    without one, which train presence, objectness and empty_heatmap (and ce) only. Mean over rows of
+    each term; a term without rows in the batch is left out.
     """
     if batch.gt_instances is None or out.row_target is None or (out.row_target < 0).any():
         raise ValueError("multi_target_loss needs slots matched to the batch's targets (gt_instances)")
@@ -145,12 +146,10 @@ def multi_target_loss(
         pos_weight=torch.tensor(weights.presence_pos_weight, device=device),
     )
     expr, slot, target = out.row_expression, out.row_slot, out.row_target
-    if has.any():
-        obj_target = torch.zeros_like(slots.objectness, dtype=torch.float32)
-        obj_target[expr, slot] = 1.0
-        terms["objectness"] = F.binary_cross_entropy_with_logits(
-            slots.objectness.float()[has], obj_target[has]
-        )
+    # Every slot of a no-target expression is "not a target" (DETR's no-object class).
+    obj_target = torch.zeros_like(slots.objectness, dtype=torch.float32)
+    obj_target[expr, slot] = 1.0
+    terms["objectness"] = F.binary_cross_entropy_with_logits(slots.objectness.float(), obj_target)
     if len(expr):
         pairs = list(zip(expr.tolist(), target.tolist()))
         gt_box = torch.stack([batch.gt_instances[i][0][j] for i, j in pairs]).to(device)

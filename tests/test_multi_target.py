@@ -238,7 +238,7 @@ def test_multi_forward_backward_on_the_tiny_preset(multi_cfg, one_thread):
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("segmentation."))
 
 
-def test_no_target_expressions_train_presence_only(multi_cfg, one_thread):
+def test_no_target_expressions_train_presence_and_objectness_only(multi_cfg, one_thread):
     torch.manual_seed(0)
     model = PPCRModel(multi_cfg.model).train()
     full = pinned_batch(model, instances=True)
@@ -256,8 +256,14 @@ def test_no_target_expressions_train_presence_only(multi_cfg, one_thread):
     out = model(batch, rng=random.Random(0))
     assert len(out.mask_logits) == 0
     loss, logs = ppcr_loss(out, batch, multi_cfg.loss, model.patch_centers())
-    assert set(logs) == {"ce", "presence", "loss"}
-    assert logs["loss"] == pytest.approx(multi_cfg.loss.ce * logs["ce"] + logs["presence"], rel=1e-6)
+    assert set(logs) == {"ce", "presence", "objectness", "loss"}
+    # Every slot of an expression naming nothing is "not a target".
+    want = torch.nn.functional.softplus(out.slots.objectness.detach().float()).mean()
+    assert logs["objectness"] == pytest.approx(float(want), rel=1e-5)
+    want_loss = (
+        multi_cfg.loss.ce * logs["ce"] + logs["presence"] + multi_cfg.loss.objectness * logs["objectness"]
+    )
+    assert logs["loss"] == pytest.approx(want_loss, rel=1e-6)
     assert full.gt_instances[2][0].shape == (0, 4)
     with pytest.raises(ValueError, match="needs the targets in the batch"):
         model(pinned_batch(model), rng=random.Random(0))
