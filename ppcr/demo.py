@@ -218,9 +218,8 @@ class GrefDemoSettings:
     data: SynthConfig = field(
         default_factory=lambda: replace(demo_config(900), generalized=True, dataset="synthgref")
     )
-    # Half the single-target demo's steps. The README's multi-target numbers are this schedule's training,
-    # stopped by time at 818 of these steps on a loaded machine (docs/learning.md).
-    steps: int = 900
+    # The single-target demo's schedule (README and docs/learning.md quote this run).
+    steps: int = 1800
     batch_size: int = 32
     train_minutes: float = 45.0
     eval_splits: tuple[str, ...] = ("val", "testA", "testB")
