@@ -125,10 +125,11 @@ def multi_target_loss(
 
     presence: BCE of each expression's presence logit against "has a target" (pos_weight
     `presence_pos_weight`); objectness: BCE of every expression's slots, 1 for the slots matched to a
-    target (`out.row_slot`), 0 for the others (all of them when it names nothing); l1, giou, box_heatmap: each matched slot against its target's box; bce, dice, iou: each
-    matched slot's SAM mask against its target's mask; ce as in `ppcr_loss`; semantic_grounding: the
-    [SEG] query's heatmap against every target's box and its box against their enclosing box, on the
-    expressions with targets; empty_heatmap: that heatmap's peak logit against 0 on the expressions
+    target (`out.row_slot`), 0 for the others (all of them when it names nothing); l1, giou,
+    box_heatmap: each matched slot against its target's box; bce, dice, iou: each matched slot's SAM
+    mask against its target's mask; ce as in `ppcr_loss`; semantic_grounding: the [SEG] query's
+    heatmap against every target's box and its box against their enclosing box, on the expressions
+    with targets; empty_heatmap: that heatmap's peak logit against 0 on the expressions
     without one, which train presence, objectness and empty_heatmap (and ce) only. Mean over rows of
     each term; a term without rows in the batch is left out.
     """
