@@ -74,6 +74,15 @@ def run_config(layers: int, smoke: bool):
     return load_config("llava-1.5-7b", overrides={"model": model, "train": train, "distributed": dist})
 
 
+def model_facts(model) -> dict:
+    """Parameter counts and the vocabulary rows built, recorded beside each run's memory."""
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "vocab_rows": model.mllm.llava.get_input_embeddings().num_embeddings,
+    }
+
+
 def phase(layers: int, smoke: bool) -> dict:
     """One depth: build, deepspeed.initialize, a SAM encode alone, two steps (the first allocates)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -102,9 +111,7 @@ def phase(layers: int, smoke: bool) -> dict:
     torch.manual_seed(0)
     with cpu.step(rec, "build"):
         model = PPCRModel(cfg.model)
-    rec["params"] = sum(p.numel() for p in model.parameters())
-    rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rec["vocab_rows"] = model.mllm.llava.get_input_embeddings().num_embeddings
+    rec.update(model_facts(model))
     groups = [{"params": g} for g in trainable_groups(model)]
     ds = deepspeed_config(cfg)
     rec["deepspeed"] = ds
@@ -207,9 +214,7 @@ def measured_loop(config: dict, out: str) -> None:
         with cpu.step(rec, "build"):
             model = build(*args, **kwargs)
         ppcr.model.PPCRModel = build
-        rec["params"] = sum(p.numel() for p in model.parameters())
-        rec["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rec["vocab_rows"] = model.mllm.llava.get_input_embeddings().num_embeddings
+        rec.update(model_facts(model))
         rec["gradient_checkpointing"] = bool(
             model.mllm.llava.model.language_model.is_activation_checkpointing
         )
