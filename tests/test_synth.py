@@ -292,6 +292,7 @@ def test_grefcoco_layout_expressions_mean_what_their_targets_say(tmp_path: Path)
     refer = ReferDataset(summary["refer_root"], "synthgref", "unc")
     images_dir = Path(summary["images_dir"])
     kinds: Counter = Counter()
+    wordings: dict[str, set] = {"none": set(), "single": set()}
     for ref in refer.refs():
         objs = _scene(refer, images_dir, ref.image_id)
         for s in ref.sentences:
@@ -300,7 +301,16 @@ def test_grefcoco_layout_expressions_mean_what_their_targets_say(tmp_path: Path)
                 kinds["multi"] += 1
             else:
                 assert _resolve(s.text, objs) == list(ref.ann_ids), (ref.image_id, s.text, objs)
-                kinds["none" if ref.no_target else "single"] += 1
+                kind = "none" if ref.no_target else "single"
+                kinds[kind] += 1
+                # Which attributes it names: (size?, colour?, shape?).
+                m = re.fullmatch(rf"the {_ATTR}", s.text)
+                wordings[kind].add((m[1] is not None, m[2] is not None, m[3] != "one"))
     assert kinds["multi"] and kinds["none"] >= summary["images"] and kinds["single"]
+    # Expressions naming nothing are worded as the others are, or the wording alone would give the answer
+    # away (a colour and a shape named, in every one of them, once taught the demo's model "nothing").
+    # Twelve images draw five of the seven wordings (the old generator's two: colour and shape, with or
+    # without a size).
+    assert wordings["none"] <= wordings["single"] and len(wordings["none"]) >= 5, wordings
     with pytest.raises(ValueError, match="the gRefCOCO layout is written as one of"):
         SynthConfig(generalized=True).validate("synth")

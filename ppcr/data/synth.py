@@ -9,8 +9,9 @@
 With ``generalized=True`` (dataset ``synthgref``, ``ppcr synth --grefcoco``) the refs are gRefCOCO's
 ``<out>/synthgref/grefs(unc).json`` (``ann_id`` / ``category_id`` lists, ``no_target``): the same images
 and single-target refs, plus per image one expression naming no object (an attribute combination absent
-from the image, "the green circle") and, when a description matches two objects or more, one naming
-them all ("both red circles", "all the squares").
+from the image, worded as the single-target expressions are: "the green circle", "the triangle") and,
+when a description matches two objects or more, one naming them all ("both red circles", "all the
+squares").
 
 Scenes are plain noisy backgrounds with 2-4 non-overlapping filled shapes (circle / square / triangle)
 in a few colours and two clearly distinct sizes. Every sentence refers *uniquely* to its object in its
@@ -366,23 +367,29 @@ def _multi_target_groups(objs: list[_Obj]) -> dict[tuple[int, ...], list[str]]:
     return out
 
 
-def _no_target_expressions(cfg: SynthConfig, objs: list[_Obj]) -> list[str]:
-    """Expressions naming nothing in the image: an object's description with one attribute changed, so
-    that no object matches ("the green circle" beside a red circle and a green square)."""
+def _no_target_expressions(cfg: SynthConfig, objs: list[_Obj]) -> list[list[str]]:
+    """Expressions naming nothing in the image, grouped by the attributes they name: an object's
+    description with one attribute changed so that no object matches ("the green circle" beside a red
+    circle and a green square, "the triangle" where there is none, "the small one" among big ones).
+
+    They are worded as the single-target expressions are (every attribute subset, "one" for no shape):
+    if only some wordings could name nothing, the wording alone would tell a model the answer."""
     values = {"size": _SIZES, "color": cfg.colors, "shape": cfg.shapes}
-    out: list[str] = []
+    groups: dict[tuple[str, ...], list[str]] = {keep: [] for keep in _ATTR_SUBSETS}
     for o in objs:
         for attr, choices in values.items():
             for v in choices:
                 if v == getattr(o, attr):
                     continue
                 full = {"size": o.size, "color": o.color, "shape": o.shape, attr: v}
-                for keep in (("color", "shape"), ("size", "color", "shape")):
+                for keep in _ATTR_SUBSETS:
+                    if attr not in keep:
+                        continue
                     d = tuple(full[k] if k in keep else None for k in ("size", "color", "shape"))
                     text = f"the {_phrase(d)}"
-                    if not any(_matches(x, d) for x in objs) and text not in out:
-                        out.append(text)
-    return out
+                    if not any(_matches(x, d) for x in objs) and text not in groups[keep]:
+                        groups[keep].append(text)
+    return [g for g in groups.values() if g]
 
 
 def _generalized_refs(cfg: SynthConfig, image_id: int, objs: list[_Obj]) -> list[tuple[list[int], list[str]]]:
@@ -397,10 +404,18 @@ def _generalized_refs(cfg: SynthConfig, image_id: int, objs: list[_Obj]) -> list
         texts = list(groups[idx])
         k = min(len(texts), int(rng.integers(1, 3)))
         refs.append((list(idx), [texts.pop(int(rng.integers(len(texts)))) for _ in range(k)]))
-    absent = _no_target_expressions(cfg, objs)
+    # A wording first, then a sentence of it: colour changes outnumber the others several times over,
+    # and a uniform draw over sentences would make "names a colour" a hint of "names nothing".
+    pools = _no_target_expressions(cfg, objs)
+    absent: list[str] = []
+    for _ in range(int(rng.integers(1, 3))):
+        if not pools:
+            break
+        pool = pools[int(rng.integers(len(pools)))]
+        absent.append(pool.pop(int(rng.integers(len(pool)))))
+        pools = [p for p in pools if p]
     if absent:
-        k = min(len(absent), int(rng.integers(1, 3)))
-        refs.append(([], [absent.pop(int(rng.integers(len(absent)))) for _ in range(k)]))
+        refs.append(([], absent))
     return refs
 
 
