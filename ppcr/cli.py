@@ -537,9 +537,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo, run_grefcoco_demo
 
     if a.grefcoco:
-        run_grefcoco_demo(a.out or "demo_gref", quick=a.quick, train_minutes=a.train_minutes)
+        run_grefcoco_demo(a.out or "demo_gref", quick=a.quick, train_minutes=a.train_minutes, steps=a.steps)
     else:
-        run_demo(a.out or "demo_out", quick=a.quick, train_minutes=a.train_minutes)
+        run_demo(a.out or "demo_out", quick=a.quick, train_minutes=a.train_minutes, steps=a.steps)
     return 0
 
 
@@ -873,6 +873,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--train-minutes", type=float, default=None, help="time bound of training (default: the demo's, 45)"
+    )
+    s.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: 1800; more stretch the default time bound in proportion)",
     )
     s.set_defaults(fn=cmd_demo)
     return p

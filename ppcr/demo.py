@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import ConfigError, load_config
 from .data.shards import iter_expressions, prepare_shards, shard_dir
 from .data.synth import SynthConfig, demo_config, synthesize
 from .evaluate import evaluate_baselines, evaluate_split
@@ -86,11 +86,30 @@ def cut_short_warning(result: TrainResult, minutes: float, quick: bool) -> str:
         f"{result.planned_steps} planned steps ({result.steps / result.planned_steps:.0%}).\n"
         "The model is under-trained and its learning rate never decayed, so every 'PPCR (trained)' number "
         "below is lower than the demo's result"
-        + ("" if quick else f" ({PUBLISHED} after {result.planned_steps} steps)")
+        + (
+            ""
+            if quick or result.planned_steps != DemoSettings.steps
+            else f" ({PUBLISHED} after {result.planned_steps} steps)"
+        )
         + " and says nothing about the method.\n"
         f"This machine ran {per_step:.2f} s/step; the planned steps need about {need:.0f} min: "
         f"re-run with `--train-minutes {max(need * 1.2, 1):.0f}`."
     )
+
+
+def _schedule(
+    s: DemoSettings | GrefDemoSettings, steps: int | None, train_minutes: float | None
+) -> DemoSettings | GrefDemoSettings:
+    """The settings with `--steps` and `--train-minutes` applied. More steps than the default stretch
+    the default time bound in proportion (it is a safety net, not the plan); an explicit bound wins."""
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"demo steps must be a whole number >= 1, got {steps!r}")
+        stretch = max(steps / s.steps, 1.0)
+        s = replace(s, steps=steps, train_minutes=s.train_minutes * stretch)
+    if train_minutes is not None:
+        s = replace(s, train_minutes=train_minutes)  # never mutate the shared QUICK settings
+    return s
 
 
 def _shout(text: str) -> None:
@@ -106,10 +125,9 @@ def run_demo(
     quick: bool = False,
     train_minutes: float | None = None,
     served: int | None = None,
+    steps: int | None = None,
 ) -> dict:
-    s = QUICK if quick else DemoSettings()
-    if train_minutes is not None:
-        s = replace(s, train_minutes=train_minutes)  # never mutate the shared QUICK settings
+    s = _schedule(QUICK if quick else DemoSettings(), steps, train_minutes)
     if served is not None:
         s = replace(s, served=served)
     out = Path(out_dir)
@@ -231,14 +249,15 @@ GREF_QUICK = GrefDemoSettings(
 
 
 def run_grefcoco_demo(
-    out_dir: str | Path = "demo_gref", quick: bool = False, train_minutes: float | None = None
+    out_dir: str | Path = "demo_gref",
+    quick: bool = False,
+    train_minutes: float | None = None,
+    steps: int | None = None,
 ) -> dict:
     """Synthesise synthgref (and the classic synthref of the same scenes), train the `tiny-grefcoco`
     preset (model.targets multi), evaluate, write DIR/report.{json,md} and DIR/checkpoint/. Returns the
     results {row: {(dataset, split_by, split): metrics}}."""
-    s = GREF_QUICK if quick else GrefDemoSettings()
-    if train_minutes is not None:
-        s = replace(s, train_minutes=train_minutes)
+    s = _schedule(GREF_QUICK if quick else GrefDemoSettings(), steps, train_minutes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards = out / "shards"

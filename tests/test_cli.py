@@ -547,3 +547,24 @@ def test_every_command_help_opens_with_its_one_line_summary():
         body = " ".join(text.split("\n\n", 1)[1].split())
         assert body.startswith(summaries[name]), f"ppcr {name} --help does not open with its summary"
         assert max(len(line) for line in parser.description.splitlines()) <= 100, name
+
+
+@pytest.mark.parametrize("grefcoco", [[], ["--grefcoco"]])
+def test_demo_steps_must_be_positive_before_anything_is_written(tmp_path, capsys, grefcoco):
+    out = tmp_path / "demo"
+    assert main(["demo", *grefcoco, "--steps", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "demo steps must be a whole number >= 1, got 0" in err
+    assert not out.exists()
+
+
+def test_demo_steps_stretch_the_default_time_bound_and_an_explicit_bound_wins():
+    from ppcr.demo import DemoSettings, GrefDemoSettings, _schedule
+
+    for base in (DemoSettings(), GrefDemoSettings()):
+        longer = _schedule(base, 4 * base.steps, None)
+        assert (longer.steps, longer.train_minutes) == (4 * base.steps, 4 * base.train_minutes)
+        shorter = _schedule(base, base.steps // 2, None)  # the bound never shrinks below the default
+        assert (shorter.steps, shorter.train_minutes) == (base.steps // 2, base.train_minutes)
+        assert _schedule(base, 4 * base.steps, 30.0).train_minutes == 30.0
+        assert _schedule(base, None, None) == base
