@@ -537,9 +537,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo, run_grefcoco_demo
 
     if a.grefcoco:
-        run_grefcoco_demo(a.out or "demo_gref", quick=a.quick, train_minutes=a.train_minutes, steps=a.steps)
+        run_grefcoco_demo(
+            a.out or "demo_gref", quick=a.quick, train_minutes=a.train_minutes, steps=a.steps, images=a.images
+        )
     else:
-        run_demo(a.out or "demo_out", quick=a.quick, train_minutes=a.train_minutes, steps=a.steps)
+        run_demo(
+            a.out or "demo_out", quick=a.quick, train_minutes=a.train_minutes, steps=a.steps, images=a.images
+        )
     return 0
 
 
@@ -879,6 +883,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="training steps (default: 1800; more stretch the default time bound in proportion)",
+    )
+    s.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="synthetic scenes, split 70/10/10/10 into train/val/testA/testB (default: 900; --quick: 40)",
     )
     s.set_defaults(fn=cmd_demo)
     return p

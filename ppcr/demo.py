@@ -98,10 +98,20 @@ def cut_short_warning(result: TrainResult, minutes: float, quick: bool) -> str:
 
 
 def _schedule(
-    s: DemoSettings | GrefDemoSettings, steps: int | None, train_minutes: float | None
+    s: DemoSettings | GrefDemoSettings,
+    steps: int | None,
+    train_minutes: float | None,
+    images: int | None = None,
 ) -> DemoSettings | GrefDemoSettings:
-    """The settings with `--steps` and `--train-minutes` applied. More steps than the default stretch
-    the default time bound in proportion (it is a safety net, not the plan); an explicit bound wins."""
+    """The settings with `--steps`, `--train-minutes` and `--images` applied. More steps than the
+    default stretch the default time bound in proportion (it is a safety net, not the plan); an
+    explicit bound wins. `images` is the number of synthetic scenes (split 70/10/10/10)."""
+    if images is not None:
+        if isinstance(images, bool) or not isinstance(images, int) or images < 10:
+            raise ConfigError(
+                f"demo images must be a whole number >= 10 (one per split at least), got {images!r}"
+            )
+        s = replace(s, data=replace(s.data, num_images=images))
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"demo steps must be a whole number >= 1, got {steps!r}")
@@ -126,8 +136,9 @@ def run_demo(
     train_minutes: float | None = None,
     served: int | None = None,
     steps: int | None = None,
+    images: int | None = None,
 ) -> dict:
-    s = _schedule(QUICK if quick else DemoSettings(), steps, train_minutes)
+    s = _schedule(QUICK if quick else DemoSettings(), steps, train_minutes, images)
     if served is not None:
         s = replace(s, served=served)
     out = Path(out_dir)
@@ -253,11 +264,12 @@ def run_grefcoco_demo(
     quick: bool = False,
     train_minutes: float | None = None,
     steps: int | None = None,
+    images: int | None = None,
 ) -> dict:
     """Synthesise synthgref (and the classic synthref of the same scenes), train the `tiny-grefcoco`
     preset (model.targets multi), evaluate, write DIR/report.{json,md} and DIR/checkpoint/. Returns the
     results {row: {(dataset, split_by, split): metrics}}."""
-    s = _schedule(GREF_QUICK if quick else GrefDemoSettings(), steps, train_minutes)
+    s = _schedule(GREF_QUICK if quick else GrefDemoSettings(), steps, train_minutes, images)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards = out / "shards"

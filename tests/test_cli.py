@@ -550,11 +550,20 @@ def test_every_command_help_opens_with_its_one_line_summary():
 
 
 @pytest.mark.parametrize("grefcoco", [[], ["--grefcoco"]])
-def test_demo_steps_must_be_positive_before_anything_is_written(tmp_path, capsys, grefcoco):
+@pytest.mark.parametrize(
+    "option,said",
+    [
+        (["--steps", "0"], "demo steps must be a whole number >= 1, got 0"),
+        (["--images", "9"], "demo images must be a whole number >= 10 (one per split at least), got 9"),
+    ],
+)
+def test_demo_steps_and_images_are_checked_before_anything_is_written(
+    tmp_path, capsys, grefcoco, option, said
+):
     out = tmp_path / "demo"
-    assert main(["demo", *grefcoco, "--steps", "0", "--out", str(out)]) == 2
+    assert main(["demo", *grefcoco, *option, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and "demo steps must be a whole number >= 1, got 0" in err
+    assert err.splitlines() == [err] and said in err
     assert not out.exists()
 
 
@@ -568,3 +577,6 @@ def test_demo_steps_stretch_the_default_time_bound_and_an_explicit_bound_wins():
         assert (shorter.steps, shorter.train_minutes) == (base.steps // 2, base.train_minutes)
         assert _schedule(base, 4 * base.steps, 30.0).train_minutes == 30.0
         assert _schedule(base, None, None) == base
+        more = _schedule(base, None, None, images=3600)
+        assert more.data.num_images == 3600 and more.data.generalized == base.data.generalized
+        assert base.data.num_images == 900  # the defaults are not mutated

@@ -74,7 +74,7 @@ def test_quick_grefcoco_demo_reports_gres_metrics_and_single_target_miou(tmp_pat
     from ppcr.demo import GREF_QUICK
 
     out = tmp_path / "gref"
-    assert main(["demo", "--grefcoco", "--quick", "--steps", "12", "--out", str(out)]) == 0
+    assert main(["demo", "--grefcoco", "--quick", "--steps", "12", "--images", "30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "1/5" in printed and "5/5" in printed and "CUT SHORT" not in printed
     results, meta = load_report(out / "report.json")
@@ -86,5 +86,6 @@ def test_quick_grefcoco_demo_reports_gres_metrics_and_single_target_miou(tmp_pat
     assert {"gIoU", "cIoU", "N-acc", "T-acc"} <= val.keys() and 0 <= val["N-acc"] <= 1
     assert "mIoU" in row[("synthref", "unc", "val")]
     assert meta["steps"] == meta["planned_steps"] == 12 != GREF_QUICK.steps  # --steps
+    assert meta["images"] == 30 != GREF_QUICK.data.num_images  # --images
     seg = Segmenter.from_checkpoint(out / "checkpoint")
     assert seg.model.cfg.targets == "multi"
