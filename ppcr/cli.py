@@ -536,14 +536,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo, run_grefcoco_demo
 
-    if a.grefcoco:
-        run_grefcoco_demo(
-            a.out or "demo_gref", quick=a.quick, train_minutes=a.train_minutes, steps=a.steps, images=a.images
-        )
-    else:
-        run_demo(
-            a.out or "demo_out", quick=a.quick, train_minutes=a.train_minutes, steps=a.steps, images=a.images
-        )
+    run, out = (run_grefcoco_demo, "demo_gref") if a.grefcoco else (run_demo, "demo_out")
+    run(a.out or out, quick=a.quick, train_minutes=a.train_minutes, steps=a.steps, images=a.images)
     return 0
 
 
