@@ -484,6 +484,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
             expression=a.expression,
             score=score,
             instance_boxes=[b for _, b, _ in instances] if len(instances) > 1 else (),
+            instance_masks=[m for m, _, _ in instances] if len(instances) > 1 else (),
             no_target=not instances,
         )
         print(f"overlay: {a.out}")

@@ -8,7 +8,8 @@ DIR/checkpoint/, DIR/report.json, DIR/report.md, DIR/overlays/, DIR/served.json.
 `ppcr demo --grefcoco` (`run_grefcoco_demo`): the same scenes in gRefCOCO's layout (`synthgref`: also
 expressions naming no object and several objects) -> train the `tiny-grefcoco` preset (model.targets
 multi) -> evaluate gIoU / cIoU / N-acc / T-acc on synthgref's splits and mIoU on the classic synthref val
-(the single-target expressions alone, to compare with the single-target demo) -> report.
+(the single-target expressions alone, to compare with the single-target demo) -> report -> overlays of
+val expressions naming nothing, one object and several, each object in its own colour.
 """
 
 from __future__ import annotations
@@ -202,7 +203,9 @@ def run_demo(
         key("val"): evaluate_split(result.model, split("val"), oracle_box=True)
     }
 
-    _record_in_checkpoint(ckpt, s, results)
+    _record_in_checkpoint(
+        ckpt, "synthref", s.data.num_images, results["PPCR (trained)"], ("oIoU", "mIoU", "BoxAcc@0.5")
+    )
     meta = {
         "steps": result.steps,
         "planned_steps": result.planned_steps,
@@ -252,10 +255,14 @@ class GrefDemoSettings:
     batch_size: int = 32
     train_minutes: float = 45.0
     eval_splits: tuple[str, ...] = ("val", "testA", "testB")
+    overlays: int = 12  # a third each naming nothing, one object and several (as val has them)
 
 
 GREF_QUICK = GrefDemoSettings(
-    data=replace(demo_config(40), generalized=True, dataset="synthgref"), steps=20, train_minutes=5.0
+    data=replace(demo_config(40), generalized=True, dataset="synthgref"),
+    steps=20,
+    train_minutes=5.0,
+    overlays=6,
 )
 
 
@@ -275,14 +282,14 @@ def run_grefcoco_demo(
     shards = out / "shards"
     classic = replace(s.data, generalized=False, dataset="synthref")
     _say(
-        f"1/5 synthesising {s.data.num_images} images twice: gRefCOCO's layout (synthgref) and RefCOCO's (synthref)"
+        f"1/6 synthesising {s.data.num_images} images twice: gRefCOCO's layout (synthgref) and RefCOCO's (synthref)"
     )
     gsynth = synthesize(out / "refer", s.data)
     csynth = synthesize(out / "refer_classic", classic)
     _say(
         f"    synthgref: {gsynth['refs']} refs, {gsynth['sentences']} expressions; synthref: {csynth['sentences']}"
     )
-    _say("2/5 preparing Parquet shards")
+    _say("2/6 preparing Parquet shards")
     prepare_shards(out / "refer", gsynth["images_dir"], "synthgref", "unc", shards)
     prepare_shards(out / "refer_classic", csynth["images_dir"], "synthref", "unc", shards)
     cfg = load_config(
@@ -293,7 +300,7 @@ def run_grefcoco_demo(
             "distributed": {"micro_batch_size": s.batch_size // 2},
         },
     )
-    _say(f"3/5 training the tiny-grefcoco preset (model.targets multi) for {s.steps} steps")
+    _say(f"3/6 training the tiny-grefcoco preset (model.targets multi) for {s.steps} steps")
     result = train(
         cfg,
         out_dir=out / "train",
@@ -312,7 +319,7 @@ def run_grefcoco_demo(
         shutil.rmtree(ckpt)
     shutil.copytree(result.checkpoint, ckpt)
     _say(
-        "4/5 evaluating: synthgref (gIoU, cIoU, N-acc, T-acc) and synthref val (its single-target expressions)"
+        "4/6 evaluating: synthgref (gIoU, cIoU, N-acc, T-acc) and synthref val (its single-target expressions)"
     )
     row = "PPCR multi-target (trained)"
     results: dict[str, dict] = {row: {}}
@@ -329,33 +336,80 @@ def run_grefcoco_demo(
         "expressions": gsynth["sentences"],
         "checkpoint": str(ckpt),
     }
-    _say("5/5 writing the report")
+    _say("5/6 writing the report")
+    _record_in_checkpoint(ckpt, "synthgref", s.data.num_images, results[row], ("gIoU", "N-acc", "T-acc"))
     js, md = write_report(out, results, meta=meta, warning=warning)
     print(md.read_text())
-    _say(f"done: {ckpt}, {js}, {md}")
+    overlays = out / "overlays"
+    _say(
+        f"6/6 drawing {s.overlays} overlays of synthgref val: expressions naming nothing, one object, several"
+    )
+    drawn = _gref_overlays(result.model, shard_dir(shards, "synthgref", "unc", "val"), overlays, s.overlays)
+    _say("    " + ", ".join(f"{n} {kind}" for kind, n in drawn.items()))
+    _say(f"done: {ckpt}, {js}, {md}, {overlays}/")
     if warning:
         _shout(warning)
     return results
 
 
-def _record_in_checkpoint(ckpt: Path, s: DemoSettings, results: dict) -> None:
-    """Add what the checkpoint was trained on and its evaluation numbers to its meta.json, where the
-    serving app reads them (`/healthz`, the page's banner)."""
+def _record_in_checkpoint(
+    ckpt: Path, dataset: str, images: int, results: dict, metrics: tuple[str, ...]
+) -> None:
+    """Add what the checkpoint was trained on and its evaluation numbers (`results`: {(dataset,
+    split_by, split): metrics}, the `metrics` named kept) to its meta.json, where the serving app
+    reads them (`/healthz`, the page's banner)."""
     import json
 
     meta_file = ckpt / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta["trained_on"] = {
-        "dataset": "synthref",
+        "dataset": dataset,
         "split_by": "unc",
         "synthetic": True,
-        "what": f"{s.data.num_images} synthetic scenes of coloured shapes (ppcr synth)",
+        "what": f"{images} synthetic scenes of coloured shapes (ppcr synth)",
     }
     meta["evaluation"] = {
-        "/".join(key): {k: round(v, 4) for k, v in m.items() if k in ("oIoU", "mIoU", "BoxAcc@0.5")}
-        for key, m in results.get("PPCR (trained)", {}).items()
+        "/".join(key): {k: round(v, 4) for k, v in m.items() if k in metrics} for key, m in results.items()
     }
     meta_file.write_text(json.dumps(meta, indent=2))
+
+
+def _gref_overlays(model: PPCRModel, split: Path, out: Path, count: int) -> dict[str, int]:
+    """Draw up to `count` overlays of `split`'s expressions into `out`, a third each naming nothing,
+    one object and several (in shard order, one of each kind per image, so they show different
+    scenes), each object in its own colour and the truth's enclosing box dashed. Returns how many of
+    each kind were drawn (fewer where the split has fewer)."""
+    seg = Segmenter(model)
+    out.mkdir(parents=True, exist_ok=True)
+    quota = {"no-target": count // 3, "one-target": count // 3, "multi-target": count - 2 * (count // 3)}
+    drawn = dict.fromkeys(quota, 0)
+    shown: set[tuple[int, str]] = set()
+    for sample in iter_expressions(split):
+        n = len(sample.targets)
+        kind = "no-target" if sample.no_target else "one-target" if n == 1 else "multi-target"
+        if drawn == quota:
+            break
+        if drawn[kind] >= quota[kind] or (sample.image_id, kind) in shown:
+            continue
+        shown.add((sample.image_id, kind))
+        image = decode_image(sample.image_bytes)
+        answer = seg.segment(image, sample.text)
+        truth = "nothing" if sample.no_target else f"{n} object{'s' * (n > 1)}"
+        several = len(answer.instances) > 1
+        save_overlay(
+            out / f"{sum(drawn.values()):02d}_{kind}_{sample.image_id}.png",
+            image=image,
+            mask=answer.mask,
+            box=answer.box,
+            expression=f"{sample.text}  [truth: {truth}]",
+            gt_box=None if sample.no_target else sample.bbox_xyxy,
+            score=answer.score,
+            instance_boxes=[i.box for i in answer.instances] if several else (),
+            instance_masks=[i.mask for i in answer.instances] if several else (),
+            no_target=answer.no_target,
+        )
+        drawn[kind] += 1
+    return drawn
 
 
 def _serve_step(ckpt: Path, val: Path, out_file: Path, count: int) -> None:

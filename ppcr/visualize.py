@@ -17,6 +17,18 @@ from .geometry import pil_to_rgb
 from .metrics import check_box_xyxy
 
 MASK_COLOR = (255, 40, 40)  # red tint for the predicted mask
+# Each object of a several-object answer: the Okabe-Ito palette (safe for colour-blind readers), in
+# the web page's order (ppcr/web/page.js PALETTE), so an overlay and the page colour objects alike.
+INSTANCE_COLORS = (
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+    (0, 0, 0),
+)
 MASK_ALPHA = 0.5
 PRED_BOX_COLOR = (255, 215, 0)  # gold, solid
 GT_BOX_COLOR = (0, 230, 64)  # green, dashed and thinner
@@ -38,6 +50,20 @@ def _to_rgb_array(image: Any) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"image must be HxWx3 (or HxW / HxWx4), got shape {arr.shape}")
     return np.ascontiguousarray(arr[..., :3]).copy()
+
+
+def _tint(arr: np.ndarray, mask: Any, color: tuple[int, int, int], name: str) -> None:
+    """Tint ``arr`` (HxWx3 uint8, in place) where the HxW ``mask`` is set, and outline it."""
+    m = np.asarray(mask)
+    if m.shape != arr.shape[:2]:
+        raise ValueError(f"{name} shape {m.shape} does not match image shape {arr.shape[:2]}")
+    m = m if m.dtype == np.bool_ else m != 0
+    tint = np.asarray(color, dtype=np.float32)
+    arr[m] = ((1 - MASK_ALPHA) * arr[m].astype(np.float32) + MASK_ALPHA * tint).round().astype(np.uint8)
+    # Outline = mask pixels with a 4-neighbour outside the mask; makes thin/low-contrast masks readable.
+    p = np.pad(m, 1)
+    interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    arr[m & ~interior] = color
 
 
 def _box_pixels(box: tuple[float, float, float, float], w: int, h: int) -> tuple[int, int, int, int] | None:
@@ -115,30 +141,33 @@ def draw_overlay(
     score: float | None = None,
     instance_boxes: Sequence[Sequence[float]] = (),
     no_target: bool = False,
+    instance_masks: Sequence[np.ndarray] = (),
 ) -> Image.Image:
     """Draw a prediction on ``image`` and return a new RGB image of the same width.
 
     ``image``: PIL image or HxWx3 uint8 array. ``mask``: HxW bool (or 0/1) at the image size, tinted
-    semi-transparently with an outline. ``box`` / ``gt_box``: pixel XYXY (continuous), drawn solid /
-    dashed-thinner. ``instance_boxes``: the pixel XYXY box of each object of a several-object answer,
-    drawn solid and thinner inside ``box`` (their enclosing box). ``expression`` and ``score`` go on a
-    banner added above the image (height grows); ``no_target`` (an answer without any object) adds
-    "no match" to it.
+    red semi-transparently with an outline. ``box`` / ``gt_box``: pixel XYXY (continuous), drawn solid
+    gold / dashed-thinner green. A several-object answer: ``instance_masks`` (HxW each) are tinted
+    one colour each (``INSTANCE_COLORS``, in order) instead of ``mask``'s red, and ``instance_boxes``
+    (pixel XYXY each, as many as masks when both are given) are drawn thinner in the same colours
+    inside ``box`` (their enclosing box). ``expression`` and ``score`` go on a banner added above the
+    image (height grows); ``no_target`` (an answer without any object) adds "no match" to it.
+
+    Raises ValueError for a mask of another shape than the image, a box that is not XYXY with x1 <= x2
+    and y1 <= y2, or as many instance masks as boxes not matching.
     """
     arr = _to_rgb_array(image)
     h, w = arr.shape[:2]
+    if instance_masks and instance_boxes and len(instance_masks) != len(instance_boxes):
+        raise ValueError(
+            f"instance_masks has {len(instance_masks)} masks but instance_boxes {len(instance_boxes)} boxes"
+        )
 
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.shape != (h, w):
-            raise ValueError(f"mask shape {m.shape} does not match image shape {(h, w)}")
-        m = m if m.dtype == np.bool_ else m != 0
-        tint = np.asarray(MASK_COLOR, dtype=np.float32)
-        arr[m] = ((1 - MASK_ALPHA) * arr[m].astype(np.float32) + MASK_ALPHA * tint).round().astype(np.uint8)
-        # Outline = mask pixels with a 4-neighbour outside the mask; makes thin/low-contrast masks readable.
-        p = np.pad(m, 1)
-        interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-        arr[m & ~interior] = MASK_COLOR
+    if instance_masks:
+        for i, m in enumerate(instance_masks):
+            _tint(arr, m, INSTANCE_COLORS[i % len(INSTANCE_COLORS)], f"instance_masks[{i}]")
+    elif mask is not None:
+        _tint(arr, mask, MASK_COLOR, "mask")
 
     canvas = Image.fromarray(arr)
     draw = ImageDraw.Draw(canvas)
@@ -154,7 +183,8 @@ def draw_overlay(
     for i, b in enumerate(instance_boxes):
         rect = _box_pixels(check_box_xyxy(b, f"instance_boxes[{i}]"), w, h)
         if rect is not None:
-            draw.rectangle(rect, outline=PRED_BOX_COLOR, width=max(1, thick // 2))
+            color = INSTANCE_COLORS[i % len(INSTANCE_COLORS)]
+            draw.rectangle(rect, outline=color, width=max(1, thick // 2))
 
     text = expression.strip()
     if no_target:

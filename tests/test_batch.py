@@ -7,6 +7,7 @@ evaluation must reproduce the single-process evaluator metric for metric.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -452,6 +453,20 @@ def test_rows_carry_no_target_and_several_instances(val_dir, checkpoint, tmp_pat
     union = decode_rle(two["instances"][0]["mask"]) | decode_rle(two["instances"][1]["mask"])
     np.testing.assert_array_equal(decode_rle(two["mask"]), union)
     assert one["instances"] == [{"box": one["box"], "mask": one["mask"], "score": one["score"]}]
+    # --overlays: each of the two objects in its own colour, the single answer in the usual red.
+    import ppcr.batch.stages
+    from ppcr.batch.stages import overlay_stage
+    from ppcr.visualize import INSTANCE_COLORS, MASK_COLOR
+
+    by_name = dict(zip(shard["file_name"].to_pylist(), shard["image"].to_pylist(), strict=True))
+    monkeypatch.setattr(ppcr.batch.stages, "read_bytes", by_name.__getitem__)  # the rows name shard images
+    overlay_stage(table, str(tmp_path))
+    drawn = {r["id"]: np.asarray(Image.open(next(tmp_path.rglob(f"{r['id']}.png")))) for r in rows[1:3]}
+    h = decode_rle(two["mask"]).shape[0]
+    two_img, one_img = drawn[two["id"]][-h:], drawn[one["id"]][-h:]
+    assert tuple(two_img[3, 2]) == INSTANCE_COLORS[0] and tuple(two_img[10, 30]) == INSTANCE_COLORS[1]
+    original = np.asarray(Image.open(io.BytesIO(by_name[one["image"]])).convert("RGB"))[10, 10]
+    assert (one_img[10, 10] == ((original.astype(float) + MASK_COLOR) / 2).round()).all()  # red tint
 
 
 def test_protocol_and_predictions_through_the_stage_functions(val_dir, checkpoint, tmp_path):

@@ -387,7 +387,14 @@ def test_segment_server_answers_with_no_target_or_several_objects(tmp_path, foun
         assert printed["box"] == [1, 1, 18, 9] and printed["score"] == 0.5
     else:
         assert printed["box"] is None and printed["score"] is None
-    assert Image.open(tmp_path / "o.png").size[0] == 20
+    drawn = np.asarray(Image.open(tmp_path / "o.png"))
+    assert drawn.shape[1] == 20
+    if found:  # each object in its own colour (the image is the overlay's last 10 rows, under the banner)
+        from ppcr.visualize import INSTANCE_COLORS
+
+        assert (
+            tuple(drawn[-10 + 1, 1]) == INSTANCE_COLORS[0] and tuple(drawn[-10 + 3, 10]) == INSTANCE_COLORS[1]
+        )
 
 
 def test_undecodable_image_error_has_no_internal_repr(tmp_path, capsys):

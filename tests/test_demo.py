@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from ppcr.cli import main
+from ppcr.data.shards import iter_expressions, shard_dir
 from ppcr.demo import QUICK, run_demo
 from ppcr.predictor import Segmenter
 from ppcr.report import load_report
@@ -76,7 +77,7 @@ def test_quick_grefcoco_demo_reports_gres_metrics_and_single_target_miou(tmp_pat
     out = tmp_path / "gref"
     assert main(["demo", "--grefcoco", "--quick", "--steps", "12", "--images", "30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "1/5" in printed and "5/5" in printed and "CUT SHORT" not in printed
+    assert "1/6" in printed and "6/6" in printed and "CUT SHORT" not in printed
     results, meta = load_report(out / "report.json")
     row = results["PPCR multi-target (trained)"]
     assert {k for k in row if k[0] == "synthgref"} == {
@@ -89,3 +90,16 @@ def test_quick_grefcoco_demo_reports_gres_metrics_and_single_target_miou(tmp_pat
     assert meta["images"] == 30 != GREF_QUICK.data.num_images  # --images
     seg = Segmenter.from_checkpoint(out / "checkpoint")
     assert seg.model.cfg.targets == "multi"
+    # The page's banner reads what it was trained on and its numbers from the checkpoint.
+    record = json.loads((out / "checkpoint" / "meta.json").read_text())
+    assert record["trained_on"]["dataset"] == "synthgref"
+    assert record["evaluation"]["synthgref/unc/val"]["N-acc"] == round(val["N-acc"], 4)
+    # Overlays of each kind of val expression the split has, named by kind.
+    names = sorted(p.name for p in (out / "overlays").glob("*.png"))
+    val_split = shard_dir(out / "shards", "synthgref", "unc", "val")
+    kinds = {
+        "no-target" if e.no_target else "one-target" if len(e.targets) == 1 else "multi-target"
+        for e in iter_expressions(val_split)
+    }
+    assert 0 < len(names) <= GREF_QUICK.overlays
+    assert {n.split("_")[1] for n in names} == kinds

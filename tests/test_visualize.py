@@ -85,3 +85,38 @@ def test_no_match_and_several_instances() -> None:
     assert not np.array_equal(both, np.asarray(enclosing))
     with pytest.raises(ValueError, match=r"instance_boxes\[1\]"):
         draw_overlay(img, instance_boxes=[[1, 1, 5, 5], [5, 5, 1, 1]])
+
+
+def test_several_instances_get_one_colour_each() -> None:
+    from ppcr.visualize import INSTANCE_COLORS, MASK_COLOR
+
+    img = _image()
+    a, b = np.zeros((60, 80), dtype=bool), np.zeros((60, 80), dtype=bool)
+    a[10:30, 10:30], b[20:50, 40:70] = True, True
+    out = np.asarray(draw_overlay(img, mask=a | b, instance_masks=[a, b]))
+    # Outlines take each instance's colour (not the single-answer red), in the web page's order.
+    assert tuple(out[10, 15]) == INSTANCE_COLORS[0] and tuple(out[20, 55]) == INSTANCE_COLORS[1]
+    assert not (out == np.asarray(MASK_COLOR, dtype=np.uint8)).all(axis=-1).any()
+    assert tuple(out[55, 5]) == (128, 128, 128)  # background untouched
+    boxes = np.asarray(draw_overlay(img, instance_boxes=[[10, 10, 30, 30], [40, 20, 70, 50]]))
+    assert tuple(boxes[10, 20]) == INSTANCE_COLORS[0] and tuple(boxes[20, 55]) == INSTANCE_COLORS[1]
+    with pytest.raises(ValueError, match="instance_masks has 2 masks but instance_boxes 1 boxes"):
+        draw_overlay(img, instance_masks=[a, b], instance_boxes=[[1, 1, 5, 5]])
+    with pytest.raises(ValueError, match=r"instance_masks\[1\] shape"):
+        draw_overlay(img, instance_masks=[a, np.zeros((5, 5), dtype=bool)])
+
+
+def test_instance_colours_are_the_web_pages() -> None:
+    """An overlay and the page colour the objects of one answer alike."""
+    import re
+    from pathlib import Path
+
+    import ppcr
+    from ppcr.visualize import INSTANCE_COLORS
+
+    js = (Path(ppcr.__file__).parent / "web" / "page.js").read_text()
+    palette = re.search(r"const PALETTE = \[([^\]]*)\]", js).group(1)
+    page = [
+        tuple(int(h[i : i + 2], 16) for i in (0, 2, 4)) for h in re.findall(r"#([0-9A-Fa-f]{6})", palette)
+    ]
+    assert page == list(INSTANCE_COLORS)

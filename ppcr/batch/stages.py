@@ -304,6 +304,7 @@ def overlay_stage(table: pa.Table, out_dir: str) -> pa.Table:
             expression=r["expression"],
             score=r["score"],
             instance_boxes=[i["box"] for i in r["instances"]] if len(r["instances"]) > 1 else (),
+            instance_masks=[decode_rle(i["mask"]) for i in r["instances"]] if len(r["instances"]) > 1 else (),
             no_target=r["no_target"],
         )
     return table
