@@ -5,7 +5,8 @@ call these functions instead of re-deriving them:
 
     binarize(mask_logits)              SAM's logits -> bool mask, at SAM's own `mask_threshold`
     segmentations(logits, boxes, iou)  -> Instance(mask, box pixel XYXY, score) per mask
-    answers(instances, counts, hws)    -> Segmentation (instances + their union) per expression
+    answers(instances, counts, hws)    -> Segmentation (instances + their union) per expression; a
+                                       multi-target answer leaves out instances without pixels
     predict_torch(model, batch, ...)   the tensor API (as SamPredictor.predict_torch): stages 1-3 on a
                                        collated Batch -> (Segmentation list, boxes given to SAM)
     reason_rows(model, keys, ...)      stages 1 + 2 for expressions given row by row -> numpy prompts and
@@ -45,7 +46,7 @@ class Instance(NamedTuple):
 
     mask: np.ndarray  # bool (H, W), original size
     box: np.ndarray  # (4,) float64 pixel XYXY, original frame
-    score: float  # SAM's predicted IoU of `mask`
+    score: float  # SAM's predicted IoU of `mask`, as SAM gives it (not clamped: may leave [0, 1] a little)
 
 
 class Segmentation(NamedTuple):
@@ -118,15 +119,25 @@ def segmentations(
 
 
 def answers(
-    instances: Sequence[Instance], counts: Sequence[int], hws: Sequence[Sequence[int]]
+    instances: Sequence[Instance],
+    counts: Sequence[int],
+    hws: Sequence[Sequence[int]],
+    drop_empty: bool = False,
 ) -> list[Segmentation]:
     """Instances in expression order -> one Segmentation per expression: expression e owns the next
-    counts[e] instances (0: no target) and its image has original size hws[e] = (H, W)."""
+    counts[e] instances (0: no target) and its image has original size hws[e] = (H, W).
+
+    drop_empty: leave out the instances whose mask has no pixel. The multi-target model's answers do
+    (a kept box slot in which SAM finds nothing is not an object, and an answer left without any is
+    "no target"), so every surface says what the metrics count: an answer is its pixels. The
+    single-target model always answers its one instance, whose mask may be empty (the paper's model).
+    """
     if sum(counts) != len(instances) or len(counts) != len(hws):
         raise ValueError(f"{len(instances)} instances for counts {list(counts)} over {len(hws)} images")
     out, start = [], 0
     for k, hw in zip(counts, hws):
-        out.append(Segmentation.of(instances[start : start + k], hw))
+        own = instances[start : start + k]
+        out.append(Segmentation.of([i for i in own if i.mask.any()] if drop_empty else own, hw))
         start += k
     return out
 
@@ -140,8 +151,8 @@ def predict_torch(
     max_sequences: int | None = None,
 ) -> list[Segmentation]:
     """Stages 1-3 on a collated batch (on the model's device), teacher-forced, fixed templates -> one
-    Segmentation per expression: one instance (model.targets single), or one per kept box slot
-    (multi: `slots.kept_slots`, none for an expression without a target).
+    Segmentation per expression: one instance (model.targets single), or one per kept box slot in
+    which SAM finds pixels (multi: `slots.kept_slots`; none for an expression without a target).
 
     image_embeddings: (N, C, h, w) SAM embeddings of the batch's images, if already computed.
     oracle_box: prompt SAM with the ground-truth box (paper Table 3) instead of the predicted one.
@@ -155,7 +166,8 @@ def predict_torch(
     if out.row_expression is None:  # the single-target model: one instance per expression
         return answers(instances, [1] * n, hws)
     # Multi-target: SAM's rows are the kept slots, expression by expression (PPCROutput.row_expression).
-    return answers(instances, torch.bincount(out.row_expression.cpu(), minlength=n).tolist(), hws)
+    counts = torch.bincount(out.row_expression.cpu(), minlength=n).tolist()
+    return answers(instances, counts, hws, drop_empty=True)
 
 
 @torch.no_grad()
@@ -247,7 +259,8 @@ def segment_rows(
     _, iou, logits = model.segment(
         embeddings, image_index[rows], semantic[rows.to(semantic.device)], box, original_hw, sam_input_hw
     )
-    return [encode_answer(a) for a in answers(segmentations(logits, box, iou), counts, hws)]
+    found = answers(segmentations(logits, box, iou), counts, hws, drop_empty=model.cfg.targets == "multi")
+    return [encode_answer(a) for a in found]
 
 
 def encode_answer(seg: Segmentation) -> dict:

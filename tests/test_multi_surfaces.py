@@ -54,22 +54,9 @@ def test_segmenter_answers_none_and_two(expected, multi_checkpoint):
 def test_the_replicas_row_calls_answer_as_the_segmenter(seg, expected, multi_checkpoint):
     """reason_rows (the MLLM replica / actor) + segment_rows (the SAM ones) give Segmenter's answers:
     a no-target expression reaches SAM with no box, a two-target one with two."""
-    ckpt = multi_checkpoint[0]
-    mllm, sam = load_checkpoint(ckpt, parts=("mllm",)), load_checkpoint(ckpt, parts=("sam",))
     texts = list(expected)
-    image = decode_image(multi_image_png())
-    sem, boxes = reason_rows(
-        mllm,
-        ["img"] * len(texts),
-        texts,
-        lambda i: clip_preprocess(image, mllm.clip_size, mllm.clip_mode),
-        lambda i: image.shape[:2],
-    )
+    sam, images, sem, boxes = _row_inputs(multi_checkpoint[0], texts)
     assert [len(b) for b in boxes] == [len(expected[t].instances) for t in texts]
-    _, sam_pixels, sam_hw = preprocess_image(image, sam.clip_size, sam.sam_size, sam.clip_mode)
-    with torch.no_grad():
-        emb = sam.segmentation.encode(sam_pixels[None])
-    images = (emb, torch.tensor([image.shape[:2]]), torch.tensor([sam_hw]))
     got = segment_rows(sam, images, (torch.zeros(len(texts), dtype=torch.long), torch.from_numpy(sem), boxes))
     for text, answer in zip(texts, got):
         want = expected[text]
@@ -87,6 +74,44 @@ def test_the_replicas_row_calls_answer_as_the_segmenter(seg, expected, multi_che
         sam, images, (torch.zeros(1, dtype=torch.long), torch.from_numpy(sem[:1]), only_none)
     )
     assert calls == [] and none["no_target"] and none["mask"]["size"] == [90, 120]
+
+
+def _row_inputs(ckpt, texts):
+    """What the replicas hold for `texts` on `multi_image_png()`: the SAM-side model, the image's
+    (embeddings, original_hw, sam_input_hw), and reason_rows' semantic prompts and kept boxes."""
+    mllm, sam = load_checkpoint(ckpt, parts=("mllm",)), load_checkpoint(ckpt, parts=("sam",))
+    image = decode_image(multi_image_png())
+    sem, boxes = reason_rows(
+        mllm,
+        ["img"] * len(texts),
+        texts,
+        lambda i: clip_preprocess(image, mllm.clip_size, mllm.clip_mode),
+        lambda i: image.shape[:2],
+    )
+    _, sam_pixels, sam_hw = preprocess_image(image, sam.clip_size, sam.sam_size, sam.clip_mode)
+    with torch.no_grad():
+        emb = sam.segmentation.encode(sam_pixels[None])
+    return sam, (emb, torch.tensor([image.shape[:2]]), torch.tensor([sam_hw])), sem, boxes
+
+
+def test_a_kept_slot_without_pixels_is_no_object_on_every_surface(multi_checkpoint, monkeypatch):
+    """When SAM finds no pixel in a kept box slot, that slot is not an object: `Segmenter` (and so
+    `evaluate`, which scores the same answers) and the replicas' row calls (and so the batch rows and
+    the Serve API) all leave it out, and an answer left without any says "no target". The paper's
+    single-target model still answers its one instance, empty or not."""
+    import ppcr.inference
+
+    real = ppcr.inference.binarize
+    monkeypatch.setattr(ppcr.inference, "binarize", lambda logits: np.zeros_like(real(logits)))
+    ckpt, roles = multi_checkpoint
+    two = Segmenter.from_checkpoint(ckpt).segment(multi_image_png(), roles["two"])
+    assert two.no_target and two.instances == () and two.box is None and two.score is None
+    sam, images, sem, boxes = _row_inputs(ckpt, [roles["two"]])
+    assert len(boxes[0]) == 2  # both slots kept, as before: only their masks are empty
+    (row,) = segment_rows(sam, images, (torch.zeros(1, dtype=torch.long), torch.from_numpy(sem), boxes))
+    assert row["no_target"] is True and row["instances"] == [] and row["box"] is None
+    single = Segmenter.from_preset("tiny").segment(multi_image_png(), roles["two"])
+    assert len(single.instances) == 1 and not single.mask.any() and not single.no_target
 
 
 def test_batch_rows_answer_as_the_segmenter(expected, multi_checkpoint, tmp_path):
@@ -131,8 +156,8 @@ def test_ppcr_segment_prints_none_and_two(expected, multi_checkpoint, tmp_path, 
 
 
 def test_evaluate_predictions_carry_the_instances(multi_checkpoint, tmp_path):
-    """`ppcr evaluate --predictions` on a generalized split: each line's `instances` are the answer's
-    (those with pixels), its `mask` their union, as `Segmenter` answers; replaying the lines gives
+    """`ppcr evaluate --predictions` on a generalized split: each line's `instances` are the answer's,
+    its `mask` their union, as `Segmenter` answers; replaying the lines gives
     the report's metrics."""
     from ppcr.data.shards import iter_expressions, prepare_shards, shard_dir
     from ppcr.data.synth import SynthConfig, synthesize
@@ -155,10 +180,9 @@ def test_evaluate_predictions_carry_the_instances(multi_checkpoint, tmp_path):
     for r in records:
         sample = samples[r["sent_id"]]
         want = seg.segment(sample.image_bytes, sample.text)
-        shown = [i for i in want.instances if i.mask.any()]
-        assert len(r["instances"]) == len(shown), r["sent_id"]
+        assert len(r["instances"]) == len(want.instances), r["sent_id"]
         np.testing.assert_array_equal(decode_rle(r["mask"]), want.mask)
-        for got, w in zip(r["instances"], shown):
+        for got, w in zip(r["instances"], want.instances):
             np.testing.assert_array_equal(decode_rle(got["mask"]), w.mask)
     replay = metrics_from_predictions(write_predictions(tmp_path / "p.jsonl", records))
     assert list(replay.values()) == [metrics]
