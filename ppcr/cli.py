@@ -608,14 +608,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     s.add_argument("--format", choices=("refer", "jsonl", "coco"), default="refer", help="input layout")
-    s.add_argument("--refer-root", default=None, help="refer: folder holding <dataset>/refs(<split_by>).p")
+    s.add_argument(
+        "--refer-root",
+        default=None,
+        help="refer: folder holding <dataset>/refs(<split_by>).p, or grefs(<split_by>).json for grefcoco",
+    )
     s.add_argument(
         "--images", default=None, help="refer: folder of COCO_train2014_*.jpg; coco: folder of file_name"
     )
     s.add_argument("--manifest", default=None, help="jsonl: the manifest (a path or URI)")
     s.add_argument("--instances", default=None, help="coco: instances.json (images, annotations)")
     s.add_argument("--expressions", default=None, help="coco: JSON lines {ann_id, expressions[, split, id]}")
-    s.add_argument("--dataset", required=True, help="data set name, e.g. refcoco, refcoco+, refcocog")
+    s.add_argument(
+        "--dataset", required=True, help="data set name, e.g. refcoco, refcoco+, refcocog, grefcoco"
+    )
     s.add_argument("--split-by", default=None, help="refer: the partition, e.g. unc, umd")
     s.add_argument("--out", required=True, help="shards root: writes <out>/<dataset>_<split_by>/<split>/")
     s.add_argument("--splits", nargs="*", default=None, help="splits to convert (default: all present)")
@@ -640,7 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
             "ppcr train --config configs/train/ppcr_llava7b.yaml --num-workers 8 --use-gpu --name ppcr-7b",
         ),
     )
-    s.add_argument("--config", default="tiny", help="YAML path or preset name (tiny, llava-1.5-7b)")
+    s.add_argument(
+        "--config", default="tiny", help="YAML path or preset name (tiny, tiny-grefcoco, llava-1.5-7b)"
+    )
     s.add_argument("--preset", default=None, help="preset name (same as --config NAME)")
     s.add_argument(
         "--num-workers", type=int, default=None, help="Ray Train workers (default: distributed.num_workers)"

@@ -32,6 +32,7 @@ INSTANCE_COLORS = (
 MASK_ALPHA = 0.5
 PRED_BOX_COLOR = (255, 215, 0)  # gold, solid
 GT_BOX_COLOR = (0, 230, 64)  # green, dashed and thinner
+GT_BOX_UNDER = (20, 20, 20)  # the dark stroke under it
 BANNER_BG = (20, 20, 20)
 BANNER_FG = (255, 255, 255)
 _PAD = 4
@@ -175,6 +176,8 @@ def draw_overlay(
     if gt_box is not None:
         rect = _box_pixels(check_box_xyxy(gt_box, "gt_box"), w, h)
         if rect is not None:
+            # A dark stroke under the green dashes keeps them visible on green objects.
+            _dashed_rect(draw, rect, GT_BOX_UNDER, max(1, thick // 2) + 2)
             _dashed_rect(draw, rect, GT_BOX_COLOR, max(1, thick // 2))
     if box is not None:
         rect = _box_pixels(check_box_xyxy(box, "box"), w, h)

@@ -94,6 +94,8 @@ def test_quick_grefcoco_demo_reports_gres_metrics_and_single_target_miou(tmp_pat
     record = json.loads((out / "checkpoint" / "meta.json").read_text())
     assert record["trained_on"]["dataset"] == "synthgref"
     assert record["evaluation"]["synthgref/unc/val"]["N-acc"] == round(val["N-acc"], 4)
+    ref_val = row[("synthref", "unc", "val")]
+    assert record["evaluation"]["synthref/unc/val"] == {k: round(ref_val[k], 4) for k in ("mIoU", "oIoU")}
     # Overlays of each kind of val expression the split has, named by kind.
     names = sorted(p.name for p in (out / "overlays").glob("*.png"))
     val_split = shard_dir(out / "shards", "synthgref", "unc", "val")

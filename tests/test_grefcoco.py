@@ -115,6 +115,14 @@ def test_pickle_refs_are_read_when_there_is_no_json(gref_copy: Path) -> None:
     (folder / "grefs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     ds = ReferDataset(gref_copy, "grefcoco", "unc")
     assert ds.refs_path.name == "grefs(unc).p" and len(ds.refs()) == len(refs)
+    # With both, the JSON is read (no unpickling); ReLA's grefer.py would read the pickle.
+    (folder / "grefs(unc).json").write_text(json.dumps(refs[:1]))
+    assert ReferDataset(gref_copy, "grefcoco", "unc").refs_path.name == "grefs(unc).json"
+    (folder / "grefs(unc).json").unlink()
+    # A truncated pickle is one line naming the file, not an unpickling traceback.
+    (folder / "grefs(unc).p").write_bytes(pickle.dumps(refs, protocol=2)[:100])
+    with pytest.raises(ReferDataError, match=r"grefs\(unc\).p: not a readable pickle \("):
+        ReferDataset(gref_copy, "grefcoco", "unc")
     (folder / "grefs(unc).p").unlink()
     with pytest.raises(FileNotFoundError, match=r"grefs\(unc\).json \(nor grefs\(unc\).p\)"):
         ReferDataset(gref_copy, "grefcoco", "unc")

@@ -7,7 +7,8 @@ Layout::
     <refer_root>/<dataset>/instances.json       COCO instances (images, annotations, categories)
 
 Generalized data sets (:data:`GENERALIZED_DATASETS`, ReLA's gRefCOCO) keep their refs in
-``grefs(<split_by>).json`` (or ``grefs(<split_by>).p`` when there is no JSON file); a ref's ``ann_id`` and
+``grefs(<split_by>).json`` (or ``grefs(<split_by>).p`` when there is no JSON file: where both exist ppcr
+reads the JSON, which needs no unpickling, and ReLA's ``grefer.py`` the pickle); a ref's ``ann_id`` and
 ``category_id`` are lists: several annotations for a multi-target expression, ``[-1]`` (with
 ``no_target: true``) for an expression that names nothing in the image. A target is the union of its
 non-crowd annotations (ReLA's ``grefer.py``); crowd annotations are left out when the shards are built.
@@ -131,6 +132,8 @@ def _load_pickle(path: Path) -> Any:
         return pickle.loads(data, encoding="utf-8", errors="strict")
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, data, exc) from None
+    except Exception as exc:  # a truncated or corrupt file: UnpicklingError, EOFError, ValueError, ...
+        raise ReferDataError(path, f"not a readable pickle ({type(exc).__name__}: {exc})") from None
 
 
 def _first_not_utf8(obj: Any, where: str = "") -> tuple[str, bytes] | None:
