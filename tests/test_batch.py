@@ -179,6 +179,17 @@ def test_the_decode_stage_reads_images_as_every_entry_point_does(tmp_path, check
     assert "512x1 has an aspect ratio of 512, over 20" in rows[3]["errors"][0]
 
 
+def test_a_manifest_without_ids_keeps_its_order(tmp_path):
+    """Hashed ids dedupe identical (image, expression) pairs and keep the rest in manifest order: a
+    2000-line manifest came back reordered by pyarrow's group_by, and with it the job's row order."""
+    lines = [{"image": f"img{i % 700}.png", "expression": f"thing {i}"} for i in range(2000)]
+    lines.append({"image": "img1.png", "expression": "thing 1"})  # a repeat: segmented once
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    table = read_manifest(tmp_path / "m.jsonl")
+    assert table["expression"].to_pylist() == [f"thing {i}" for i in range(2000)]
+    assert table["image"].to_pylist()[:2] == [str(tmp_path / "img0.png"), str(tmp_path / "img1.png")]
+
+
 def test_group_by_image_keeps_first_appearance_order(manifest):
     table = read_manifest(manifest[0])
     g = group_by_image(table)

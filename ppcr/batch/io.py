@@ -174,7 +174,13 @@ def read_manifest(path: str | Path) -> pa.Table:
         )
     out = pa.table({"id": ids, "image": image, "expression": expression})
     if "id" not in table.column_names:
-        out = out.group_by("id", use_threads=False).aggregate([("image", "first"), ("expression", "first")])
+        # Identical pairs share an id: keep the first of each, in manifest order (pyarrow's group_by
+        # does not promise its groups' order, and about 1 manifest in 80 came back reordered).
+        out = out.append_column("_order", pa.array(np.arange(len(out))))
+        out = out.group_by("id", use_threads=False).aggregate(
+            [("image", "first"), ("expression", "first"), ("_order", "min")]
+        )
+        out = out.sort_by("_order_min").select(["id", "image_first", "expression_first"])
         out = out.rename_columns(["id", "image", "expression"])
     return out
 
