@@ -174,24 +174,24 @@ def read_manifest(path: str | Path) -> pa.Table:
         )
     out = pa.table({"id": ids, "image": image, "expression": expression})
     if "id" not in table.column_names:
-        # Identical pairs share an id: keep the first of each, in manifest order (pyarrow's group_by
-        # does not promise its groups' order, and about 1 manifest in 80 came back reordered).
-        out = out.append_column("_order", pa.array(np.arange(len(out))))
-        out = out.group_by("id", use_threads=False).aggregate(
-            [("image", "first"), ("expression", "first"), ("_order", "min")]
-        )
-        out = out.sort_by("_order_min").select(["id", "image_first", "expression_first"])
+        # Identical pairs share an id: keep the first of each, in manifest order.
+        out = _groups_in_order(out, "id", [("image", "first"), ("expression", "first")])
+        out = out.select(["id", "image_first", "expression_first"])
         out = out.rename_columns(["id", "image", "expression"])
     return out
 
 
+def _groups_in_order(table: pa.Table, key: str, aggregations: list[tuple[str, str]]) -> pa.Table:
+    """`table.group_by(key).aggregate(aggregations)` with its groups in order of first appearance:
+    pyarrow's group_by promises no order (about 1 four-line manifest in 80 came back reordered)."""
+    t = table.append_column("_order", pa.array(np.arange(len(table))))
+    grouped = t.group_by(key, use_threads=False).aggregate([*aggregations, ("_order", "min")])
+    return grouped.sort_by("_order_min")
+
+
 def group_by_image(manifest: pa.Table) -> pa.Table:
     """Manifest rows -> IMAGE_SCHEMA rows, one per distinct image, in order of first appearance."""
-    t = manifest.append_column("_order", pa.array(np.arange(len(manifest))))
-    g = t.group_by("image", use_threads=False).aggregate(
-        [("id", "list"), ("expression", "list"), ("_order", "min")]
-    )
-    g = g.sort_by("_order_min")
+    g = _groups_in_order(manifest, "image", [("id", "list"), ("expression", "list")])
     n = len(g)
     return pa.table(
         {
